@@ -1,0 +1,93 @@
+"""Evaluation at the original mask resolution, for any backend that maps images to probabilities.
+
+``predict`` takes a float32 ``(N, C, h, w)`` batch of preprocessed images and returns float
+``(N, K, h, w)`` probabilities; the torch checkpoint path and every engine of ``engines/``
+provide one. Each prediction is restored to its image's original size, binarised (threshold
+0.5, or argmax), and scored per image; the means are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from resunetpp.data import Sample, SegmentationDataset
+from resunetpp.metrics import Scores, mean_scores, scores
+from resunetpp.preprocess import Preprocessing, probs_to_mask
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class EvalResult:
+    n: int
+    mean: Scores
+    rows: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, **self.mean.as_dict(), "images": self.rows}
+
+
+def batched_predictions(predict: PredictFn, items: Iterable[tuple[Sample, np.ndarray, np.ndarray | None]],
+                        pre: Preprocessing, batch_size: int = 1,
+                        ) -> Iterator[tuple[Sample, np.ndarray, np.ndarray | None]]:
+    """Yield ``(sample, probs at original size, mask)``; batches group images of equal input size."""
+    pending: list[tuple[Sample, np.ndarray | None, tuple[int, int], np.ndarray]] = []
+
+    def flush():
+        x = np.stack([p[3] for p in pending])
+        probs = np.asarray(predict(x), dtype=np.float32)
+        for (s, m, (h, w), _), pr in zip(pending, probs):
+            yield s, pre.restore(pr, h, w), m
+        pending.clear()
+
+    for sample, image, mask in items:
+        x = pre.apply(image)
+        if pending and (len(pending) >= batch_size or pending[0][3].shape != x.shape):
+            yield from flush()
+        pending.append((sample, mask, image.shape[:2], x))
+    if pending:
+        yield from flush()
+
+
+def evaluate(predict: PredictFn, dataset: SegmentationDataset, pre: Preprocessing, batch_size: int = 1,
+             threshold: float = 0.5, progress: Callable[[int], None] | None = None) -> EvalResult:
+    rows: list[Scores] = []
+    out_rows: list[dict] = []
+    for sample, probs, mask in batched_predictions(predict, dataset, pre, batch_size):
+        if mask is None:
+            continue
+        if not np.isfinite(probs).all():
+            raise FloatingPointError(f"{sample.image_path}: the model produced NaN or Inf")
+        pred = probs_to_mask(probs, threshold)
+        sc = scores(pred, mask, dataset.num_classes if dataset.num_classes > 1 else 1)
+        rows.append(sc)
+        out_rows.append({"image": sample.stem, **sc.as_dict()})
+        if progress:
+            progress(1)
+    if not rows:
+        raise ValueError("no image with a ground-truth mask to evaluate")
+    return EvalResult(len(rows), mean_scores(rows), out_rows)
+
+
+def torch_predict_fn(model, device: str = "cpu", dtype=None) -> PredictFn:
+    """A ``predict`` for a torch :class:`~resunetpp.model.ResUNetPlusPlus` (eval mode, no grad)."""
+    import torch
+
+    from resunetpp.model import apply_activation
+
+    model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def predict(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).to(device)
+        if dtype is not None and device != "cpu":
+            with torch.autocast(device_type="cuda", dtype=dtype):
+                out = model(t)
+        else:
+            out = model(t)
+        return apply_activation(out.float(), model.activation).cpu().numpy()
+
+    return predict
