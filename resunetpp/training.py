@@ -62,8 +62,86 @@ class TrainConfig:
     range_reg: float = 0.0
     range_tau: float = 8.0
     time_budget_s: float | None = None
+    init_from: str | None = None  # start from these weights (fine-tuning); not a resume
+    channels_last: bool = True
+    cpu_bf16: bool = False  # bf16 autocast on CPU (AVX512-BF16/AMX machines)
     val_every: int = 1
     workers: int = max(1, min(8, os.cpu_count() or 1))
+
+
+def check_train_config(cfg: TrainConfig, resume: bool = False) -> None:
+    """Refuse impossible settings with one line each, before any data is read."""
+    from resunetpp.model import SIZE_MULTIPLE
+
+    problems = []
+    for name in ("epochs", "batch_size", "num_classes", "val_every", "workers"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    if cfg.image_size < SIZE_MULTIPLE or cfg.image_size % SIZE_MULTIPLE:
+        problems.append(f"image_size must be a positive multiple of {SIZE_MULTIPLE}, got {cfg.image_size}")
+    if not cfg.lr > 0:
+        problems.append(f"lr must be positive, got {cfg.lr}")
+    if cfg.range_reg < 0 or not cfg.range_tau > 0:
+        problems.append(f"range_reg must be >= 0 and range_tau > 0, got {cfg.range_reg} and {cfg.range_tau}")
+    if cfg.time_budget_s is not None and not cfg.time_budget_s > 0:
+        problems.append(f"time_budget_s must be positive, got {cfg.time_budget_s}")
+    if len(cfg.class_names) != cfg.num_classes:
+        problems.append(f"{cfg.num_classes} class(es) need as many class names, got {len(cfg.class_names)}: "
+                        f"{list(cfg.class_names)}")
+    if problems:
+        raise ResUNetError("; ".join(problems))
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ResUNetError(f"{cfg.out}: --out must be a folder, this is a file")
+    state = Path(cfg.out) / STATE_FILE
+    if not resume and state.is_file():
+        raise ResUNetError(f"{cfg.out}: already holds a training run ({STATE_FILE}); pass --resume to continue "
+                           "it or choose another --out")
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable state means the same to the user
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ResUNetError(f"{path}: unreadable training state ({msg})") from None
+    if not isinstance(state, dict) or "train_config" not in state:
+        raise ResUNetError(f"{path}: not a resunetpp training state")
+    return state
+
+
+def resume_config(out: str | Path, *, epochs: int | None = None, time_budget_s: float | None = None,
+                  device: str | None = None) -> TrainConfig:
+    """The configuration of the run in ``out``, with only the given (non-``None``) settings changed.
+
+    Settings left out keep the interrupted run's values, so ``--resume`` alone finishes the run
+    exactly as it was started.
+    """
+    state_path = Path(out) / STATE_FILE
+    if not state_path.is_file():
+        raise ResUNetError(f"{state_path}: nothing to resume (no training state in --out)")
+    saved = json.loads(_load_state(state_path)["train_config"])
+    saved["filters"] = tuple(saved["filters"])
+    saved["out"] = str(out)
+    for key, value in (("epochs", epochs), ("time_budget_s", time_budget_s), ("device", device)):
+        if value is not None:
+            saved[key] = value
+    try:
+        return TrainConfig(**saved)
+    except TypeError as e:
+        raise ResUNetError(f"{state_path}: training state from another version ({e})") from None
+
+
+def default_splits(data: str | Path, train_split: str | None, val_split: str | None
+                   ) -> tuple[str | None, str | None]:
+    """Splits to use when none is given: ``DATA/train.txt`` and ``DATA/val.txt`` if they exist,
+    else every image for training and no validation."""
+    root = Path(data)
+    if train_split is None and (root / "train.txt").is_file():
+        train_split = "train"
+    if val_split is None and (root / "val.txt").is_file():
+        val_split = "val"
+    return train_split, val_split
 
 
 def pick_device(device: str) -> torch.device:
@@ -166,8 +244,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     ``train_state.pt`` and ``history.json`` into ``cfg.out`` (all atomically)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    check_train_config(cfg, resume)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -178,9 +256,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     if resume:
         if not state_path.is_file():
             raise ResUNetError(f"{state_path}: nothing to resume (no training state in --out)")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = _load_state(state_path)
         saved = json.loads(state["train_config"])
-        for k in ("epochs", "time_budget_s", "device", "workers"):
+        for k in ("epochs", "time_budget_s", "device", "workers", "out"):
             saved[k] = getattr(cfg, k)  # these may change on resume
         saved["filters"] = tuple(saved["filters"])
         cfg = TrainConfig(**saved)
@@ -205,12 +283,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     mean = torch.tensor(pre.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(pre.std, device=device).view(1, -1, 1, 1)
 
-    model = ResUNetPlusPlus(mcfg).to(device)
-    if device.type == "cuda":
+    model = ResUNetPlusPlus(mcfg)
+    if cfg.init_from and state is None:
+        from resunetpp.checkpoint import load_checkpoint, load_state_dict_checked
+
+        init = load_checkpoint(cfg.init_from, verify=False)
+        load_state_dict_checked(model, init.state_dict, cfg.init_from)
+        log(f"initialised from {cfg.init_from}")
+    model = model.to(device)
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = (cfg.amp and device.type == "cuda") or (cfg.cpu_bf16 and device.type == "cpu")
     amp_dtype = torch.bfloat16
     monitor = RangeMonitor(model)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -278,7 +364,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                 img, msk = augment(img, msk, gen)
                 target = (msk[:, 0] > 0.5).float() if cfg.num_classes == 1 else msk.argmax(1)
                 img = ((img - mean) / std)
-                if device.type == "cuda":
+                if cfg.channels_last:
                     img = img.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(img)
@@ -343,7 +429,7 @@ def validate(model, vi, vm, mean, std, cfg: TrainConfig, use_amp: bool, amp_dtyp
     amax: dict[str, list[float]] = {}
     for s in range(0, len(vi), cfg.batch_size):
         img = (vi[s:s + cfg.batch_size].float() / 255.0 - mean) / std
-        if img.is_cuda:
+        if cfg.channels_last:
             img = img.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=img.device.type, dtype=amp_dtype, enabled=use_amp):
             logits = model(img)

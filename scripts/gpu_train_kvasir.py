@@ -28,8 +28,8 @@ def run(name: str, data: str, out: str, budget: float, range_reg: float) -> None
     os.environ["RESUNETPP_LOG_EPOCHS"] = "1"
     from resunetpp.training import TrainConfig, train
 
-    cfg = TrainConfig(data=data, out=str(Path(out) / name), epochs=400, batch_size=16, lr=1e-3,
-                      image_size=256, device=DEVICE, range_reg=range_reg, time_budget_s=budget,
+    cfg = TrainConfig(data=data, out=str(Path(out) / name), epochs=int(budget), batch_size=16, lr=1e-3,
+                      image_size=256, device=DEVICE, range_reg=range_reg, time_budget_s=None,
                       val_every=5, workers=8)
     log = open(Path(out) / f"{name}.log", "w")
 
