@@ -154,7 +154,7 @@ def _load_torch(path: Path) -> Checkpoint:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
         raise CheckpointError(path, f"refused: file holds objects other than tensors ({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - arbitrary bytes raise anything (IndexError, KeyError, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(path, f"not a PyTorch checkpoint ({msg[:160]})") from None
     if not isinstance(obj, dict):
@@ -163,11 +163,17 @@ def _load_torch(path: Path) -> Checkpoint:
         state = obj["state_dict"]
         meta = obj.get("resunetpp") or {"model": obj.get("config", {})}
         if isinstance(meta, str):
-            meta = json.loads(meta)
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError:
+                raise CheckpointError(path, "resunetpp record is not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(path, f"resunetpp record is a {type(meta).__name__}, expected a mapping")
     else:
         state, meta = obj, {"model": {}}
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(path, "state dict holds non-tensor values")
+    state = {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in state.items()}
     if is_official_state_dict(state):
         try:
             state = map_official_state_dict(state)
@@ -175,8 +181,10 @@ def _load_torch(path: Path) -> Checkpoint:
             raise CheckpointError(path, f"official-port weights with an unknown key: {e.args[0]}") from None
     if not meta.get("model") and "head.weight" in state:
         meta = dict(meta)
-        meta["model"] = infer_config(state).to_dict()
-    state = {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in state.items()}
+        try:
+            meta["model"] = infer_config(state).to_dict()
+        except CheckpointError as e:
+            raise CheckpointError(path, e.problem) from None
     return _from_metadata(meta, state, path)
 
 

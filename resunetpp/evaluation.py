@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from resunetpp.data import Sample, SegmentationDataset
+from resunetpp.errors import ResUNetError
 from resunetpp.metrics import Scores, mean_scores, scores
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 
@@ -91,3 +93,82 @@ def torch_predict_fn(model, device: str = "cpu", dtype=None) -> PredictFn:
         return apply_activation(out.float(), model.activation).cpu().numpy()
 
     return predict
+
+
+# --------------------------------------------------------------------------------------------
+# From a path on disk to a predictor, and the whole ``resunetpp evaluate`` job.
+# --------------------------------------------------------------------------------------------
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+@dataclass
+class Predictor:
+    """A model ready to predict, with the preprocessing and classes it was trained with."""
+
+    predict: PredictFn
+    preprocessing: Preprocessing
+    num_classes: int
+    class_names: list[str]
+    backend: str
+    device: str
+    source: Path
+    close: Callable[[], None] = lambda: None  # releases the engine (added with engines/)
+
+
+def predict_fn_for(path: str | Path, device: str = "auto", *, backend: str = "auto", **options) -> Predictor:
+    """The one place a model file becomes a :class:`Predictor`, for every artifact type.
+
+    ``path`` is a checkpoint (``.safetensors``, ``.pt``, ``.pth``), an ONNX model, an OpenVINO
+    IR (``.xml``) or a TensorRT engine (``.engine``/``.plan``), opened with
+    :func:`engines.open` (``backend="auto"`` picks the backend from the suffix; ``options`` are
+    the backend's). ``device`` is the backend's device (``auto``, ``cpu``, ``cuda`` ...). The
+    engine is loaded here, so problems surface before any image is read; call
+    ``predictor.close()`` when done.
+    """
+    import engines
+
+    engine = engines.open(path, backend=backend, device=device, **options)
+    engine.load()
+    return Predictor(engine.predict, engine.preprocessing, engine.num_classes, engine.class_names,
+                     engine.name, engine.device, Path(path), engine.close)
+
+
+def evaluate_path(model_path: str | Path, data: str | Path, split: str | Path | None = None, *,
+                  batch_size: int = 1, device: str = "auto", threshold: float = 0.5,
+                  show_progress: bool = False) -> EvalResult:
+    """Evaluate the model file ``model_path`` on the Kvasir-SEG-layout folder ``data``.
+
+    ``split`` is a split file or a name such as ``val`` (``DATA/val.txt``); ``None`` takes every
+    image. Scores are computed per image at the original mask resolution, then averaged.
+    Problems with any input raise :class:`~resunetpp.errors.ResUNetError` naming the file.
+    """
+    if batch_size < 1:
+        raise ResUNetError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 0.0 < threshold < 1.0:
+        raise ResUNetError(f"threshold must be between 0 and 1, got {threshold}")
+    predictor = predict_fn_for(model_path, device)
+    dataset = SegmentationDataset(data, split, predictor.num_classes, channels=predictor.preprocessing.channels)
+    try:
+        if not show_progress:
+            return evaluate(predictor.predict, dataset, predictor.preprocessing, batch_size, threshold)
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"evaluating {Path(model_path).name}", total=len(dataset))
+            return evaluate(predictor.predict, dataset, predictor.preprocessing, batch_size, threshold,
+                            progress=lambda k: bar.advance(task, k))
+    except FloatingPointError as e:
+        raise ResUNetError(str(e)) from None
+
+
+def results_table(result: EvalResult, title: str = "evaluation"):
+    """A rich table of the mean scores (the per-image rows go to ``--json``)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("images", justify="right")
+    for name in ("Dice", "IoU", "precision", "recall"):
+        table.add_column(name, justify="right")
+    m = result.mean
+    table.add_row(str(result.n), *(f"{v:.4f}" for v in (m.dice, m.iou, m.precision, m.recall)))
+    return table

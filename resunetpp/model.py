@@ -230,7 +230,9 @@ _OFFICIAL_RE = [(re.compile(a), b) for a, b in _OFFICIAL_PREFIXES]
 
 
 def is_official_state_dict(state_dict: Mapping[str, object]) -> bool:
-    return any(k.startswith("c1.c1.") for k in state_dict) and any(k.startswith("output.") for k in state_dict)
+    """True for the official port's naming, also when saved from ``nn.DataParallel`` (``module.``)."""
+    keys = [k.removeprefix("module.") for k in state_dict]
+    return any(k.startswith("c1.c1.") for k in keys) and any(k.startswith("output.") for k in keys)
 
 
 def map_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

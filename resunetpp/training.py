@@ -99,6 +99,17 @@ def check_train_config(cfg: TrainConfig, resume: bool = False) -> None:
                            "it or choose another --out")
 
 
+def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to train in channels-last memory format.
+
+    On CPU only for widths >= 16: torch 2.13's oneDNN (3.12) corrupts the heap in the backward of
+    a strided 1x1 convolution with channels-last input and fewer than 16 input channels (e.g.
+    ``Conv2d(8, 16, 1, stride=2)`` on a (3, 8, 16, 16) batch: "double free or corruption"), which
+    narrow models hit in their encoder shortcuts. NCHW takes another kernel and is unaffected.
+    """
+    return cfg.channels_last and (device.type == "cuda" or min(cfg.filters) >= 16)
+
+
 def _load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -291,7 +302,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         load_state_dict_checked(model, init.state_dict, cfg.init_from)
         log(f"initialised from {cfg.init_from}")
     model = model.to(device)
-    if cfg.channels_last:
+    channels_last = use_channels_last(cfg, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -364,7 +376,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                 img, msk = augment(img, msk, gen)
                 target = (msk[:, 0] > 0.5).float() if cfg.num_classes == 1 else msk.argmax(1)
                 img = ((img - mean) / std)
-                if cfg.channels_last:
+                if channels_last:
                     img = img.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(img)

@@ -1,0 +1,94 @@
+"""The machine a benchmark ran on: CPU model and flags, GPU, runtime versions, threads.
+
+Numbers from ``resunetpp bench`` mean little without this: OpenVINO's bf16 and INT8 speed
+depends on AVX512-BF16 / AMX / VNNI, TensorRT's on the GPU, everything on the thread count.
+The CPU and GPU probes are :mod:`resunetpp.info`'s (the same facts ``resunetpp info`` shows);
+nothing here raises -- a broken runtime is recorded, not fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from collections.abc import Iterator
+
+from resunetpp.info import cpu_info, gpu_info, library_version
+
+#: Runtimes whose version goes into every report.
+RUNTIMES = ("torch", "numpy", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "cuda-python")
+#: CPU flags that give native bf16 arithmetic (x86: AVX512-BF16 or AMX-BF16; Arm: BF16 extension).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_bf16_problem(flags: dict[str, bool]) -> str | None:
+    """``None`` when the CPU computes bf16 natively, else why a bf16 row is not worth running."""
+    if any(flags.get(f) for f in BF16_FLAGS):
+        return None
+    return ("this CPU has no native bf16 (none of " + ", ".join(BF16_FLAGS) + "): bf16 would be emulated, "
+            "slower than FP32")
+
+
+def _openvino_cpu() -> dict | None:
+    """OpenVINO's name for the CPU and its default inference precision (bf16 on bf16 CPUs)."""
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        hint = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
+        return {"device": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+                "default_inference_precision": hint.to_string() if hasattr(hint, "to_string") else str(hint)}
+    except Exception:  # noqa: BLE001 - absent or broken OpenVINO: recorded as null
+        return None
+
+
+def _ort_providers() -> list[str] | None:
+    try:
+        import onnxruntime
+
+        return list(onnxruntime.get_available_providers())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def thread_settings(requested: int | None) -> dict:
+    """The thread count asked for and what torch uses."""
+    import torch
+
+    return {"requested": requested, "torch_intra_op": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+
+
+def collect_environment(threads: int | None = None) -> dict:
+    """Everything a reader needs to compare this report with another machine's (JSON-ready)."""
+    try:
+        gpu = gpu_info()
+    except Exception as e:  # noqa: BLE001 - a broken CUDA install is a fact, not an error
+        gpu = {"error": f"{type(e).__name__}: {str(e).strip()[:160]}"}
+    cpu = cpu_info()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": {**cpu, "flags_present": [f for f, on in cpu["flags"].items() if on]},
+        "gpu": gpu,
+        "versions": {name: library_version(name) for name in RUNTIMES},
+        "onnxruntime_providers": _ort_providers(),
+        "openvino_cpu": _openvino_cpu(),
+        "threads": thread_settings(threads),
+    }
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (``None``: unchanged); restored afterwards."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,776 @@
+"""The benchmark library behind ``resunetpp bench``: rows, accuracy against the reference, timing.
+
+One *row* is one backend at one precision and one batch size. For each row the harness
+
+1. opens the artifact with :func:`engines.open` (load/compile time recorded) -- artifacts come
+   from :func:`export.pipeline.run_export`, cached per checkpoint hash + options (see
+   :mod:`benchmarks.artifacts`, which also picks the evaluation and calibration images);
+2. measures accuracy on the evaluation images against the PyTorch FP32 reference
+   (:func:`measure_accuracy`, built on :func:`export.verify.compare_outputs`): mean and min Dice
+   of the binarised masks, mean and max absolute probability error, Dice/IoU against ground
+   truth; a NaN/Inf output fails the row (``failed: non-finite output``), it is never averaged;
+3. times the runtime's own call (``session.run``, the OpenVINO infer request, the torch forward)
+   on pre-made arrays after a warm-up, interleaved with the toolkit's :meth:`Engine.infer` on
+   the same arrays, giving the latency percentiles and ``overhead_pct`` (:func:`measure_latency`);
+4. measures throughput -- OpenVINO with the THROUGHPUT hint and an ``AsyncInferQueue``
+   (:func:`openvino_throughput`), the others as batch / mean latency -- and the end-to-end rate
+   of :func:`resunetpp.inference.run_inference` (decode, preprocess, infer, postprocess, write)
+   on the same images (:func:`end_to_end_rate`).
+
+Combinations this machine cannot run are rows with status ``skipped`` and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.artifacts import ArtifactSet, ImagePlan, artifact_key, artifact_size_mb, default_cache_root, \
+    ensure_artifacts, plan_images
+from benchmarks.env import collect_environment, cpu_bf16_problem, torch_threads
+from export import calibration as cal
+from export.report import NullReporter, Reporter
+from export.verify import compare_outputs, predict_batched
+from resunetpp.checkpoint import Checkpoint, load_checkpoint
+from resunetpp.errors import ResUNetError
+from resunetpp.metrics import scores
+from resunetpp.preprocess import Preprocessing, probs_to_mask
+
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+#: Every (backend, precision) the harness knows, in report order; the first is the reference.
+MATRIX = (
+    ("torch", "fp32"), ("torch", "bf16"), ("torch", "fp16"),
+    ("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8"),
+    ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16"), ("openvino", "int8"),
+    ("tensorrt", "fp32"), ("tensorrt", "fp16"), ("tensorrt", "int8"),
+)
+REFERENCE = MATRIX[0]
+#: Export artifact (format, precision) behind each non-torch row.
+ARTIFACT_OF = {
+    ("onnxruntime", "fp32"): ("onnx", "fp32"), ("onnxruntime", "fp16"): ("onnx", "fp16"),
+    ("onnxruntime", "int8"): ("onnx", "int8"),
+    ("openvino", "fp32"): ("openvino", "fp32"), ("openvino", "bf16"): ("openvino", "fp32"),
+    ("openvino", "fp16"): ("openvino", "fp16"), ("openvino", "int8"): ("openvino", "int8"),
+    ("tensorrt", "fp32"): ("tensorrt", "fp32"), ("tensorrt", "fp16"): ("tensorrt", "fp16"),
+    ("tensorrt", "int8"): ("tensorrt", "int8"),
+}
+#: Timed calls per measurement even when the window is shorter (a slow model on a slow CPU).
+MIN_ITERATIONS = 3
+#: Accuracy runs once per artifact at this batch size; every batch-size row repeats it.
+ACCURACY_BATCH = 1
+NONFINITE = "failed: non-finite output"
+
+
+class NonFiniteResult(ResUNetError):
+    """A row's output held NaN or Inf: it fails, and none of its numbers are averaged."""
+
+
+# ---- options, rows, result ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``resunetpp bench`` was asked for (see the CLI's help for each option)."""
+
+    model: Path | None = None  # None: the shipped default checkpoint
+    data: Path | None = None  # None: the shipped sample images
+    split: str | None = None  # None: DATA/val.txt when present, else every image
+    backends: tuple[str, ...] | None = None  # None: all of BACKENDS
+    precisions: tuple[str, ...] | None = None  # None: all of PRECISIONS
+    batch_sizes: tuple[int, ...] = (1, 8)
+    image_size: int | None = None  # None: the checkpoint's preprocessing size
+    warmup_s: float = 1.0
+    duration_s: float = 3.0
+    threads: int | None = None  # None: each runtime's default
+    device: str = "auto"  # auto | cpu | cuda: where torch (and ONNX Runtime with CUDA) run
+    artifacts: Path | None = None  # None: ~/.cache/resunetpp/artifacts/<key>/
+    calib: Path | None = None
+    end_to_end: bool = True
+
+    def validate(self) -> None:
+        for name, values, known in (("--backends", self.backends, BACKENDS), ("--precisions", self.precisions,
+                                                                                PRECISIONS)):
+            bad = [v for v in values or () if v not in known]
+            if bad:
+                raise ResUNetError(f"{name}: unknown {', '.join(map(repr, bad))} (choose from {', '.join(known)})")
+            if values is not None and not values:
+                raise ResUNetError(f"{name}: give at least one of {', '.join(known)}")
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise ResUNetError(f"--batch-sizes: positive integers expected, got {list(self.batch_sizes)}")
+        if self.warmup_s < 0 or self.duration_s <= 0:
+            raise ResUNetError(f"--warmup-s must be >= 0 and --duration-s > 0 (got {self.warmup_s}, "
+                               f"{self.duration_s})")
+        if self.threads is not None and self.threads < 1:
+            raise ResUNetError(f"--threads must be at least 1, got {self.threads}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ResUNetError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class BenchRow:
+    """One backend x precision x batch size; ``None`` where a number was not measured."""
+
+    backend: str
+    precision: str
+    status: str = "ok"  # ok | skipped | failed: <what>
+    reason: str | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    artifact: str | None = None
+    size_mb: float | None = None
+    load_s: float | None = None
+    dice_vs_reference: float | None = None
+    dice_vs_reference_min: float | None = None
+    dice_drop: float | None = None  # 1 - dice_vs_reference: agreement lost against the reference mask
+    mean_abs_diff: float | None = None
+    max_abs_diff: float | None = None
+    dice_vs_gt: float | None = None
+    iou_vs_gt: float | None = None
+    dice_vs_gt_drop: float | None = None  # the reference's Dice vs GT minus this row's
+    latency_ms_mean: float | None = None
+    latency_ms_p50: float | None = None
+    latency_ms_p90: float | None = None
+    latency_ms_p99: float | None = None
+    latency_iterations: int | None = None
+    latency_source: str | None = None  # "runtime": the backend's own call; "engine": Engine.infer
+    engine_latency_ms_p50: float | None = None
+    overhead_pct: float | None = None
+    model_only_ips: float | None = None  # batch / mean latency of Engine.infer (what infer runs)
+    throughput_ips: float | None = None
+    throughput_mode: str | None = None
+    end_to_end_ips: float | None = None
+    end_to_end_ratio: float | None = None  # end_to_end_ips / model_only_ips
+    speedup: float | None = None  # throughput over the reference's at the same batch size
+    details: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def failed(self) -> bool:
+        return self.status.startswith("failed")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BenchResult:
+    """Everything one run measured: environment, settings, image sets, artifacts, rows, notes."""
+
+    environment: dict
+    settings: dict
+    evaluation: dict
+    calibration: dict | None
+    artifacts: dict | None
+    rows: list[BenchRow]
+    notes: list[str]
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"tool": "resunetpp bench", "reference": " ".join(REFERENCE), "environment": self.environment,
+                "settings": self.settings, "evaluation": self.evaluation, "calibration": self.calibration,
+                "artifacts": self.artifacts, "notes": self.notes, "elapsed_s": round(self.elapsed_s, 2),
+                "rows": [r.as_dict() for r in self.rows]}
+
+
+# ---- images ------------------------------------------------------------------------------------------
+@dataclass
+class EvalData:
+    """The evaluation images, preprocessed once, with masks and original sizes."""
+
+    pre: Preprocessing
+    num_classes: int
+    names: list[str]
+    paths: list[Path]
+    inputs: list[np.ndarray]  # (C, h, w) float32
+    sizes: list[tuple[int, int]]
+    masks: list[np.ndarray | None]
+
+    @classmethod
+    def load(cls, images: cal.ImageSet, pre: Preprocessing, num_classes: int) -> "EvalData":
+        names, inputs, sizes, masks = [], [], [], []
+        for i, stem in enumerate(images.stems):
+            image, mask = images.load(i, pre.channels, num_classes)
+            names.append(stem)
+            inputs.append(pre.apply(image))
+            sizes.append(tuple(image.shape[:2]))
+            masks.append(mask)
+        return cls(pre, num_classes, names, list(images.paths), inputs, sizes, masks)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batch(self, n: int) -> np.ndarray:
+        """``n`` evaluation inputs of the first input's shape (cycled), stacked: a timing batch."""
+        same = [x for x in self.inputs if x.shape == self.inputs[0].shape]
+        return np.ascontiguousarray(np.stack([same[i % len(same)] for i in range(n)]), dtype=np.float32)
+
+
+# ---- accuracy -----------------------------------------------------------------------------------------
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+def reference_outputs(predict: PredictFn, data: EvalData) -> list[np.ndarray]:
+    """The reference's probabilities per evaluation image (network resolution)."""
+    out = predict_batched(predict, data.inputs, ACCURACY_BATCH)
+    bad = [data.names[i] for i, p in enumerate(out) if not np.isfinite(p).all()]
+    if bad:
+        raise ResUNetError(f"the reference (torch fp32) gives NaN/Inf on {len(bad)} image(s), e.g. {bad[0]}")
+    return out
+
+
+def measure_accuracy(predict: PredictFn, data: EvalData, reference: Sequence[np.ndarray],
+                     batch_size: int = ACCURACY_BATCH) -> dict:
+    """Accuracy of ``predict`` against the reference outputs on ``data``.
+
+    Keys: ``dice_vs_reference`` (mean) and ``dice_vs_reference_min`` between binarised masks at
+    the original image size, ``dice_drop`` = 1 - mean, ``mean_abs_diff`` / ``max_abs_diff`` of the
+    probabilities, and with ground-truth masks ``dice_vs_gt``, ``iou_vs_gt``, ``dice_vs_gt_drop``.
+    Raises :class:`NonFiniteResult` when any output holds NaN or Inf.
+    """
+    from engines.base import NonFiniteOutputError
+
+    try:
+        outputs = predict_batched(predict, data.inputs, batch_size)
+    except NonFiniteOutputError as e:
+        raise NonFiniteResult(str(e)) from None
+    m = compare_outputs(outputs, reference, masks=data.masks, pre=data.pre, sizes=data.sizes, names=data.names,
+                        num_classes=data.num_classes)
+    if m["nonfinite_images"]:
+        raise NonFiniteResult(f"NaN or Inf in the output of {m['nonfinite_images']} of {m['images']} images")
+    ious = [scores(probs_to_mask(data.pre.restore(p, *size)), gt, data.num_classes).iou
+            for p, size, gt in zip(outputs, data.sizes, data.masks) if gt is not None]
+    return {
+        "dice_vs_reference": m["dice_vs_reference_mean"],
+        "dice_vs_reference_min": m["dice_vs_reference_min"],
+        "dice_drop": 1.0 - m["dice_vs_reference_mean"],
+        "mean_abs_diff": m["abs_error_mean"],
+        "max_abs_diff": m["abs_error_max"],
+        "dice_vs_gt": m["dice_vs_gt_mean"],
+        "iou_vs_gt": float(np.mean(ious)) if ious else None,
+        "dice_vs_gt_drop": m["dice_vs_gt_drop"],
+        "worst_images": m["worst_images"],
+    }
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+def latency_summary(seconds: Sequence[float]) -> dict:
+    """Mean and p50/p90/p99 in milliseconds of per-call times in seconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"mean": float(ms.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+            "iterations": int(ms.size)}
+
+
+def measure_latency(engine_call: PredictFn, runtime_call: Callable[[np.ndarray], Any] | None, x: np.ndarray,
+                    warmup_s: float, duration_s: float) -> dict:
+    """Time ``runtime_call(x)`` (the backend's own call) and ``engine_call(x)`` (the toolkit's) alternately.
+
+    Warm-up runs both for ``warmup_s``; the timed window then alternates single calls (which goes
+    first alternates too) for ``duration_s`` and at least :data:`MIN_ITERATIONS` of each, so slow
+    drift and a busy machine affect both alike. Returns the runtime latency summary (the
+    engine's when there is no runtime call), the engine's, and ``overhead_pct``: the engine's
+    median over the runtime's, minus one, in percent.
+    """
+    calls = [engine_call] if runtime_call is None else [runtime_call, engine_call]
+    start = time.perf_counter()
+    while True:
+        for fn in calls:
+            fn(x)
+        if time.perf_counter() - start >= warmup_s:
+            break
+    times: list[list[float]] = [[] for _ in calls]
+    start = time.perf_counter()
+    i = 0
+    while i < MIN_ITERATIONS or time.perf_counter() - start < duration_s:
+        order = range(len(calls)) if i % 2 == 0 else reversed(range(len(calls)))
+        for k in order:
+            t0 = time.perf_counter()
+            calls[k](x)
+            times[k].append(time.perf_counter() - t0)
+        i += 1
+    engine = latency_summary(times[-1])
+    if runtime_call is None:
+        return {"latency": engine, "engine": engine, "overhead_pct": None, "source": "engine"}
+    runtime = latency_summary(times[0])
+    return {"latency": runtime, "engine": engine, "overhead_pct": 100.0 * (engine["p50"] / runtime["p50"] - 1.0),
+            "source": "runtime"}
+
+
+def runtime_call(engine: Any) -> Callable[[np.ndarray], Any] | None:
+    """The backend's own call on a loaded engine, without the toolkit's checks and conversions.
+
+    ONNX Runtime: ``session.run`` (CPU) / the backend call with I/O binding (GPU); OpenVINO: the
+    engine's infer request; torch: the module's forward under ``inference_mode`` (and autocast);
+    other backends (TensorRT): the backend hook ``_infer_impl``. ``None`` when none is reachable.
+    """
+    backend = getattr(engine, "backend", None)
+    builder = _RUNTIME_CALLS.get(backend)
+    call = builder(engine) if builder is not None else None
+    return call if call is not None else getattr(engine, "_infer_impl", None)
+
+
+def _ort_call(engine: Any) -> Callable[[np.ndarray], Any] | None:
+    session = getattr(engine, "_session", None)
+    if session is None or getattr(engine, "_binding", None) is not None:
+        return None
+    name_in = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    name_out = "probs" if "probs" in outputs else outputs[0]
+    return lambda x: session.run([name_out], {name_in: x})
+
+
+def _openvino_call(engine: Any) -> Callable[[np.ndarray], Any] | None:
+    request = getattr(engine, "_request", None)
+    if request is None:
+        return None
+    return lambda x: request.infer({0: x}, share_inputs=True)
+
+
+def _torch_call(engine: Any) -> Callable[[np.ndarray], Any] | None:
+    import torch
+
+    model = getattr(engine, "_model", None)
+    if model is None:
+        return None
+    device = str(engine.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.precision)
+    channels_last = bool(getattr(engine, "_channels_last", False))
+    cuda = device.startswith("cuda")
+
+    def call(x: np.ndarray) -> Any:
+        t = torch.from_numpy(x)
+        if cuda:
+            t = t.to(device)
+        if channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda" if cuda else "cpu", dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
+            out = model(t)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    return call
+
+
+_RUNTIME_CALLS: dict[str, Callable[[Any], Callable[[np.ndarray], Any] | None]] = {
+    "onnxruntime": _ort_call, "openvino": _openvino_call, "torch": _torch_call}
+
+
+def openvino_throughput(engine: Any, x: np.ndarray, warmup_s: float, duration_s: float) -> dict:
+    """Images/s of an OpenVINO engine compiled with the THROUGHPUT hint, through ``AsyncInferQueue``.
+
+    Batches go through :meth:`engines.openvino.OpenVINOEngine.infer_async_many` in chunks of
+    twice the device's optimal number of requests, for ``duration_s`` after ``warmup_s``.
+    """
+    engine.load()
+    requests = _optimal_requests(engine)
+    chunk = [x] * max(4, 2 * requests)
+    start = time.perf_counter()
+    while True:
+        engine.infer_async_many(chunk)
+        if time.perf_counter() - start >= warmup_s:
+            break
+    images, calls = 0, 0
+    start = time.perf_counter()
+    while calls < 1 or time.perf_counter() - start < duration_s:
+        engine.infer_async_many(chunk)
+        images += len(chunk) * x.shape[0]
+        calls += 1
+    elapsed = time.perf_counter() - start
+    return {"throughput_ips": images / elapsed, "requests": requests,
+            "mode": f"async: THROUGHPUT hint, AsyncInferQueue of {requests} requests"}
+
+
+def _optimal_requests(engine: Any) -> int:
+    compiled = getattr(engine, "_compiled", None)
+    try:
+        return max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    except Exception:  # noqa: BLE001 - older plugins / fakes: let OpenVINO choose (0)
+        return 1
+
+
+def end_to_end_rate(engine: Any, paths: Sequence[Path], batch_size: int, seconds: float, threads: int) -> float:
+    """Images/s of :func:`resunetpp.inference.run_inference` over ``paths`` (repeated passes for
+    ``seconds``, at least one), masks written to a temporary folder that is removed. Each pass
+    holds at least two full batches (``paths`` repeated), so batching is exercised."""
+    from resunetpp.inference import InferOptions, run_inference
+
+    paths = list(paths) * max(1, -(-2 * batch_size // max(1, len(paths))))
+    images, total = 0, 0.0
+    with tempfile.TemporaryDirectory(prefix="resunetpp-bench-") as tmp:
+        options = InferOptions(out=Path(tmp), batch_size=batch_size, threads=threads)
+        while images == 0 or total < seconds:
+            result = run_inference(engine, list(paths), options)
+            if result.failures:
+                raise ResUNetError(f"end-to-end run failed on {len(result.failures)} image(s): "
+                                   f"{result.failures[0].message}")
+            images += result.written
+            total += result.total_seconds
+    return images / total if total > 0 else 0.0
+
+
+# ---- one engine -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """How each row is measured."""
+
+    batch_sizes: tuple[int, ...] = (1, 8)
+    warmup_s: float = 1.0
+    duration_s: float = 3.0
+    threads: int | None = None
+    end_to_end: bool = True
+
+
+def _failure(base: BenchRow, error: BaseException) -> BenchRow:
+    from engines.base import NonFiniteOutputError
+
+    if isinstance(error, (NonFiniteResult, NonFiniteOutputError)):
+        return dataclasses.replace(base, status=NONFINITE, reason=_one_line(error))
+    kind = "engine error" if isinstance(error, ResUNetError) else type(error).__name__
+    return dataclasses.replace(base, status=f"failed: {kind}", reason=_one_line(error))
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _precision_hint(details: dict) -> str | None:
+    hint = details.get("precision_hint")
+    if hint is None:
+        return None
+    found = re.search(r"'(\w+)'", str(hint))
+    return found.group(1) if found else str(hint)
+
+
+def bench_engine(engine: Any, base: BenchRow, data: EvalData, reference: Sequence[np.ndarray], settings: Settings,
+                 throughput_engine: Callable[[], Any] | None = None,
+                 reporter: Reporter | None = None) -> list[BenchRow]:
+    """Accuracy once, then latency / throughput / end-to-end per batch size, of a loaded ``engine``.
+
+    ``base`` carries the row's identity (backend, precision, artifact, size, load time).
+    ``throughput_engine()`` opens a second engine for async throughput (OpenVINO); without it
+    throughput is batch / mean latency. A NaN/Inf output or an error fails the row(s); it never
+    raises (except ``KeyboardInterrupt``).
+    """
+    reporter = reporter or NullReporter()
+    details = {k: v for k, v in engine.describe().items() if k not in ("file",)}
+    if _precision_hint(details):
+        details["precision_hint"] = _precision_hint(details)
+    base = dataclasses.replace(base, details={**base.details, **details})
+    if engine.preprocessing.to_dict() != data.pre.to_dict():
+        return [dataclasses.replace(base, status="failed: preprocessing mismatch",
+                                    reason=f"the artifact preprocesses {engine.preprocessing.to_dict()}, the "
+                                           f"reference {data.pre.to_dict()}")]
+    try:
+        with reporter.task(f"{base.label}: accuracy on {len(data)} images"):
+            acc = measure_accuracy(engine.predict, data, reference)
+    except Exception as e:  # noqa: BLE001 - a broken backend is a failed row, not a crashed benchmark
+        return [_failure(base, e)]
+    worst = acc.pop("worst_images")
+    base = dataclasses.replace(base, **acc, details={**base.details, "worst_images": worst})
+    rows = []
+    for b in settings.batch_sizes:
+        row = dataclasses.replace(base, batch_size=b, details=dict(base.details))
+        limit = engine.input_shape_constraints.max_batch
+        fixed = engine.input_shape_constraints.batch
+        if (fixed is not None and b != fixed) or (limit is not None and b > limit):
+            rows.append(dataclasses.replace(row, status="skipped", reason=f"the artifact takes batches of "
+                                            f"{fixed if fixed is not None else f'at most {limit}'}"))
+            continue
+        try:
+            with reporter.task(f"{base.label}: speed at batch {b}"):
+                rows.append(_speed(engine, row, data, settings, throughput_engine))
+        except Exception as e:  # noqa: BLE001
+            rows.append(_failure(row, e))
+    return rows
+
+
+def _speed(engine: Any, row: BenchRow, data: EvalData, settings: Settings,
+           throughput_engine: Callable[[], Any] | None) -> BenchRow:
+    b = row.batch_size
+    x = data.batch(b)
+    lat = measure_latency(engine.infer, runtime_call(engine), x, settings.warmup_s, settings.duration_s)
+    model_only = b * 1e3 / lat["engine"]["mean"]
+    throughput, mode = b * 1e3 / lat["latency"]["mean"], f"sync: batch {b} / mean latency"
+    if throughput_engine is not None:
+        with throughput_engine() as tput:
+            t = openvino_throughput(tput, x, settings.warmup_s, settings.duration_s)
+        throughput, mode = t["throughput_ips"], t["mode"]
+    e2e = None
+    if settings.end_to_end:
+        e2e = end_to_end_rate(engine, data.paths, b, settings.duration_s, settings.threads or 2)
+    return dataclasses.replace(
+        row, latency_ms_mean=lat["latency"]["mean"], latency_ms_p50=lat["latency"]["p50"],
+        latency_ms_p90=lat["latency"]["p90"], latency_ms_p99=lat["latency"]["p99"],
+        latency_iterations=lat["latency"]["iterations"], latency_source=lat["source"],
+        engine_latency_ms_p50=lat["engine"]["p50"], overhead_pct=lat["overhead_pct"], model_only_ips=model_only,
+        throughput_ips=throughput, throughput_mode=mode, end_to_end_ips=e2e,
+        end_to_end_ratio=e2e / model_only if e2e is not None and model_only > 0 else None)
+
+
+# ---- targets -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """A runnable row: which artifact, on which device, with which engine options."""
+
+    backend: str
+    precision: str
+    device: str
+    options: dict = field(default_factory=dict)
+    artifact: tuple[str, str] | None = None  # export (format, precision); None: the checkpoint
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+
+def torch_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def plan_targets(backends: Sequence[str], precisions: Sequence[str], *, device: str, cpu_flags: dict,
+                 available: dict[str, str | None], calib_missing: str | None,
+                 threads: int | None) -> tuple[list[Target], list[BenchRow]]:
+    """Every selected combination of :data:`MATRIX`: a :class:`Target` or a skipped row with its reason."""
+    tdev = torch_device(device)
+    targets, skipped = [], []
+    for backend, precision in MATRIX:
+        if backend not in backends or precision not in precisions:
+            continue
+        reason = available.get(backend) if backend != "torch" else None
+        if reason is None:
+            reason = _combination_problem(backend, precision, tdev, cpu_flags, calib_missing)
+        if reason is not None:
+            skipped.append(BenchRow(backend, precision, status="skipped", reason=reason))
+            continue
+        targets.append(Target(backend, precision, *_engine_setup(backend, precision, device, tdev, threads),
+                              artifact=ARTIFACT_OF.get((backend, precision))))
+    return targets, skipped
+
+
+def _combination_problem(backend: str, precision: str, tdev: str, cpu_flags: dict,
+                         calib_missing: str | None) -> str | None:
+    if precision == "int8" and calib_missing:
+        return calib_missing
+    if backend == "torch" and precision == "fp16" and tdev == "cpu":
+        return "fp16 autocast needs a CUDA device (bf16 is the CPU's reduced precision)"
+    if backend == "torch" and precision == "bf16" and tdev == "cpu":
+        return cpu_bf16_problem(cpu_flags)
+    if backend == "openvino" and precision == "bf16":
+        return cpu_bf16_problem(cpu_flags)
+    if backend == "openvino" and precision == "int8" and importlib.util.find_spec("nncf") is None:
+        return "the OpenVINO INT8 IR is quantized with NNCF, which is not installed (pip install nncf)"
+    return None
+
+
+def _engine_setup(backend: str, precision: str, device: str, tdev: str, threads: int | None) -> tuple[str, dict]:
+    """(device, engine options) of a row."""
+    if backend == "torch":
+        return tdev, ({"dtype": precision, "channels_last": True} if precision != "fp32" else {})
+    if backend == "onnxruntime":
+        opts = {"intra_op_num_threads": threads} if threads else {}
+        return ("auto" if device == "auto" else device), opts
+    if backend == "openvino":
+        opts: dict = {"threads": threads} if threads else {}
+        hint = {"fp32": "f32", "bf16": "bf16"}.get(precision)  # fp16 / int8 IR: the plugin's default
+        if hint:
+            opts["precision"] = hint
+        return "cpu", opts
+    return "cuda", {}
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+@dataclass
+class _Setup:
+    ckpt_path: Path
+    ckpt: Checkpoint
+    pre: Preprocessing
+    data_path: Path
+    images: ImagePlan
+    default_model: bool
+
+
+def _setup(options: BenchOptions) -> _Setup:
+    from resunetpp.defaults import default_data_path, default_model_path
+
+    shipped = default_model_path()
+    model = options.model or shipped
+    if model is None:
+        raise ResUNetError("no MODEL given and this install ships no default model; pass a checkpoint")
+    data = options.data or default_data_path()
+    if data is None:
+        raise ResUNetError("no --data given and this install ships no sample images; pass --data DIR")
+    default_model = shipped is not None and Path(model).resolve() == shipped.resolve()
+    ckpt = load_checkpoint(model)
+    try:
+        pre = ckpt.preprocessing.with_size(options.image_size)
+    except ValueError as e:
+        raise ResUNetError(f"--image-size: {e}") from None
+    ckpt = dataclasses.replace(ckpt, preprocessing=pre)
+    images = plan_images(Path(data), options.split, options.calib, default_model, default_data_path())
+    return _Setup(Path(model), ckpt, pre, Path(data), images, default_model)
+
+
+def _open(target: Target, setup: _Setup, artifacts: ArtifactSet | None, **extra: Any):
+    import engines
+
+    if target.artifact is None:
+        return engines.open(setup.ckpt, backend="torch", device=target.device, **target.options, **extra)
+    assert artifacts is not None
+    return engines.open(artifacts.paths[target.artifact], backend=target.backend, device=target.device,
+                        **target.options, **extra)
+
+
+def bench_target(target: Target, setup: _Setup, artifacts: ArtifactSet | None, data: EvalData,
+                 reference: Sequence[np.ndarray], settings: Settings, reporter: Reporter) -> list[BenchRow]:
+    """Open one target (timed), then :func:`bench_engine`; problems become failed/skipped rows."""
+    base = BenchRow(target.backend, target.precision, device=target.device,
+                    details={"engine_options": dict(target.options)})
+    if target.artifact is None:
+        base.artifact, base.size_mb = str(setup.ckpt_path), artifact_size_mb(setup.ckpt_path)
+    else:
+        path = artifacts.paths.get(target.artifact) if artifacts is not None else None
+        if path is None:
+            why = artifacts.problems.get(target.artifact) if artifacts is not None else None
+            return [dataclasses.replace(base, status="failed: no artifact",
+                                        reason=why or "the export did not produce this artifact")]
+        base.artifact, base.size_mb = str(path), artifact_size_mb(path)
+    try:
+        with reporter.task(f"{target.label}: load"):
+            start = time.perf_counter()
+            engine = _open(target, setup, artifacts).load()
+            base.load_s = time.perf_counter() - start
+    except Exception as e:  # noqa: BLE001 - a backend that cannot load is a failed row
+        return [_failure(base, e)]
+    tput = (lambda: _open(target, setup, artifacts, performance_hint="throughput")) \
+        if target.backend == "openvino" else None
+    with engine:
+        return bench_engine(engine, base, data, reference, settings, tput, reporter)
+
+
+def add_speedups(rows: Sequence[BenchRow]) -> None:
+    """``speedup`` of each measured row: its throughput over the reference's at the same batch size."""
+    ref = {r.batch_size: r.throughput_ips for r in rows
+           if (r.backend, r.precision) == REFERENCE and r.ok and r.throughput_ips}
+    for r in rows:
+        if r.ok and r.throughput_ips and ref.get(r.batch_size):
+            r.speedup = r.throughput_ips / ref[r.batch_size]
+
+
+def gate_failures(rows: Sequence[BenchRow], max_dice_drop: float) -> list[str]:
+    """One line per backend/precision whose Dice drop against the reference exceeds ``max_dice_drop``,
+    or whose accuracy could not be measured (failed rows); skipped rows do not count."""
+    out: dict[str, str] = {}
+    for r in rows:
+        if r.label in out:
+            continue
+        if r.failed and r.dice_drop is None:
+            out[r.label] = f"{r.label} ({r.status})"
+        elif r.dice_drop is not None and r.dice_drop > max_dice_drop:
+            out[r.label] = f"{r.label} (Dice drop {r.dice_drop:.4f} > {max_dice_drop:g})"
+    return list(out.values())
+
+
+def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
+    """Run the whole benchmark (see the module docstring) and return its result."""
+    import engines
+
+    options.validate()
+    reporter = reporter or NullReporter()
+    started = time.perf_counter()
+    setup = _setup(options)
+    env = collect_environment(options.threads)
+    targets, skipped = plan_targets(options.backends or BACKENDS, options.precisions or PRECISIONS,
+                                    device=options.device, cpu_flags=env["cpu"]["flags"],
+                                    available=engines.available_backends(),
+                                    calib_missing=setup.images.calib_missing, threads=options.threads)
+    settings = Settings(tuple(sorted(set(int(b) for b in options.batch_sizes))), options.warmup_s,
+                        options.duration_s, options.threads, options.end_to_end)
+    notes = list(setup.images.notes)
+    with torch_threads(options.threads):
+        artifacts = _artifacts(options, setup, targets, reporter, notes)
+        with reporter.task(f"load {len(setup.images.evaluation)} evaluation images"):
+            data = EvalData.load(setup.images.evaluation, setup.pre, setup.ckpt.config.num_classes)
+        with reporter.task("torch fp32 reference outputs"):
+            with engines.open(setup.ckpt, backend="torch", device=torch_device(options.device)) as ref_engine:
+                reference = reference_outputs(ref_engine.predict, data)
+        rows: list[BenchRow] = []
+        for target in targets:
+            rows.extend(bench_target(target, setup, artifacts, data, reference, settings, reporter))
+    order = {combo: i for i, combo in enumerate(MATRIX)}
+    rows = sorted(rows + skipped, key=lambda r: (order[(r.backend, r.precision)], r.batch_size or 0))
+    add_speedups(rows)
+    notes += _standard_notes(settings)
+    return BenchResult(env, _settings_record(options, settings, setup), _evaluation_record(setup, data),
+                       setup.images.calibration.record() if setup.images.calibration is not None else None,
+                       artifacts.record() if artifacts is not None else None, rows, notes,
+                       time.perf_counter() - started)
+
+
+def _artifacts(options: BenchOptions, setup: _Setup, targets: list[Target], reporter: Reporter,
+               notes: list[str]) -> ArtifactSet | None:
+    wanted = {t.artifact for t in targets if t.artifact is not None}
+    if not wanted:
+        return None
+    key, fields = artifact_key(setup.ckpt, setup.pre, setup.images.calibration)
+    folder = Path(options.artifacts) if options.artifacts else default_cache_root() / key
+    try:
+        return ensure_artifacts(setup.ckpt_path, folder, key, fields, wanted, setup.images, options.image_size,
+                                reporter)
+    except Exception as e:  # noqa: BLE001 - the torch rows still run; the others say why they cannot
+        notes.append(f"export failed, rows that need an exported artifact are marked failed: {_one_line(e)}")
+        return ArtifactSet(folder, key, {}, {w: f"export failed: {_one_line(e)}" for w in wanted}, [], [], None)
+
+
+def _standard_notes(settings: Settings) -> list[str]:
+    return [
+        f"accuracy is measured once per artifact (batch {ACCURACY_BATCH}) against the torch fp32 reference and "
+        "repeated in each batch-size row; dice_drop = 1 - Dice vs the reference mask",
+        f"latency: the runtime's own call (session.run, OpenVINO infer request, torch forward) on pre-made arrays, "
+        f"{settings.warmup_s:g} s warm-up then {settings.duration_s:g} s, interleaved with Engine.infer; "
+        "overhead_pct = Engine.infer p50 over the runtime's p50, minus one",
+        "throughput: OpenVINO with the THROUGHPUT hint and an AsyncInferQueue; the others batch / mean latency; "
+        "end_to_end_ips: resunetpp infer's pipeline (decode, preprocess, infer, restore, write PNG) on the "
+        "evaluation images, end_to_end_ratio = end_to_end_ips / model-only rate",
+    ]
+
+
+def _settings_record(options: BenchOptions, settings: Settings, setup: _Setup) -> dict:
+    return {"model": str(setup.ckpt_path), "default_model": setup.default_model,
+            "checkpoint_sha256": setup.ckpt.sha256, "image_size": list(setup.pre.size),
+            "backends": list(options.backends or BACKENDS), "precisions": list(options.precisions or PRECISIONS),
+            "batch_sizes": list(settings.batch_sizes), "warmup_s": settings.warmup_s,
+            "duration_s": settings.duration_s, "threads": settings.threads, "device": options.device,
+            "accuracy_batch": ACCURACY_BATCH, "min_iterations": MIN_ITERATIONS}
+
+
+def _evaluation_record(setup: _Setup, data: EvalData) -> dict:
+    ev = setup.images.evaluation
+    return {**ev.record(), "with_masks": all(m is not None for m in data.masks)}
+
+
+__all__ = ["BACKENDS", "MATRIX", "PRECISIONS", "REFERENCE", "BenchOptions", "BenchResult", "BenchRow", "EvalData",
+           "NonFiniteResult", "Settings", "Target", "bench_engine", "end_to_end_rate", "gate_failures",
+           "measure_accuracy", "measure_latency", "openvino_throughput", "plan_images", "plan_targets",
+           "run_bench", "runtime_call"]

@@ -1,0 +1,170 @@
+"""OpenVINO engine: an IR (``.xml`` + ``.bin``, or an ``.onnx`` read directly) on CPU, GPU or NPU.
+
+``device``: ``cpu``, ``gpu``, ``gpu.N``, ``npu`` or ``auto`` (OpenVINO's AUTO plugin when
+several devices exist, else CPU). NPUs need static shapes: the model is reshaped to
+``(batch or 1, C, *preprocessing.size)`` there unless ``shape`` is given.
+
+Options: ``performance_hint`` (``latency``, default, or ``throughput`` /
+``cumulative_throughput``), ``precision`` (the ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16`` or
+``f16``; default ``f32`` for an fp32 artifact -- OpenVINO would otherwise run bf16 on CPUs with
+AMX/AVX512-BF16 -- and the plugin's default for fp16/int8 artifacts), ``num_streams`` (int or
+``auto``), ``threads`` (``INFERENCE_NUM_THREADS``), ``cache_dir`` (compiled-model cache),
+``shape`` (reshape the input to a fixed ``(N, C, H, W)``; ``-1`` leaves a dimension dynamic).
+
+:meth:`OpenVINOEngine.infer` uses one compiled model and one infer request (sync);
+:meth:`OpenVINOEngine.infer_async_many` runs many batches through an ``AsyncInferQueue``
+for throughput.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from engines.base import BackendUnavailableError, Engine, EngineError
+
+HINTS = ("latency", "throughput", "cumulative_throughput")
+PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
+
+
+def _ov():
+    return importlib.import_module("openvino")
+
+
+class OpenVINOEngine(Engine):
+    """An OpenVINO model compiled for one device."""
+
+    backend = "openvino"
+    option_names = ("performance_hint", "precision", "num_streams", "threads", "cache_dir", "shape")
+
+    def __init__(self, path, record: dict, *, device: str = "cpu", **options: Any) -> None:
+        super().__init__(path, record, device=device, **options)
+        hint = str(options.get("performance_hint") or "latency").lower()
+        if hint not in HINTS:
+            raise EngineError(f"engine: openvino | performance_hint {hint!r} | expected one of {', '.join(HINTS)}")
+        self._hint = hint
+        precision = options.get("precision")
+        if precision is None and super().precision == "fp32":
+            precision = "f32"
+        if precision is not None and str(precision).lower() not in PRECISIONS:
+            raise EngineError(f"engine: openvino | precision {precision!r} | expected f32, bf16 or f16")
+        self._precision_hint = PRECISIONS[str(precision).lower()] if precision is not None else None
+        self._compiled = None
+        self._request = None
+        self._ov_device = ""
+        self._output = None
+
+    # ---- load ----------------------------------------------------------------------------------
+    def _resolve_device(self, core) -> str:
+        device = (self.device or "cpu").upper()
+        available = list(core.available_devices)
+        if device == "AUTO":
+            return "CPU" if available == ["CPU"] else "AUTO"
+        family = device.split(".", 1)[0]
+        if not any(d == device or d.split(".", 1)[0] == family for d in available):
+            raise BackendUnavailableError(f"engine: openvino | device {self.device} | not available "
+                                          f"(OpenVINO sees {', '.join(available) or 'no device'})")
+        return device
+
+    def _config(self) -> dict:
+        ov = _ov()
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+        import openvino.properties.streams as streams
+
+        config: dict = {hints.performance_mode: getattr(hints.PerformanceMode, self._hint.upper())}
+        if self._precision_hint is not None:
+            config[hints.inference_precision] = getattr(ov.Type, self._precision_hint)
+        num_streams = self.options.get("num_streams")
+        if num_streams is not None:
+            config[streams.num] = streams.Num.AUTO if str(num_streams).lower() == "auto" else int(num_streams)
+        if self.options.get("threads"):
+            config[props.inference_num_threads] = int(self.options["threads"])
+        if self.options.get("cache_dir"):
+            config[props.cache_dir] = str(self.options["cache_dir"])
+        return config
+
+    def _reshape(self, model, device: str) -> None:
+        ov = _ov()
+        shape = self.options.get("shape")
+        if shape is None and device.startswith("NPU") and model.input(0).get_partial_shape().is_dynamic:
+            pre = self.preprocessing
+            size = pre.size if pre.mode == "resize" else None
+            if size is None:
+                raise EngineError("engine: openvino | device NPU needs static shapes | pass shape=(N, C, H, W) "
+                                  "or export with resize preprocessing")
+            shape = (self.input_shape_constraints.batch or 1, pre.channels, *size)
+        if shape is not None:
+            try:
+                model.reshape({model.input(0).get_any_name(): ov.PartialShape([int(d) for d in shape])})
+            except RuntimeError as e:
+                raise EngineError(f"engine: openvino | reshape to {tuple(shape)} | {str(e).splitlines()[0][:160]}") from None
+
+    def _load_impl(self) -> None:
+        ov = _ov()
+        core = ov.Core()
+        device = self._resolve_device(core)
+        try:
+            model = core.read_model(str(self.path))
+        except RuntimeError as e:
+            raise EngineError(f"{self.path}: OpenVINO cannot read the model ({str(e).strip().splitlines()[0][:200]})") from None
+        if len(model.inputs) != 1:
+            raise EngineError(f"{self.path}: expected one model input 'images', found {len(model.inputs)}")
+        self._reshape(model, device)
+        pshape = model.input(0).get_partial_shape()
+        self._refine_constraints([d.get_length() if d.is_static else None for d in pshape])
+        try:
+            compiled = core.compile_model(model, device, self._config())
+        except RuntimeError as e:
+            raise EngineError(f"engine: openvino | compiling for {device} failed | "
+                              f"{str(e).strip().splitlines()[0][:200]}") from None
+        outputs = compiled.outputs
+        self._output = next((o for o in outputs if "probs" in o.get_names()), outputs[0])
+        self._compiled, self._ov_device = compiled, device
+        self._request = compiled.create_infer_request()
+
+    # ---- run -----------------------------------------------------------------------------------
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        x = batch if batch.flags.c_contiguous else np.ascontiguousarray(batch)
+        result = self._request.infer({0: x}, share_inputs=True, share_outputs=False)
+        return result[self._output]
+
+    def infer_async_many(self, batches: Iterable[np.ndarray], jobs: int = 0) -> list[np.ndarray]:
+        """Run every batch through an ``AsyncInferQueue`` of ``jobs`` requests (0: the device's
+        optimal number); returns the outputs in input order, each checked like :meth:`infer`."""
+        ov = _ov()
+        self.load()
+        inputs = [b if b.flags.c_contiguous else np.ascontiguousarray(b) for b in batches]
+        for b in inputs:
+            self.check_input(b)
+        results: list[np.ndarray | None] = [None] * len(inputs)
+        queue = ov.AsyncInferQueue(self._compiled, int(jobs))
+        output = self._output
+
+        def done(request, index: int) -> None:
+            results[index] = np.array(request.get_tensor(output).data, copy=True)
+
+        queue.set_callback(done)
+        for i, b in enumerate(inputs):  # ``inputs`` keeps every array alive until wait_all
+            queue.start_async({0: b}, i, share_inputs=True)
+        queue.wait_all()
+        return [self.check_output(r, b.shape) for r, b in zip(results, inputs)]
+
+    def _close_impl(self) -> None:
+        self._request = None
+        self._compiled = None
+
+    def _details(self) -> dict:
+        details = {"ov_device": self._ov_device, "performance_hint": self._hint,
+                   "precision_hint": self._precision_hint, "openvino": _ov().__version__.split("-")[0]}
+        if self._compiled is not None:
+            import openvino.properties.hint as hints
+
+            try:
+                details["precision_hint"] = self._compiled.get_property(hints.inference_precision).get_type_name()
+            except RuntimeError:
+                pass
+        return details

@@ -1,0 +1,59 @@
+"""The metadata record of an exported artifact (see :mod:`resunetpp.artifact` for the contract)."""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+from resunetpp.checkpoint import Checkpoint
+from resunetpp.preprocess import Preprocessing
+
+#: Distributions whose versions are recorded when installed (read without importing them).
+TOOL_DISTRIBUTIONS = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "openvino", "nncf",
+                      "numpy", "tensorrt", "nvidia-modelopt")
+
+
+def tool_versions(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Versions of the toolchain that produced an artifact (python, resunetpp, installed tools)."""
+    import resunetpp
+
+    tools = {"python": platform.python_version(), "resunetpp": resunetpp.__version__}
+    for dist in TOOL_DISTRIBUTIONS:
+        try:
+            tools[dist] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    tools.update(extra or {})
+    return tools
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def artifact_record(ckpt: Checkpoint, pre: Preprocessing, *, fmt: str, precision: str, file: str | Path,
+                    shape: dict, calibration: dict | None = None, accuracy: dict | None = None,
+                    **extra: object) -> dict:
+    """The full record: the checkpoint's metadata (with the export's preprocessing) + ``artifact``."""
+    record = ckpt.metadata()
+    record["preprocessing"] = pre.to_dict()
+    record["artifact"] = {
+        "format": fmt,
+        "precision": precision,
+        "file": Path(file).name,
+        "source_checkpoint": str(ckpt.path) if ckpt.path else None,
+        "source_sha256": ckpt.sha256,
+        "created": utc_now(),
+        "tools": tool_versions(),
+        "input_name": "images",
+        "output_name": "probs",
+        "input_shape": shape["input_shape"],
+        "output_shape": shape["output_shape"],
+        "dynamic": shape["dynamic"],
+        "calibration": calibration,
+        "accuracy": accuracy,
+        **extra,
+    }
+    return record

@@ -1,0 +1,659 @@
+"""What ``resunetpp export`` runs: checkpoint -> verified ONNX / OpenVINO / TensorRT artifacts.
+
+Order of work: load the checkpoint and the image sets (all argument and file errors surface
+before anything heavy runs) -> PyTorch FP32 reference outputs on the verification images ->
+ONNX FP32 (verified against PyTorch, dynamic axes exercised; the export stops if it does not
+match) -> FP16 ONNX -> INT8 Q/DQ ONNX -> OpenVINO IR FP32/FP16/INT8 -> TensorRT engines.
+
+Every artifact is verified before it is written: FP32 within
+:data:`export.verify.FP32_MAX_ABS_ERROR` of PyTorch, FP16 finite and Dice vs reference >=
+:data:`export.verify.FP16_MIN_DICE`, INT8 Dice vs reference >= :data:`export.verify.INT8_MIN_DICE`
+on held-out images. An artifact that fails its gate is not written (unless
+``allow_accuracy_drop``) and :meth:`ExportReport.raise_for_gate` raises after the others are
+done. Intermediate graphs live in a hidden work folder inside ``out`` that is always removed;
+every final file is written under a temporary name and renamed, its sidecar first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from export import calibration as cal
+from export.fp16 import FP16Recipe, FP16Result
+from export.onnx import DEFAULT_OPSET, ShapeSpec
+from export.quantize import NNCFRecipe, QDQRecipe
+from export.report import NullReporter, Reporter
+from export.tensorrt import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_MIB
+from export.verify import FP32_MAX_ABS_ERROR, Gate, compare_outputs, gate_for, predict_batched
+from resunetpp.artifact import write_sidecar
+from resunetpp.atomic import atomic_path, write_json_atomic
+from resunetpp.checkpoint import Checkpoint, load_checkpoint
+from resunetpp.errors import ResUNetError
+from resunetpp.preprocess import Preprocessing
+
+FORMATS = ("onnx", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+REPORT_NAME = "export_report.json"
+#: Images the FP16 range probe runs (calibration images when given, else verification images).
+RANGE_PROBE_IMAGES = 32
+VERIFY_BATCH = 4
+
+
+def artifact_name(fmt: str, precision: str) -> str:
+    """Relative path of an artifact inside ``--out``."""
+    if fmt == "onnx":
+        return {"fp32": "model_fp32.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8_qdq.onnx"}[precision]
+    if fmt == "openvino":
+        return f"openvino/model_{precision}.xml"
+    return f"tensorrt/model_{precision}.engine"
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    workspace_mib: int = DEFAULT_WORKSPACE_MIB
+    dla_core: int | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    opt_batch: int = 1
+    calibrator: str | None = None  # "entropy": TensorRT 10 implicit INT8 (legacy)
+    fp16_mode: str = "onnx"  # "flag": TensorRT 10 BuilderFlag.FP16 on the FP32 ONNX
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    checkpoint: Path
+    out: Path
+    formats: tuple[str, ...] | None = None  # None: every format this machine can build
+    precisions: tuple[str, ...] | None = None  # None: every precision the inputs allow
+    calib: Path | None = None
+    calib_split: str | None = None
+    calib_count: int = cal.DEFAULT_CALIB_COUNT
+    eval: Path | None = None
+    eval_split: str | None = None
+    eval_count: int = cal.DEFAULT_EVAL_COUNT
+    batch: int | None = None  # None: dynamic
+    image_size: tuple[int, int] | None = None  # None: the checkpoint's preprocessing size
+    dynamic_size: bool = True
+    opset: int = DEFAULT_OPSET
+    simplify: bool = True
+    allow_accuracy_drop: bool = False
+    qdq: QDQRecipe = QDQRecipe()
+    nncf: NNCFRecipe = NNCFRecipe()
+    fp16: FP16Recipe = FP16Recipe()
+    tensorrt: TensorRTOptions = TensorRTOptions()
+
+
+@dataclass
+class ArtifactResult:
+    format: str
+    precision: str
+    path: Path
+    written: bool
+    size_bytes: int | None
+    metrics: dict
+    gate: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.format} {self.precision}"
+
+    def as_dict(self) -> dict:
+        return {"format": self.format, "precision": self.precision, "path": str(self.path), "written": self.written,
+                "size_bytes": self.size_bytes, "accuracy": self.metrics, "gate": self.gate}
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    artifacts: list[ArtifactResult] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    trtexec: list[str] = field(default_factory=list)
+    verification: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def refused(self) -> list[ArtifactResult]:
+        return [a for a in self.artifacts if not a.gate["passed"] and not a.written]
+
+    def raise_for_gate(self) -> None:
+        """Raise :class:`AccuracyGateError` naming every artifact refused by its gate."""
+        if self.refused:
+            parts = [f"{a.name}: {a.gate['reason']}" for a in self.refused]
+            raise AccuracyGateError("accuracy gate failed, not written -- " + "; ".join(parts)
+                                    + " (pass --allow-accuracy-drop to write them anyway)")
+
+    def as_dict(self) -> dict:
+        return {"out": str(self.out), "artifacts": [a.as_dict() for a in self.artifacts],
+                "skipped": [{"format": f, "precision": p, "reason": r} for f, p, r in self.skipped],
+                "trtexec": self.trtexec, "verification": self.verification, "warnings": self.warnings}
+
+
+class AccuracyGateError(ResUNetError):
+    """An artifact's accuracy against the FP32 reference is below its gate."""
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+@dataclass
+class VerificationSet:
+    """Preprocessed images (and masks) every artifact is compared on, with the reference outputs."""
+
+    source: str
+    origin: str | None
+    names: list[str]
+    inputs: list[np.ndarray]
+    sizes: list[tuple[int, int]]
+    masks: list[np.ndarray | None]
+    reference: list[np.ndarray] = field(default_factory=list)
+
+    def record(self) -> dict:
+        return {"source": self.source, "from": self.origin, "images": len(self.inputs),
+                "with_masks": any(m is not None for m in self.masks)}
+
+
+def _parse_targets(options: ExportOptions, trt_ok: bool, trt_reason: str,
+                   has_calib: bool) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    formats = options.formats or FORMATS
+    precisions = options.precisions or PRECISIONS
+    for f in formats:
+        if f not in FORMATS:
+            raise ResUNetError(f"unknown format {f!r} (choose from {', '.join(FORMATS)})")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ResUNetError(f"unknown precision {p!r} (choose from {', '.join(PRECISIONS)})")
+    targets, skipped = [], []
+    for f in FORMATS:
+        for p in PRECISIONS:
+            if f not in formats or p not in precisions:
+                continue
+            if f == "tensorrt" and not trt_ok:
+                if options.formats:
+                    raise ResUNetError(f"--format tensorrt: {trt_reason}")
+                skipped.append((f, p, trt_reason))
+            elif p == "int8" and not has_calib:
+                if options.precisions:
+                    raise ResUNetError("--precision int8 needs calibration images: pass --calib DIR")
+                skipped.append((f, p, "needs calibration images (--calib)"))
+            elif f == "tensorrt" and p == "fp32" and options.tensorrt.dla_core is not None:
+                skipped.append((f, p, "DLA runs FP16 and INT8 only"))
+            else:
+                targets.append((f, p))
+    if not targets:
+        raise ResUNetError("nothing to export: " + "; ".join(f"{f} {p}: {r}" for f, p, r in skipped))
+    return targets, skipped
+
+
+def _image_sets(options: ExportOptions, need_eval: bool) -> tuple[cal.ImageSet | None, cal.ImageSet | None]:
+    calib = cal.select_images(options.calib, options.calib_split, options.calib_count, role="calibration",
+                              default_split="train") if options.calib else None
+    ev = None
+    if options.eval is not None:
+        ev = cal.select_images(options.eval, options.eval_split, options.eval_count, role="evaluation",
+                               default_split="val")
+    elif options.calib is not None and (options.eval_split or (options.calib / "val.txt").is_file()) \
+            and (options.calib / "images").is_dir():
+        ev = cal.select_images(options.calib, options.eval_split or "val", options.eval_count, role="evaluation",
+                               default_split=None)
+    if need_eval and ev is None:
+        raise ResUNetError("INT8 accuracy is measured on held-out images: pass --eval DIR (or a --calib dataset "
+                           "root that has val.txt)")
+    if calib is not None and ev is not None:
+        cal.check_disjoint(calib, ev)
+    return calib, ev
+
+
+def _verification_set(ckpt: Checkpoint, pre: Preprocessing, calib: cal.ImageSet | None,
+                      ev: cal.ImageSet | None, limit: int) -> VerificationSet:
+    """Held-out images when there are some, else (no INT8 then) the first ``limit`` calibration
+    images, else a fixed synthetic sample."""
+    chosen = ev or calib
+    if chosen is None:
+        images = cal.synthetic_images(pre)
+        return VerificationSet("synthetic", None, [f"synthetic{i}" for i in range(len(images))],
+                               [pre.apply(im) for im in images], [im.shape[:2] for im in images], [None] * len(images))
+    names, inputs, sizes, masks = [], [], [], []
+    for i, stem in enumerate(chosen.stems[:limit]):
+        image, mask = chosen.load(i, pre.channels, ckpt.config.num_classes)
+        names.append(stem)
+        inputs.append(pre.apply(image))
+        sizes.append(image.shape[:2])
+        masks.append(mask)
+    return VerificationSet(chosen.role, str(chosen.source) + (f" ({chosen.split})" if chosen.split else ""),
+                           names, inputs, sizes, masks)
+
+
+def _batches(inputs: Iterable[np.ndarray], size: int, fixed: bool) -> Iterator[np.ndarray]:
+    """Stack consecutive equal-shape inputs into batches (padded to ``size`` when ``fixed``)."""
+    pending: list[np.ndarray] = []
+    for x in inputs:
+        if pending and (len(pending) == size or pending[0].shape != x.shape):
+            yield np.stack(pending + [pending[-1]] * (size - len(pending) if fixed else 0))
+            pending = []
+        pending.append(x)
+    if pending:
+        yield np.stack(pending + [pending[-1]] * (size - len(pending) if fixed else 0))
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+class _Run:
+    """State of one export: checkpoint, geometry, image sets, work folder, results."""
+
+    def __init__(self, options: ExportOptions, reporter: Reporter, work: Path) -> None:
+        self.o = options
+        self.r = reporter
+        self.work = work
+        self.ckpt = load_checkpoint(options.checkpoint)
+        self.pre = self._preprocessing()
+        self.spec = ShapeSpec(self.pre.channels, self.ckpt.config.num_classes, self.pre.size, options.batch,
+                              options.dynamic_size)
+        self.report = ExportReport(options.out)
+        self.onnx_paths: dict[str, Path] = {}
+        self.fp32_model = None
+        self.fp16_result: FP16Result | None = None
+        self.qdq_record: dict | None = None
+
+    def _preprocessing(self) -> Preprocessing:
+        try:
+            pre = self.ckpt.preprocessing.with_size(self.o.image_size)
+        except ValueError as e:
+            raise ResUNetError(f"--image-size: {e}") from None
+        if pre.mode == "pad" and not self.o.dynamic_size:
+            raise ResUNetError("this checkpoint pads images to any size (preprocessing mode 'pad'): "
+                               "it needs dynamic height and width (drop --static-size)")
+        if pre.channels != self.ckpt.config.in_channels:
+            raise ResUNetError(f"preprocessing gives {pre.channels} channels, the model takes "
+                               f"{self.ckpt.config.in_channels}")
+        return pre
+
+    # -- helpers --
+    def warn(self, message: str) -> None:
+        self.report.warnings.append(message)
+        self.r.warn(message)
+
+    def record(self, fmt: str, precision: str, path: Path, accuracy: dict, **extra: object) -> dict:
+        from export.metadata import artifact_record
+
+        calib = extra.pop("calibration", None)
+        return artifact_record(self.ckpt, self.pre, fmt=fmt, precision=precision, file=path,
+                               shape=self.spec.record(), calibration=calib, accuracy=accuracy, **extra)
+
+    def measure(self, label: str, predict: Callable[[np.ndarray], np.ndarray]) -> dict:
+        v = self.vset
+        with self.r.task(f"verify {label}", total=len(v.inputs)) as advance:
+            def counted(x: np.ndarray) -> np.ndarray:
+                out = predict(x)
+                advance(len(x))
+                return out
+
+            outputs = predict_batched(counted, v.inputs, VERIFY_BATCH, self.o.batch)
+        return compare_outputs(outputs, v.reference, masks=v.masks, pre=self.pre, sizes=v.sizes, names=v.names,
+                               num_classes=self.ckpt.config.num_classes)
+
+    def judge(self, fmt: str, precision: str, metrics: dict) -> tuple[Gate, bool]:
+        """The gate's outcome and whether the artifact is written."""
+        gate = gate_for(precision, metrics)
+        keep = gate.passed or self.o.allow_accuracy_drop
+        if not gate.passed:
+            (self.warn if keep else self.r.warn)(f"{fmt} {precision}: {gate.reason}"
+                                                 + (" (kept: --allow-accuracy-drop)" if keep else " -- not written"))
+        return gate, keep
+
+    def add(self, fmt: str, precision: str, path: Path, written: bool, metrics: dict, gate: Gate) -> None:
+        size = None
+        if not written:
+            _remove_stale(path)
+        else:
+            size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if fmt == "openvino" else 0)
+        self.report.artifacts.append(ArtifactResult(fmt, precision, path, written, size, metrics,
+                                                    gate.as_dict(self.o.allow_accuracy_drop)))
+
+    def final(self, fmt: str, precision: str) -> Path:
+        return self.o.out / artifact_name(fmt, precision)
+
+    # -- steps --
+    def reference(self) -> None:
+        from resunetpp.evaluation import torch_predict_fn
+
+        v = self.vset
+        predict = torch_predict_fn(self.ckpt.build_model())
+        with self.r.task("PyTorch FP32 reference", total=len(v.inputs)) as advance:
+            for x in _batches(v.inputs, VERIFY_BATCH, fixed=False):
+                v.reference.extend(predict(x))
+                advance(len(x))
+
+    def onnx_fp32(self, write: bool) -> None:
+        import onnx
+
+        from export.onnx import export_onnx, ort_predict_fn
+        from resunetpp.model import WithActivation
+
+        with self.r.task(f"export ONNX (opset {self.o.opset}, torch dynamo exporter)"):
+            model = export_onnx(WithActivation(self.ckpt.build_model()), self.spec, opset=self.o.opset,
+                                simplify=self.o.simplify)
+        self.fp32_model = model
+        path = self.work / "fp32.onnx"
+        onnx.save_model(model, str(path))
+        self.onnx_paths["fp32"] = path
+        predict = ort_predict_fn(path)
+        metrics = self.measure("ONNX FP32 (ONNX Runtime)", predict)
+        metrics["dynamic_axes_check"] = self._check_dynamic(predict)
+        gate = gate_for("fp32", metrics)
+        if not gate.passed:
+            raise ResUNetError(f"the exported ONNX graph does not match PyTorch: {gate.reason}")
+        if write:
+            final = self.final("onnx", "fp32")
+            rec = self.record("onnx", "fp32", final, {**metrics, "gate": gate.as_dict()}, onnx=self._onnx_info(model),
+                              verification={**self.vset.record(), "runtime": "onnxruntime CPUExecutionProvider"})
+            from export.onnx import write_onnx_artifact
+
+            write_onnx_artifact(model, final, rec)
+            self.add("onnx", "fp32", final, True, metrics, gate)
+
+    def _onnx_info(self, model) -> dict:
+        opset = {o.domain: o.version for o in model.opset_import}.get("", self.o.opset)
+        return {"opset": opset, "exporter": "torch.onnx.export(dynamo=True)", "simplified": self.o.simplify,
+                "nodes": len(model.graph.node), "ir_version": model.ir_version}
+
+    def _check_dynamic(self, predict) -> dict | None:
+        """Run shapes other than the example through the graph and PyTorch (dynamic axes really work)."""
+        import torch
+
+        from resunetpp.model import WithActivation
+
+        shapes = []
+        b, c, h, w = self.spec.example_shape(1)
+        if self.spec.batch is None:
+            shapes.append((3, c, h, w))
+        if self.spec.dynamic_size:
+            shapes.append((self.spec.batch or 1, c, h, w + 2 * 8))
+        if not shapes:
+            return None
+        net = WithActivation(self.ckpt.build_model())
+        rng = np.random.default_rng(1)
+        worst = 0.0
+        for shape in shapes:
+            x = rng.standard_normal(shape).astype(np.float32)
+            with torch.no_grad():
+                ref = net(torch.from_numpy(x)).numpy()
+            got = predict(x)
+            if got.shape != ref.shape:
+                raise ResUNetError(f"exported ONNX graph returns {got.shape} for input {shape}, PyTorch {ref.shape}")
+            worst = max(worst, float(np.abs(got - ref).max()))
+        if worst > FP32_MAX_ABS_ERROR:
+            raise ResUNetError(f"exported ONNX graph differs from PyTorch by {worst:.3g} on inputs {shapes} "
+                               "(dynamic axes)")
+        return {"shapes": [list(s) for s in shapes], "max_abs_error": worst}
+
+    def onnx_fp16(self, write: bool) -> None:
+        from export.fp16 import build_fp16
+        from export.onnx import ort_predict_fn, write_onnx_artifact
+
+        probe = self._probe_inputs()
+        with self.r.task(f"FP16 ONNX (range probe on {len(probe)} images)"):
+            result = build_fp16(self.fp32_model, self.o.fp16, probe)
+        self.fp16_result = result
+        path = self.work / "fp16.onnx"
+        import onnx
+
+        onnx.save_model(result.model, str(path))
+        self.onnx_paths["fp16"] = path
+        if not write:
+            return
+        metrics = self.measure("ONNX FP16 (ONNX Runtime)", ort_predict_fn(path))
+        gate, keep = self.judge("onnx", "fp16", metrics)
+        final = self.final("onnx", "fp16")
+        if keep:
+            rec = self.record("onnx", "fp16", final, {**metrics, "gate": gate.as_dict(self.o.allow_accuracy_drop)},
+                              onnx=self._onnx_info(result.model), fp16=result.record(),
+                              verification={**self.vset.record(), "runtime": "onnxruntime CPUExecutionProvider "
+                                            "(FP16 ops without a CPU kernel run in FP32 between casts)"})
+            write_onnx_artifact(result.model, final, rec)
+        self.add("onnx", "fp16", final, keep, metrics, gate)
+
+    def _probe_inputs(self) -> list[np.ndarray]:
+        if self.calib is not None:
+            out = []
+            for x in self.calib.inputs(self.pre):
+                out.append(x)
+                if len(out) == RANGE_PROBE_IMAGES:
+                    break
+            return out
+        return self.vset.inputs[:RANGE_PROBE_IMAGES]
+
+    def calibration_record(self, method: dict) -> dict:
+        assert self.calib is not None and self.eval is not None
+        rec = self.calib.record()
+        rec["method"] = method
+        rec["held_out_evaluation"] = self.eval.record()
+        return rec
+
+    def onnx_int8(self, write: bool) -> None:
+        import onnx
+
+        from export.onnx import ort_predict_fn, write_onnx_artifact
+        from export.quantize import calibrate_ranges, quantize_qdq
+
+        recipe = self.o.qdq
+        cache = self.work / f"ranges_{recipe.method}.json"
+        with self.r.task(f"calibrate Q/DQ ranges ({recipe.method}, ONNX Runtime)", total=len(self.calib)) as adv:
+            calibrate_ranges(self.onnx_paths["fp32"], _batches(self.calib.inputs(self.pre), self.o.batch or 1,
+                                                                fixed=self.o.batch is not None),
+                             cache, method=recipe.method, percentile=recipe.percentile, progress=adv)
+        with self.r.task("quantize Q/DQ ONNX (ONNX Runtime quantize_static)"):
+            result = quantize_qdq(self.onnx_paths["fp32"], cache, self.work / "int8_qdq.onnx", recipe)
+        self.onnx_paths["int8_qdq"] = result.path
+        self.qdq_record = result.record()
+        if not write:
+            return
+        metrics = self.measure("ONNX INT8 Q/DQ (ONNX Runtime)", ort_predict_fn(result.path))
+        gate, keep = self.judge("onnx", "int8", metrics)
+        final = self.final("onnx", "int8")
+        if keep:
+            model = onnx.load(str(result.path))
+            rec = self.record("onnx", "int8", final, {**metrics, "gate": gate.as_dict(self.o.allow_accuracy_drop)},
+                              calibration=self.calibration_record({"tool": "onnxruntime", "method": recipe.method}),
+                              quantization=self.qdq_record, onnx=self._onnx_info(model),
+                              verification={**self.vset.record(), "runtime": "onnxruntime CPUExecutionProvider"})
+            write_onnx_artifact(model, final, rec)
+        self.add("onnx", "int8", final, keep, metrics, gate)
+
+    def openvino(self, precision: str) -> None:
+        from export import openvino as ovx
+
+        final = self.final("openvino", precision)
+        extra: dict = {}
+        ov_model = ovx.convert_onnx(self.onnx_paths["fp32"])
+        if precision == "int8":
+            ov_model, extra = self._nncf(ov_model)
+        with ovx.staged_ir(final) as stage:
+            ovx.save_ir(ov_model, stage.xml, compress_to_fp16=precision == "fp16")
+            metrics = self.measure(f"OpenVINO {precision.upper()} IR (CPU, f32 hint)", ovx.ov_predict_fn(stage.xml))
+            gate, keep = self.judge("openvino", precision, metrics)
+            if keep:
+                rec = self.record("openvino", precision, final, {**metrics, "gate": gate.as_dict(self.o.allow_accuracy_drop)},
+                                  openvino={"weights": "fp16" if precision == "fp16" else ("int8" if precision == "int8"
+                                                                                          else "fp32"),
+                                            "bin": final.with_suffix(".bin").name, **ovx.cpu_description()},
+                                  verification={**self.vset.record(), "runtime": "OpenVINO CPU plugin"}, **extra)
+                write_sidecar(final, rec)
+            else:
+                stage.discard()
+        self.add("openvino", precision, final, keep, metrics, gate)
+
+    def _nncf(self, ov_model):
+        from export.quantize import quantize_openvino
+        from resunetpp.imageio import read_image
+
+        pre = self.pre
+        n = self.o.batch or 1  # a static-batch graph takes exactly n images per call
+        paths = list(self.calib.paths)
+        groups = [paths[i:i + n] for i in range(0, len(paths), n)]
+        groups[-1] = groups[-1] + [groups[-1][-1]] * (n - len(groups[-1]))
+
+        def load(group: list[Path]) -> np.ndarray:
+            return np.stack([pre.apply(read_image(p, pre.channels)) for p in group])
+
+        recipe = replace(self.o.nncf, subset_size=len(groups))
+        with self.r.task(f"quantize OpenVINO IR (NNCF, {recipe.preset} preset, {len(paths)} images)"):
+            result = quantize_openvino(ov_model, self.fp32_model, groups, load, recipe)
+        calib = self.calibration_record({"tool": "nncf", "preset": recipe.preset,
+                                         "range_estimator": recipe.range_estimator})
+        return result.model, {"calibration": calib, "quantization": result.record()}
+
+    def tensorrt(self, precisions: list[str], trt_version: str) -> None:
+        from export import tensorrt as trtx
+
+        t = self.o.tensorrt
+        shapes = trtx.profile_shapes(self.spec, max_batch=t.max_batch, opt_batch=t.opt_batch)
+        folder = self.o.out / "tensorrt"
+        timing = folder / "timing.cache"
+        for precision in precisions:
+            plan = trtx.plan_build(trt_version, precision, calibrator=t.calibrator, fp16_mode=t.fp16_mode,
+                                   dla_core=t.dla_core)
+            self._ensure_source(plan.source)
+            src = self.onnx_paths[plan.source]
+            final = self.final("tensorrt", precision)
+            calib_cache = folder / "calibration.cache" if plan.calibrator else None
+            line = trtx.trtexec_command(plan, src, final, shapes, workspace_mib=t.workspace_mib,
+                                        timing_cache=timing, calibration_cache=calib_cache)
+            self.r.info(f"tensorrt {precision}: {plan.description}\n  equivalent: {line}")
+            batches = None
+            if plan.calibrator:
+                batches = list(_batches(self.calib.inputs(self.pre), shapes.opt[0], fixed=True))
+            try:
+                with atomic_path(final) as tmp:
+                    with self.r.task(f"build TensorRT {precision} engine"):
+                        facts = trtx.build_engine(plan, src, tmp, shapes, workspace_mib=t.workspace_mib,
+                                                  timing_cache=timing, calibration_batches=batches,
+                                                  calibration_cache=calib_cache)
+                    metrics = self.measure(f"TensorRT {precision} engine", trtx.engine_predict_fn(tmp))
+                    gate, keep = self.judge("tensorrt", precision, metrics)
+                    if not keep:
+                        raise _Refused
+                    rec = self.record("tensorrt", precision, final,
+                                      {**metrics, "gate": gate.as_dict(self.o.allow_accuracy_drop)},
+                                      tensorrt={**facts, "plan": plan.as_dict(), "profile": shapes.as_dict(),
+                                                "source_onnx": src.name, "timing_cache": str(timing),
+                                                "calibration_cache": str(calib_cache) if calib_cache else None,
+                                                "trtexec": line},
+                                      verification={**self.vset.record(), "runtime": "TensorRT"},
+                                      **self._trt_int8_extra(precision, plan))
+                    write_sidecar(final, rec)
+            except _Refused:
+                self.add("tensorrt", precision, final, False, metrics, gate)
+                continue
+            self.add("tensorrt", precision, final, True, metrics, gate)
+
+    def _trt_int8_extra(self, precision: str, plan) -> dict:
+        if precision != "int8":
+            return {}
+        tool = "tensorrt IInt8EntropyCalibrator2" if plan.calibrator else "onnxruntime"
+        return {"calibration": self.calibration_record({"tool": tool, "method": "entropy" if plan.calibrator
+                                                        else self.o.qdq.method}),
+                "quantization": None if plan.calibrator else self.qdq_record}
+
+    def _ensure_source(self, source: str) -> None:
+        if source in self.onnx_paths:
+            return
+        if source == "fp16":
+            self.onnx_fp16(write=False)
+        elif source == "int8_qdq":
+            self.onnx_int8(write=False)
+
+    def trtexec_hints(self, precisions: list[str]) -> None:
+        """Without TensorRT here: the trtexec lines that build the engines from the written ONNX files."""
+        from export import tensorrt as trtx
+
+        t = self.o.tensorrt
+        shapes = trtx.profile_shapes(self.spec, max_batch=t.max_batch, opt_batch=t.opt_batch)
+        for precision in precisions:
+            plan = trtx.plan_build("10", precision, dla_core=t.dla_core if precision != "fp32" else None)
+            src = {"fp32": self.final("onnx", "fp32"), "fp16": self.final("onnx", "fp16"),
+                   "int8_qdq": self.final("onnx", "int8")}[plan.source]
+            if src.is_file():
+                engine = Path("tensorrt") / f"model_{precision}.engine"
+                self.report.trtexec.append(
+                    "# on the target (TensorRT 10; drop --stronglyTyped on 11): "
+                    + trtx.trtexec_command(plan, src.name, engine, shapes, workspace_mib=t.workspace_mib,
+                                           timing_cache=Path("tensorrt") / "timing.cache"))
+
+
+def _remove_stale(path: Path) -> None:
+    """A refused artifact must not leave an earlier export's file under its name."""
+    from resunetpp.artifact import sidecar_path
+
+    for p in (path, path.with_suffix(".bin") if path.suffix == ".xml" else None, sidecar_path(path)):
+        if p is not None and p.is_file():
+            p.unlink()
+
+
+def _remove_empty_folders(out: Path) -> None:
+    for sub in ("openvino", "tensorrt"):
+        with contextlib.suppress(OSError):
+            (out / sub).rmdir()  # only succeeds when empty
+
+
+class _Refused(Exception):
+    """Internal: leave an atomic write without renaming (artifact failed its gate)."""
+
+
+def run_export(options: ExportOptions, reporter: Reporter | None = None) -> ExportReport:
+    """Export ``options.checkpoint`` to ``options.out``; see the module docstring.
+
+    Returns the report; call :meth:`ExportReport.raise_for_gate` to turn refused artifacts into an
+    error (the CLI does, after printing the summary).
+    """
+    from export.tensorrt import tensorrt_status
+
+    reporter = reporter or NullReporter()
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise ResUNetError(f"{out}: --out exists and is not a folder")
+    trt_ok, trt_info = tensorrt_status()
+    targets, skipped = _parse_targets(options, trt_ok, trt_info, options.calib is not None)
+    need_eval = any(p == "int8" for _, p in targets)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".export-work-", dir=out))
+    try:
+        run = _Run(replace(options, out=out), reporter, work)
+        run.report.skipped = skipped
+        run.calib, run.eval = _image_sets(options, need_eval)
+        if run.calib is not None and len(run.calib) < cal.MIN_CALIB_COUNT:
+            run.warn(f"calibration set has {len(run.calib)} images; at least {cal.MIN_CALIB_COUNT} are recommended "
+                     f"({cal.DEFAULT_CALIB_COUNT} by default)")
+        run.vset = _verification_set(run.ckpt, run.pre, run.calib, run.eval, options.eval_count)
+        run.report.verification = run.vset.record()
+        _execute(run, targets, trt_info)
+        write_json_atomic(out / REPORT_NAME, run.report.as_dict())
+        return run.report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        _remove_empty_folders(out)
+
+
+def _execute(run: _Run, targets: list[tuple[str, str]], trt_info: str) -> None:
+    want = set(targets)
+    run.reference()
+    run.onnx_fp32(write=("onnx", "fp32") in want)
+    if ("onnx", "fp16") in want:
+        run.onnx_fp16(write=True)
+    if ("onnx", "int8") in want:
+        run.onnx_int8(write=True)
+    for precision in PRECISIONS:
+        if ("openvino", precision) in want:
+            run.openvino(precision)
+    trt = [p for p in PRECISIONS if ("tensorrt", p) in want]
+    if trt:
+        run.tensorrt(trt, trt_info)
+    skipped_trt = [p for f, p, _ in run.report.skipped if f == "tensorrt"]
+    if skipped_trt:
+        run.trtexec_hints(skipped_trt)
+
+
+__all__ = ["AccuracyGateError", "ArtifactResult", "ExportOptions", "ExportReport", "FORMATS", "PRECISIONS",
+           "TensorRTOptions", "artifact_name", "run_export"]

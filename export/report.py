@@ -1,0 +1,124 @@
+"""Progress and the summary table of an export (rich), behind a tiny reporter interface.
+
+The pipeline talks to a :class:`Reporter` only; :class:`NullReporter` (library use, tests) and
+:class:`RichReporter` (the CLI: progress bars on stderr) implement it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from export.pipeline import ExportReport
+
+Advance = Callable[..., None]
+
+
+class Reporter(Protocol):
+    def task(self, description: str, total: int | None = None) -> contextlib.AbstractContextManager[Advance]: ...
+
+    def warn(self, message: str) -> None: ...
+
+    def info(self, message: str) -> None: ...
+
+
+class NullReporter:
+    """Collects warnings and notes, shows nothing."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+        self.notes: list[str] = []
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
+        yield lambda n=1: None
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def info(self, message: str) -> None:
+        self.notes.append(message)
+
+
+class RichReporter:
+    """rich progress bars (one per calibration / build / verification step) on ``console``."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        self.console = console
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
+        tid = self.progress.add_task(description, total=total)
+        try:
+            yield lambda n=1: self.progress.advance(tid, n)
+        finally:
+            done = total if total is not None else 1
+            self.progress.update(tid, total=done, completed=done)
+
+    def warn(self, message: str) -> None:
+        self.progress.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+    def info(self, message: str) -> None:
+        self.progress.console.print(message, highlight=False)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def print_summary(report: ExportReport, console: Console) -> None:
+    """The artifacts table (size, parity and accuracy numbers, gate) and the skipped targets."""
+    from rich.table import Table
+
+    table = Table(title=f"Exported to {report.out}", title_justify="left")
+    for col, just in (("artifact", "left"), ("size", "right"), ("max |dp|", "right"), ("mean |dp|", "right"),
+                      ("Dice vs ref mean/min", "right"), ("Dice vs GT (ref)", "right"), ("gate", "left")):
+        table.add_column(col, justify=just)
+    for a in report.artifacts:
+        m = a.metrics
+        gt = "-" if m.get("dice_vs_gt_mean") is None else (
+            f"{m['dice_vs_gt_mean']:.4f} ({m['reference_dice_vs_gt_mean']:.4f})")
+        gate = "[green]pass[/green]" if a.gate["passed"] else (
+            "[yellow]FAIL, kept (--allow-accuracy-drop)[/yellow]" if a.written else "[red]FAIL, not written[/red]")
+        table.add_row(a.name, _size(a.size_bytes), _num(m.get("abs_error_max"), ".2e"),
+                      _num(m.get("abs_error_mean"), ".2e"),
+                      f"{_num(m.get('dice_vs_reference_mean'), '.4f')} / {_num(m.get('dice_vs_reference_min'), '.4f')}",
+                      gt, gate)
+    console.print(table)
+    if report.verification:
+        v = report.verification
+        console.print(f"accuracy measured on {v['images']} {v['source']} image(s)"
+                      + (f" from {v['from']}" if v.get("from") else ""), highlight=False)
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for fmt, precision, reason in report.skipped:
+        grouped.setdefault((fmt, reason), []).append(precision)
+    for (fmt, reason), precisions in grouped.items():
+        console.print(f"[dim]skipped {fmt} {', '.join(precisions)}: {reason}[/dim]", highlight=False)
+    for line in report.trtexec:
+        console.print(f"[dim]{line}[/dim]", highlight=False, soft_wrap=True)

@@ -1,0 +1,178 @@
+"""Accuracy of an artifact against the FP32 PyTorch reference, and the export gates.
+
+:func:`compare_to_reference` is the reusable entry (the bench harness calls it too): it runs an
+artifact's ``predict`` and the reference's on the same images and reports
+
+* ``dice_vs_reference_mean`` / ``_min``: Dice between the binarised artifact mask and the
+  binarised reference mask, per image (at the original image size when ``pre`` is given);
+* ``abs_error_mean`` / ``_max``: absolute probability error at the network's resolution;
+* ``nonfinite_images``: images where the artifact produced NaN or Inf;
+* with ground-truth masks: ``dice_vs_gt_mean`` of the artifact and ``reference_dice_vs_gt_mean``.
+
+The gates (named constants, raised by the INT8-accuracy work): FP32 artifacts must match
+PyTorch within :data:`FP32_MAX_ABS_ERROR`; FP16 artifacts must be finite with Dice vs reference
+>= :data:`FP16_MIN_DICE`; INT8 artifacts need Dice vs reference >= :data:`INT8_MIN_DICE` on
+held-out images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from resunetpp.metrics import scores
+from resunetpp.preprocess import Preprocessing, probs_to_mask
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+#: FP32 artifacts (ONNX Runtime, OpenVINO with the f32 precision hint) vs PyTorch, probabilities.
+FP32_MAX_ABS_ERROR = 1e-4
+#: FP16 artifacts: mean Dice vs the FP32 reference mask.
+FP16_MIN_DICE = 0.99
+#: INT8 artifacts: mean Dice vs the FP32 reference mask on held-out images.
+INT8_MIN_DICE = 0.95
+THRESHOLD = 0.5
+
+
+def predict_batched(predict: PredictFn, inputs: Sequence[np.ndarray], batch_size: int = 1,
+                    fixed_batch: int | None = None) -> list[np.ndarray]:
+    """Run ``predict`` over preprocessed ``(C, H, W)`` inputs, batching equal shapes.
+
+    ``fixed_batch`` serves artifacts with a static batch: every call gets exactly that many
+    images (the last batch is padded by repeating its last image, the padding dropped).
+    """
+    size = fixed_batch or max(1, batch_size)
+    out: list[np.ndarray] = []
+    i = 0
+    while i < len(inputs):
+        j = i + 1
+        while j < len(inputs) and j - i < size and inputs[j].shape == inputs[i].shape:
+            j += 1
+        batch = list(inputs[i:j])
+        n = len(batch)
+        if fixed_batch:
+            batch += [batch[-1]] * (fixed_batch - n)
+        probs = np.asarray(predict(np.stack(batch).astype(np.float32, copy=False)))
+        out.extend(probs[k].astype(np.float32, copy=False) for k in range(n))
+        i = j
+    return out
+
+
+def _restore(probs: np.ndarray, pre: Preprocessing | None, size: tuple[int, int] | None) -> np.ndarray:
+    if pre is None or size is None:
+        return probs
+    return pre.restore(probs, size[0], size[1])
+
+
+def _summary(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.min(values))
+
+
+def compare_outputs(probs: Sequence[np.ndarray], reference: Sequence[np.ndarray], *,
+                    masks: Sequence[np.ndarray | None] | None = None, pre: Preprocessing | None = None,
+                    sizes: Sequence[tuple[int, int]] | None = None, names: Sequence[str] | None = None,
+                    num_classes: int = 1, threshold: float = THRESHOLD) -> dict:
+    """Metrics of artifact outputs against reference outputs (both ``(K, h, w)`` per image)."""
+    if len(probs) != len(reference) or not probs:
+        raise ValueError(f"need equally many (and some) outputs, got {len(probs)} and {len(reference)}")
+    k = max(num_classes, 1)
+    dice_ref, err_mean, err_max, dice_gt, ref_dice_gt, nonfinite = [], [], [], [], [], 0
+    for i, (p, r) in enumerate(zip(probs, reference)):
+        if p.shape != r.shape:
+            raise ValueError(f"output {i} has shape {p.shape}, the reference {r.shape}")
+        finite = np.isfinite(p)
+        if not finite.all():
+            nonfinite += 1
+        diff = np.abs(p[finite].astype(np.float64) - r[finite])
+        err_mean.append(float(diff.mean()) if diff.size else 0.0)
+        err_max.append(float(diff.max()) if diff.size else 0.0)
+        size = sizes[i] if sizes is not None else None
+        p_mask = probs_to_mask(np.nan_to_num(_restore(p, pre, size), nan=0.0), threshold)
+        r_mask = probs_to_mask(_restore(r, pre, size), threshold)
+        dice_ref.append(scores(p_mask, r_mask, k).dice)
+        gt = masks[i] if masks is not None else None
+        if gt is not None:
+            dice_gt.append(scores(p_mask, gt, k).dice)
+            ref_dice_gt.append(scores(r_mask, gt, k).dice)
+    d_mean, d_min = _summary(dice_ref)
+    g_mean, g_min = _summary(dice_gt)
+    rg_mean, _ = _summary(ref_dice_gt)
+    order = np.argsort(dice_ref)[:5]
+    labels = list(names) if names is not None else [str(i) for i in range(len(probs))]
+    return {
+        "images": len(probs),
+        "dice_vs_reference_mean": d_mean,
+        "dice_vs_reference_min": d_min,
+        "abs_error_mean": float(np.mean(err_mean)),
+        "abs_error_max": float(np.max(err_max)),
+        "nonfinite_images": nonfinite,
+        "dice_vs_gt_mean": g_mean,
+        "dice_vs_gt_min": g_min,
+        "reference_dice_vs_gt_mean": rg_mean,
+        "dice_vs_gt_drop": (rg_mean - g_mean) if g_mean is not None and rg_mean is not None else None,
+        "worst_images": [{"image": labels[j], "dice_vs_reference": dice_ref[j]} for j in order],
+        "threshold": threshold,
+    }
+
+
+def compare_to_reference(predict_fn: PredictFn, reference_predict_fn: PredictFn, images: Sequence[np.ndarray],
+                         masks: Sequence[np.ndarray | None] | None = None, *, pre: Preprocessing | None = None,
+                         batch_size: int = 1, fixed_batch: int | None = None, names: Sequence[str] | None = None,
+                         num_classes: int = 1, threshold: float = THRESHOLD) -> dict:
+    """Accuracy of ``predict_fn`` against ``reference_predict_fn`` on ``images``.
+
+    With ``pre``, ``images`` are decoded ``(H, W, C)`` uint8 images: both models see
+    ``pre.apply(image)`` and masks are compared at the original size (``masks`` there too).
+    Without it, ``images`` are preprocessed ``(C, H, W)`` float32 arrays and ``masks`` (if any)
+    have the network's resolution. Returns the dict described in the module docstring.
+    """
+    if pre is not None:
+        inputs = [pre.apply(im) for im in images]
+        sizes = [tuple(im.shape[:2]) for im in images]
+    else:
+        inputs = [np.asarray(im, dtype=np.float32) for im in images]
+        sizes = None
+    ref = predict_batched(reference_predict_fn, inputs, batch_size, fixed_batch)
+    out = predict_batched(predict_fn, inputs, batch_size, fixed_batch)
+    return compare_outputs(out, ref, masks=masks, pre=pre, sizes=sizes, names=names,
+                           num_classes=num_classes, threshold=threshold)
+
+
+# ---- gates --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gate:
+    """Outcome of an export gate on one artifact's metrics."""
+
+    name: str
+    metric: str
+    threshold: float
+    value: float | None
+    passed: bool
+    reason: str
+
+    def as_dict(self, overridden: bool = False) -> dict:
+        return {"name": self.name, "metric": self.metric, "threshold": self.threshold, "value": self.value,
+                "passed": self.passed, "overridden": bool(overridden and not self.passed), "reason": self.reason}
+
+
+def gate_for(precision: str, metrics: dict) -> Gate:
+    """Apply the gate of ``precision`` (fp32 / fp16 / int8) to ``metrics`` from :func:`compare_outputs`."""
+    n = metrics["images"]
+    if metrics["nonfinite_images"]:
+        return Gate(f"{precision}-finite", "nonfinite_images", 0, metrics["nonfinite_images"], False,
+                    f"NaN or Inf in the output of {metrics['nonfinite_images']} of {n} images")
+    if precision == "fp32":
+        v = metrics["abs_error_max"]
+        ok = v <= FP32_MAX_ABS_ERROR
+        return Gate("fp32-parity", "abs_error_max", FP32_MAX_ABS_ERROR, v, ok,
+                    f"max abs probability error {v:.3g} {'<=' if ok else '>'} {FP32_MAX_ABS_ERROR:g} on {n} images")
+    threshold = FP16_MIN_DICE if precision == "fp16" else INT8_MIN_DICE
+    v = metrics["dice_vs_reference_mean"]
+    ok = v >= threshold
+    return Gate(f"{precision}-dice", "dice_vs_reference_mean", threshold, v, ok,
+                f"mean Dice vs the FP32 reference mask {v:.4f} {'>=' if ok else '<'} {threshold:g} "
+                f"(min {metrics['dice_vs_reference_min']:.4f}) on {n} images")

@@ -1,0 +1,23 @@
+"""Where the shipped default model and sample data live (both optional, inside the package).
+
+``resunetpp evaluate`` with no MODEL or no ``--data`` falls back to these, and
+``resunetpp info`` reports the model path as ``default_model``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = PACKAGE_DIR / "weights" / "resunetpp_kvasir.safetensors"
+DEFAULT_DATA = PACKAGE_DIR / "sample_data"
+
+
+def default_model_path() -> Path | None:
+    """The shipped Kvasir-SEG checkpoint, or ``None`` when this install has none."""
+    return DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None
+
+
+def default_data_path() -> Path | None:
+    """The shipped sample images (Kvasir-SEG layout), or ``None`` when this install has none."""
+    return DEFAULT_DATA if DEFAULT_DATA.is_dir() else None

@@ -1,0 +1,507 @@
+"""The export stage: round trips, parity, dynamic shapes, metadata, the INT8 gate, bad inputs,
+interruptions, and the building blocks (scopes, FP16 conversion, Q/DQ exclusions, image sets).
+
+One tiny model is trained for a few steps on synthetic blob images (so that its masks mean
+something and small numeric errors do not flip them), exported once through the CLI with every
+format and precision this machine can build, and inspected by most tests. Tests of pipeline
+behaviour reuse the exported FP32 graph (the torch exporter takes ~10 s per call here).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import export.onnx as onnx_export
+from cli import app
+from export import calibration as cal
+from export.fp16 import FP16Recipe, activation_ranges, build_fp16, convert_to_fp16, resolve_fp32_nodes
+from export.onnx import ShapeSpec, node_scopes, nodes_in_modules, ort_predict_fn
+from export.openvino import ov_predict_fn
+from export.pipeline import ExportOptions, artifact_name, run_export
+from export.quantize import QDQRecipe, calibrate_ranges, quantize_qdq
+from export.tensorrt import tensorrt_status
+from export.verify import FP32_MAX_ABS_ERROR, INT8_MIN_DICE, compare_to_reference, gate_for
+from resunetpp.artifact import ONNX_METADATA_KEY, read_record
+from resunetpp.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
+from resunetpp.errors import ResUNetError
+from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
+from resunetpp.preprocess import Preprocessing
+
+SIZE = 32
+CONFIG = ModelConfig(filters=(4, 8, 8, 16), bridge=16, se_reduction=4)
+#: Stated FP16 tolerance on probabilities (weights and activations rounded to 11 bits).
+FP16_MAX_ABS_ERROR = 5e-3
+ONNX_ALL = ("onnx/fp32", "onnx/fp16", "onnx/int8", "openvino/fp32", "openvino/fp16", "openvino/int8")
+runner = CliRunner()
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------
+def _blob_image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    ry, rx = rng.uniform(0.18, 0.32) * h, rng.uniform(0.18, 0.32) * w
+    inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    img = rng.normal(90, 25, size=(h, w, 3))
+    img[inside] += rng.uniform(70, 110)
+    return np.clip(img, 0, 255).astype(np.uint8), inside.astype(np.uint8) * 255
+
+
+def _write_dataset(root: Path, n_train: int = 12, n_val: int = 6, seed: int = 0) -> Path:
+    """Blob images of non-square original sizes (36x44, 44x36) with masks, train/val splits."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    stems = []
+    for i in range(n_train + n_val):
+        img, mask = _blob_image(rng, *((36, 44) if i % 2 else (44, 36)))
+        stem = f"img{i:03d}"
+        Image.fromarray(img).save(root / "images" / f"{stem}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+        stems.append(stem)
+    (root / "train.txt").write_text("\n".join(stems[:n_train]) + "\n")
+    (root / "val.txt").write_text("\n".join(stems[n_train:]) + "\n")
+    return root
+
+
+def _train_checkpoint(root: Path, path: Path, steps: int = 15) -> Path:
+    """A tiny model fitted for a few Adam steps on the train split (masks become meaningful)."""
+    from resunetpp.data import SegmentationDataset
+
+    torch.manual_seed(0)
+    pre = Preprocessing(size=(SIZE, SIZE))
+    xs, ys = [], []
+    for _, img, mask in SegmentationDataset(root, "train"):
+        xs.append(pre.apply(img))
+        ys.append(np.asarray(Image.fromarray(mask * 255).resize((SIZE, SIZE), Image.NEAREST)) > 127)
+    x = torch.from_numpy(np.stack(xs[:8]))
+    y = torch.from_numpy(np.stack(ys[:8])[:, None].astype(np.float32))
+    model = ResUNetPlusPlus(CONFIG)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+    return save_checkpoint(Checkpoint(CONFIG, model.eval().state_dict(), pre, ["blob"], {"test": True}), path)
+
+
+_EXPORT_CACHE: dict = {}
+_REAL_EXPORT = onnx_export.export_onnx
+
+
+def _cached_export(module, spec, *, opset=onnx_export.DEFAULT_OPSET, simplify=True):
+    """The real exporter, memoised per (weights, geometry): behaviour tests need not re-trace."""
+    digest = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in module.state_dict().values()))
+    key = (digest.hexdigest(), spec, opset, simplify)
+    if key not in _EXPORT_CACHE:
+        _EXPORT_CACHE[key] = _REAL_EXPORT(module, spec, opset=opset, simplify=simplify)
+    return copy.deepcopy(_EXPORT_CACHE[key])
+
+
+@pytest.fixture(autouse=True)
+def _memoised_exporter(monkeypatch):
+    monkeypatch.setattr(onnx_export, "export_onnx", _cached_export)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("export")
+    data = _write_dataset(base / "data")
+    ckpt = _train_checkpoint(data, base / "tiny.safetensors")
+    black = base / "black"
+    black.mkdir()
+    for i in range(12):
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(black / f"black{i:02d}.png")
+    return {"base": base, "data": data, "ckpt": ckpt, "black": black}
+
+
+@pytest.fixture(scope="module")
+def exported(workspace) -> dict:
+    """The default export (every available format and precision) through the CLI."""
+    out = workspace["base"] / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_export, "export_onnx", _cached_export)
+        result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out),
+                                     "--calib", str(workspace["data"])])
+    assert result.exit_code == 0, result.output
+    return {"out": out, "result": result, **workspace}
+
+
+def _torch_reference(ckpt_path: Path):
+    net = WithActivation(load_checkpoint(ckpt_path).build_model())
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(x)).numpy()
+
+    return predict
+
+
+def _predict_fn(out: Path, target: str):
+    fmt, precision = target.split("/")
+    path = out / artifact_name(fmt, precision)
+    return ort_predict_fn(path) if fmt == "onnx" else ov_predict_fn(path)
+
+
+SHAPES = [(1, 3, SIZE, SIZE), (3, 3, SIZE, SIZE), (2, 3, 64, 96)]
+
+
+# ---- round trips --------------------------------------------------------------------------------------
+def test_default_export_writes_every_artifact_this_machine_can_build(exported):
+    out = exported["out"]
+    for target in ONNX_ALL:
+        path = out / artifact_name(*target.split("/"))
+        assert path.is_file() and path.stat().st_size > 0, target
+        assert Path(str(path) + ".json").is_file(), target
+        if path.suffix == ".xml":
+            assert path.with_suffix(".bin").is_file()
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".partial")]
+    assert leftovers == []
+    report = json.loads((out / "export_report.json").read_text())
+    assert {(a["format"], a["precision"]) for a in report["artifacts"] if a["written"]} == \
+        {tuple(t.split("/")) for t in ONNX_ALL}
+    ok, reason = tensorrt_status()
+    if not ok:
+        assert {(s["format"], s["precision"]) for s in report["skipped"]} == \
+            {("tensorrt", p) for p in ("fp32", "fp16", "int8")}
+        assert "skipped tensorrt" in exported["result"].output and "not importable" in exported["result"].output
+        assert "trtexec --onnx=model_fp16.onnx" in exported["result"].output
+    assert "Dice vs" in exported["result"].output  # the summary table
+
+
+@pytest.mark.parametrize("target", ["onnx/fp32", "openvino/fp32"])
+def test_fp32_parity_with_pytorch_on_dynamic_batch_and_non_square_size(exported, target):
+    ref = _torch_reference(exported["ckpt"])
+    predict = _predict_fn(exported["out"], target)
+    rng = np.random.default_rng(3)
+    for shape in SHAPES:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = predict(x)
+        assert got.shape == (shape[0], 1, shape[2], shape[3])
+        assert np.abs(got - ref(x)).max() <= FP32_MAX_ABS_ERROR, (target, shape)
+
+
+@pytest.mark.parametrize("target", ["onnx/fp16", "openvino/fp16"])
+def test_fp16_artifacts_within_stated_tolerance(exported, target):
+    ref = _torch_reference(exported["ckpt"])
+    predict = _predict_fn(exported["out"], target)
+    rng = np.random.default_rng(4)
+    for shape in SHAPES:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = predict(x)
+        assert got.dtype == np.float32 and np.isfinite(got).all()
+        assert np.abs(got - ref(x)).max() <= FP16_MAX_ABS_ERROR, (target, shape)
+
+
+def test_fp16_onnx_is_half_inside_float_at_the_edges(exported):
+    model = onnx.load(str(exported["out"] / "model_fp16.onnx"))
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
+    half_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(half_weights) > 20
+    kept = read_record(exported["out"] / "model_fp16.onnx")["artifact"]["fp16"]["fp32_nodes"]
+    assert "output activation" in kept.values()
+    assert sum("attention product" in why for why in kept.values()) == 3  # one Mul per decoder stage
+
+
+@pytest.mark.parametrize("target", ["onnx/int8", "openvino/int8"])
+def test_int8_artifacts_run_on_dynamic_shapes_and_are_quantized(exported, target):
+    predict = _predict_fn(exported["out"], target)
+    rng = np.random.default_rng(5)
+    for shape in SHAPES:
+        got = predict(rng.standard_normal(shape).astype(np.float32))
+        assert got.shape == (shape[0], 1, shape[2], shape[3]) and np.isfinite(got).all()
+    if target == "onnx/int8":
+        ops = [n.op_type for n in onnx.load(str(exported["out"] / "model_int8_qdq.onnx")).graph.node]
+        assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > 20
+    else:
+        import openvino as ov
+
+        model = ov.Core().read_model(str(exported["out"] / "openvino" / "model_int8.xml"))
+        assert sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops()) > 20
+    record = read_record(exported["out"] / artifact_name(*target.split("/")))["artifact"]
+    assert record["accuracy"]["dice_vs_reference_mean"] >= INT8_MIN_DICE  # a sane calibration passes
+
+
+# ---- metadata -------------------------------------------------------------------------------------------
+def test_metadata_present_and_complete(exported):
+    out, ckpt = exported["out"], exported["ckpt"]
+    calib = cal.select_images(exported["data"], None, cal.DEFAULT_CALIB_COUNT, role="calibration")
+    evaluation = cal.select_images(exported["data"], "val", cal.DEFAULT_EVAL_COUNT, role="evaluation")
+    for target in ONNX_ALL:
+        fmt, precision = target.split("/")
+        record = read_record(out / artifact_name(fmt, precision))
+        for key in ("model", "activation", "class_names", "preprocessing", "provenance", "artifact"):
+            assert key in record, (target, key)
+        assert record["model"] == CONFIG.to_dict() and record["class_names"] == ["blob"]
+        assert record["preprocessing"]["size"] == [SIZE, SIZE]
+        a = record["artifact"]
+        assert (a["format"], a["precision"]) == (fmt, precision)
+        assert a["source_sha256"] == file_sha256(ckpt)
+        assert {"torch", "onnx", "onnxruntime", "openvino", "nncf"} <= set(a["tools"])
+        assert a["input_shape"] == ["batch", 3, "height", "width"] and a["output_shape"] == ["batch", 1, "height", "width"]
+        assert a["dynamic"] == {"batch": True, "height": True, "width": True}
+        acc = a["accuracy"]
+        assert acc["images"] == len(evaluation) and acc["gate"]["passed"] is True
+        assert acc["dice_vs_gt_mean"] is not None and acc["reference_dice_vs_gt_mean"] is not None
+        if precision == "int8":
+            c = a["calibration"]
+            assert c["sha256"] == calib.digest and c["count"] == len(calib) == 12
+            assert c["split"] == "train" and c["held_out_evaluation"]["split"] == "val"
+            assert not set(c["images"]) & set(c["held_out_evaluation"]["images"])
+            assert a["quantization"]["excluded_nodes"], "the output activation stays float"
+        else:
+            assert a["calibration"] is None
+    # ONNX files embed the same record as their sidecar.
+    model = onnx.load(str(out / "model_fp32.onnx"), load_external_data=False)
+    embedded = json.loads({p.key: p.value for p in model.metadata_props}[ONNX_METADATA_KEY])
+    assert embedded == json.loads((out / "model_fp32.onnx.json").read_text())
+
+
+# ---- the INT8 gate ------------------------------------------------------------------------------------------
+def test_int8_gate_refuses_all_black_calibration(workspace, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "-f", "onnx", "-p", "int8",
+                                 "--calib", str(workspace["black"]), "--eval", str(workspace["data"]),
+                                 "--eval-split", "val"])
+    assert result.exit_code == 1, result.output
+    assert "error: accuracy gate failed" in result.stderr
+    assert "onnx int8: mean Dice vs the FP32 reference mask" in result.stderr
+    assert "--allow-accuracy-drop" in result.stderr
+    assert "at least 100 are recommended" in result.stderr  # 12 calibration images
+    assert not (out / "model_int8_qdq.onnx").exists() and not (out / "model_int8_qdq.onnx.json").exists()
+    report = json.loads((out / "export_report.json").read_text())
+    (art,) = report["artifacts"]
+    assert art["written"] is False and art["gate"]["passed"] is False
+    assert art["accuracy"]["dice_vs_reference_mean"] < INT8_MIN_DICE  # the gate really measured a failure
+
+
+def test_allow_accuracy_drop_writes_the_failing_artifact_and_records_it(workspace, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "-f", "openvino", "-p", "int8",
+                                 "--calib", str(workspace["black"]), "--eval", str(workspace["data"]),
+                                 "--eval-split", "val", "--allow-accuracy-drop"])
+    assert result.exit_code == 0, result.output
+    xml = out / "openvino" / "model_int8.xml"
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    gate = read_record(xml)["artifact"]["accuracy"]["gate"]
+    assert gate["passed"] is False and gate["overridden"] is True and gate["value"] < INT8_MIN_DICE
+    assert "kept: --allow-accuracy-drop" in result.stderr
+
+
+def test_int8_without_held_out_images_is_refused(workspace, tmp_path):
+    result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(tmp_path / "o"), "-p", "int8",
+                                 "--calib", str(workspace["black"])])
+    assert result.exit_code == 1
+    assert "held-out images" in result.stderr
+
+
+def test_calibration_overlapping_evaluation_is_refused(workspace, tmp_path):
+    result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(tmp_path / "o"), "-p", "int8",
+                                 "--calib", str(workspace["data"]), "--calib-split", "val",
+                                 "--eval", str(workspace["data"]), "--eval-split", "val"])
+    assert result.exit_code == 1
+    assert "overlap" in result.stderr and "held-out" in result.stderr
+
+
+# ---- bad checkpoints and options ---------------------------------------------------------------------------
+def _corrupt(path: Path) -> Path:
+    path.write_bytes(b"\x00\x13garbage" * 50)
+    return path
+
+
+def _foreign_pt(path: Path) -> Path:
+    torch.save({"fc.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(3)}, path)
+    return path
+
+
+def _other_width(path: Path) -> Path:
+    cfg = ModelConfig(filters=(8, 8, 16, 16), bridge=16)
+    state = ResUNetPlusPlus(cfg).state_dict()
+    state["head.weight"] = torch.zeros(1, 4, 1, 1)  # does not fit the config in the record
+    return save_checkpoint(Checkpoint(cfg, state, Preprocessing(size=(SIZE, SIZE))), path)
+
+
+@pytest.mark.parametrize("make, message", [(_corrupt, "not a valid safetensors file"),
+                                           (_foreign_pt, "weights do not fit this ResUNet++ config"),
+                                           (_other_width, "weight 'head.weight' has shape")],
+                         ids=["corrupt", "foreign", "wrong-shape"])
+def test_bad_checkpoints_are_refused_with_one_line(tmp_path, make, message):
+    ckpt = make(tmp_path / ("bad.pt" if make is _foreign_pt else "bad.safetensors"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(ckpt), "--out", str(out)])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert line.startswith(f"error: {ckpt}") and message in line and "\n" not in line
+    assert not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_unsupported_opset_is_refused(workspace, tmp_path):
+    result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(tmp_path / "o"), "--opset", "17"])
+    assert result.exit_code == 1 and "opset 17 is not supported" in result.stderr
+
+
+# ---- interruption --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target, patch", [("onnx", "export.onnx.write_sidecar"),
+                                           ("openvino", "export.pipeline.write_sidecar")])
+def test_interrupted_export_leaves_no_partial_artifact(workspace, tmp_path, monkeypatch, target, patch):
+    def interrupt(path, record):
+        assert any(p.name.endswith(".partial") for p in Path(path).parent.iterdir())  # mid-write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(patch, interrupt)
+    out = tmp_path / "out"
+    options = ExportOptions(workspace["ckpt"], out, formats=(target,), precisions=("fp32",))
+    with pytest.raises(KeyboardInterrupt):
+        run_export(options)
+    leftovers = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert leftovers == [], leftovers
+
+
+# ---- static geometry ---------------------------------------------------------------------------------------------
+def test_static_batch_and_size_export(workspace, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "-f", "onnx", "-f", "openvino",
+                                 "--batch", "2", "--static-size", "--image-size", "40x48",
+                                 "--calib", str(workspace["data"]), "--allow-accuracy-drop"])
+    assert result.exit_code == 0, result.output
+    x2 = np.random.default_rng(1).standard_normal((2, 3, 40, 48)).astype(np.float32)
+    for target in ONNX_ALL:  # every precision runs with exactly the static batch
+        got = _predict_fn(out, target)(x2)
+        assert got.shape == (2, 1, 40, 48) and np.isfinite(got).all(), target
+    model = onnx.load(str(out / "model_fp32.onnx"))
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (model.graph.input[0], model.graph.output[0])]
+    assert dims == [[2, 3, 40, 48], [2, 1, 40, 48]]
+    record = read_record(out / "model_fp32.onnx")
+    assert record["preprocessing"]["size"] == [40, 48]
+    assert record["artifact"]["dynamic"] == {"batch": False, "height": False, "width": False}
+    x = np.random.default_rng(0).standard_normal((2, 3, 40, 48)).astype(np.float32)
+    assert np.abs(ort_predict_fn(out / "model_fp32.onnx")(x) - _torch_reference(workspace["ckpt"])(x)).max() < 1e-4
+
+
+# ---- building blocks ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp32_graph(workspace, tmp_path_factory):
+    net = WithActivation(load_checkpoint(workspace["ckpt"]).build_model())
+    model = _cached_export(net, ShapeSpec(3, 1, (SIZE, SIZE)))
+    path = tmp_path_factory.mktemp("graph") / "fp32.onnx"
+    onnx.save_model(model, str(path))
+    return {"model": model, "path": path}
+
+
+def test_node_scopes_trace_nodes_to_modules(fp32_graph):
+    scopes = node_scopes(fp32_graph["model"])
+    assert len(scopes) == len(fp32_graph["model"].graph.node)
+    modules = set(scopes.values())
+    assert {"head", "decoder1.attention", "bridge.project", "head_aspp.project"} <= modules
+    assert any(m.startswith("stem.body.") for m in modules) and "" in modules  # "" = the output activation
+    (head,) = nodes_in_modules(scopes, ["head"])
+    assert {n.name: n.op_type for n in fp32_graph["model"].graph.node}[head] == "Conv"
+    attention = nodes_in_modules(scopes, ["decoder1.attention"])
+    ops = sorted({n.op_type for n in fp32_graph["model"].graph.node if n.name in attention})
+    assert "Mul" in ops and "Conv" in ops
+    with pytest.raises(ResUNetError, match="matches no node"):
+        nodes_in_modules(scopes, ["decoder9"])
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_qdq_quantization_keeps_requested_modules_in_float(fp32_graph, tmp_path, method):
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((1, 3, SIZE, SIZE)).astype(np.float32) for _ in range(6)]
+    seen = []
+    cache = calibrate_ranges(fp32_graph["path"], batches, tmp_path / "ranges.json", method=method, progress=seen.append)
+    assert sum(seen) == 6 and cache.is_file()
+    recipe = QDQRecipe(method=method, keep_modules=("decoder1.attention", "head"))
+    result = quantize_qdq(fp32_graph["path"], cache, tmp_path / "q.onnx", recipe)
+    q = onnx.load(str(result.path))
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    convs = {n.name: n for n in q.graph.node if n.op_type == "Conv"}
+    kept = [c for name, c in convs.items() if name in result.excluded_nodes]
+    quantized = [c for name, c in convs.items() if name not in result.excluded_nodes]
+    assert len(kept) == 4 and quantized  # 3 attention convs + the head
+    assert all(c.input[1] not in producers for c in kept), "kept convolutions read float weights"
+    assert all(producers.get(c.input[1]) == "DequantizeLinear" for c in quantized), "the others are INT8"
+    assert {"head", "<output>"} <= set(result.excluded_modules)
+    assert any(m.startswith("decoder1.attention") for m in result.excluded_modules)
+    assert result.record()["recipe"]["method"] == method
+    x = batches[0]
+    assert np.isfinite(ort_predict_fn(result.path)(x)).all()
+
+
+def test_fp16_conversion_keeps_listed_and_overflowing_nodes_in_fp32(fp32_graph):
+    model = fp32_graph["model"]
+    scopes = node_scopes(model)
+    (head,) = nodes_in_modules(scopes, ["head"])
+    converted, clamped = convert_to_fp16(model, {head})
+    types = {v.name: v.type.tensor_type.elem_type for v in converted.graph.value_info}
+    node = next(n for n in converted.graph.node if n.name == head)
+    assert types[node.output[0]] == onnx.TensorProto.FLOAT
+    others = [n for n in converted.graph.node if n.op_type == "Conv" and n.name != head]
+    assert all(types[n.output[0]] == onnx.TensorProto.FLOAT16 for n in others)
+    assert clamped == 0
+    x = np.random.default_rng(1).standard_normal((2, 3, 48, 40)).astype(np.float32)
+    assert np.abs(ort_predict_fn(converted)(x) - ort_predict_fn(model)(x)).max() < FP16_MAX_ABS_ERROR
+    # The range rule: with a tiny limit every node touching a larger value stays FP32.
+    inputs = [x[0], x[1]]
+    ranges = activation_ranges(model, inputs)
+    keep = resolve_fp32_nodes(model, FP16Recipe(range_limit=2.0), ranges)
+    big = [n.name for n in model.graph.node if max(ranges.get(t, 0) for t in list(n.input) + list(n.output) if t) > 2.0]
+    assert big and set(big) <= set(keep)
+    result = build_fp16(model, FP16Recipe(range_limit=2.0), inputs)
+    assert result.probe_images == 2 and result.max_abs_activation == max(ranges.values())
+
+
+def test_image_sets_sample_reproducibly_and_never_overlap(workspace, tmp_path):
+    data = workspace["data"]
+    a = cal.select_images(data, None, 5, role="calibration")
+    b = cal.select_images(data, None, 5, role="calibration")
+    assert a.split == "train" and len(a) == 5 and a.available == 12 and a.stems == b.stems and a.digest == b.digest
+    assert a.record()["sampling"].startswith("random")
+    ev = cal.select_images(data, "val", None, role="evaluation", default_split="val")
+    cal.check_disjoint(a, ev)
+    with pytest.raises(ResUNetError, match="overlap"):
+        cal.check_disjoint(cal.select_images(data, "val", None), ev)
+    # Same content under another name is caught by hash.
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    shutil.copy(data / "images" / f"{ev.stems[0]}.png", folder / "renamed.png")
+    with pytest.raises(ResUNetError, match="overlap"):
+        cal.check_disjoint(cal.select_images(folder), ev)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResUNetError, match="no images"):
+        cal.select_images(tmp_path / "empty")
+    with pytest.raises(ResUNetError, match="not a folder"):
+        cal.select_images(tmp_path / "missing")
+
+
+def test_compare_to_reference_and_gates():
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((3, 16, 16)).astype(np.float32) for _ in range(3)]
+    masks = [(x[0] > 0).astype(np.uint8) for x in images]
+    ref = lambda x: 1 / (1 + np.exp(-x[:, :1] * 4))  # noqa: E731
+    same = compare_to_reference(ref, ref, images, masks)
+    assert same["dice_vs_reference_mean"] == 1.0 and same["abs_error_max"] == 0.0 and same["nonfinite_images"] == 0
+    assert same["dice_vs_gt_mean"] == pytest.approx(1.0)
+    flipped = compare_to_reference(lambda x: 1 - ref(x), ref, images, masks)
+    assert flipped["dice_vs_reference_mean"] < 0.1 and flipped["dice_vs_gt_mean"] < 0.1
+    assert not gate_for("int8", flipped).passed and gate_for("int8", same).passed
+    nan = compare_to_reference(lambda x: np.where(x[:, :1] > 2.5, np.nan, ref(x)), ref, images)
+    assert nan["nonfinite_images"] >= 1 and not gate_for("fp16", nan).passed
+    off = compare_to_reference(lambda x: ref(x) + 2e-4, ref, images)
+    assert not gate_for("fp32", off).passed and gate_for("fp32", compare_to_reference(ref, ref, images)).passed
+    # With preprocessing, masks are compared at the original image size.
+    pre = Preprocessing(size=(16, 16))
+    raw = [rng.integers(0, 255, (20, 24, 3), dtype=np.uint8) for _ in range(2)]
+    res = compare_to_reference(ref, ref, raw, [np.zeros((20, 24), np.uint8)] * 2, pre=pre)
+    assert res["images"] == 2 and res["reference_dice_vs_gt_mean"] is not None
