@@ -466,7 +466,7 @@ def _bench_batch_sizes(text: str) -> tuple[int, ...]:
 @app.command("bench")
 def bench_command(
     model: _BenchAnnotated[_BenchOptional[_BenchPath], typer.Argument(
-        metavar="[MODEL]", exists=True, dir_okay=False,
+        metavar="MODEL", exists=True, dir_okay=False,
         help="Checkpoint to benchmark (default: the shipped model, with the shipped sample images).")] = None,
     data: _BenchAnnotated[_BenchOptional[_BenchPath], typer.Option(
         exists=True, file_okay=False, help="Evaluation images: a folder, or a dataset root (images/, masks/) "
@@ -474,9 +474,9 @@ def bench_command(
     split: _BenchAnnotated[_BenchOptional[str], typer.Option(
         help="Split file or name of --data (default DATA/val.txt if present, else every image).")] = None,
     backends: _BenchAnnotated[_BenchOptional[list[str]], typer.Option(
-        help="Comma-separated or repeated: torch, onnxruntime, openvino, tensorrt (default: all).")] = None,
+        metavar="NAMES", help="Comma-separated or repeated: torch, onnxruntime, openvino, tensorrt (default: all).")] = None,
     precisions: _BenchAnnotated[_BenchOptional[list[str]], typer.Option(
-        help="Comma-separated or repeated: fp32, bf16, fp16, int8 (default: all).")] = None,
+        metavar="NAMES", help="Comma-separated or repeated: fp32, bf16, fp16, int8 (default: all).")] = None,
     batch_sizes: _BenchAnnotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8",
     image_size: _BenchAnnotated[_BenchOptional[int], typer.Option(
         min=8, help="Network input side (a multiple of 8; default: the checkpoint's).")] = None,
@@ -529,6 +529,10 @@ def bench_command(
                 typer.echo(f"wrote {path}")
     except ResUNetError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; exported artifacts are kept (each written atomically) and reused next time",
+                   err=True)
+        raise typer.Exit(130) from None
     if max_dice_drop is not None:
         failing = gate_failures(result.rows, max_dice_drop)
         if failing:
@@ -538,6 +542,57 @@ def bench_command(
 
 
 # ---- quantize (issue 8) -------------------------------------------------------------------
+class QuantOps(str, _enum.Enum):
+    conv = "conv"
+    all = "all"
+
+
+class CalibMethod(str, _enum.Enum):
+    minmax = "minmax"
+    percentile = "percentile"
+    entropy = "entropy"
+
+
+@app.command("quantize")
+def quantize_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.safetensors / .pt) to quantize.")],
+    calib: Annotated[Path, typer.Option(help="Calibration images: a folder, or a dataset root (split 'train').")],
+    eval_: Annotated[Path, typer.Option("--eval", help="Held-out evaluation images (dataset root: split 'val').")],
+    out: Annotated[Path, typer.Option(help="Folder for sensitivity.json.")] = Path("quantize"),
+    calib_split: Annotated[Optional[str], typer.Option(help="Split of --calib (name or file).")] = None,
+    eval_split: Annotated[Optional[str], typer.Option(help="Split of --eval (name or file).")] = None,
+    calib_count: Annotated[int, typer.Option(min=1, help="Calibration images (sampled with a fixed seed).")] = 300,
+    eval_count: Annotated[int, typer.Option(min=1, help="Evaluation images.")] = 100,
+    method: Annotated[CalibMethod, typer.Option(help="Activation range estimator.")] = CalibMethod.percentile,
+    percentile: Annotated[float, typer.Option(help="Percentile for --method percentile.")] = 99.99,
+    ops: Annotated[QuantOps, typer.Option(help="conv: quantize convolutions only; all: every quantizable op.")] = QuantOps.conv,
+    target_dice: Annotated[float, typer.Option(help="Goal: mean Dice vs the FP32 reference masks.")] = 0.98,
+    target_min_dice: Annotated[float, typer.Option(help="Goal: no image below this Dice vs reference.")] = 0.90,
+    max_keep: Annotated[int, typer.Option(min=0, help="Most module groups the search keeps in float.")] = 6,
+) -> None:
+    """INT8 sensitivity analysis (one module group quantized at a time, ranked) and the greedy
+    mixed-precision search for the fewest groups to keep in float; writes OUT/sensitivity.json."""
+    from rich.console import Console
+
+    from export.sensitivity import Goal, QuantizeOptions, quantize_checkpoint, render
+
+    console = Console(stderr=True)
+    opts = QuantizeOptions(checkpoint, calib, eval_, out, calib_split, eval_split, calib_count, eval_count,
+                           method.value, percentile, ops.value, Goal(target_dice, target_min_dice), max_keep)
+    try:
+        with console.status("quantize") as status:
+            report = quantize_checkpoint(opts, progress=lambda m: status.update(m))
+    except ResUNetError as e:
+        _fail(e)
+    out_console = Console()
+    for table in render(report):
+        out_console.print(table)
+    verdict = "met" if report.goal_met else "NOT met"
+    kept = ", ".join(report.chosen) or "nothing"
+    out_console.print(f"goal {verdict}; keep in float: {kept}; report: {out / 'sensitivity.json'}")
+    if not report.goal_met:
+        raise typer.Exit(2)
+
 
 
 def main() -> None:

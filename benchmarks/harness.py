@@ -149,6 +149,7 @@ class BenchRow:
     end_to_end_ips: float | None = None
     end_to_end_ratio: float | None = None  # end_to_end_ips / model_only_ips
     speedup: float | None = None  # throughput over the reference's at the same batch size
+    gflops_per_s: float | None = None  # throughput x the model's FLOPs per image (2 per multiply-add)
     details: dict = field(default_factory=dict)
 
     @property
@@ -233,21 +234,23 @@ def reference_outputs(predict: PredictFn, data: EvalData) -> list[np.ndarray]:
     return out
 
 
-def measure_accuracy(predict: PredictFn, data: EvalData, reference: Sequence[np.ndarray],
-                     batch_size: int = ACCURACY_BATCH) -> dict:
+def measure_accuracy(predict: PredictFn | None, data: EvalData, reference: Sequence[np.ndarray],
+                     batch_size: int = ACCURACY_BATCH, outputs: Sequence[np.ndarray] | None = None) -> dict:
     """Accuracy of ``predict`` against the reference outputs on ``data``.
 
     Keys: ``dice_vs_reference`` (mean) and ``dice_vs_reference_min`` between binarised masks at
     the original image size, ``dice_drop`` = 1 - mean, ``mean_abs_diff`` / ``max_abs_diff`` of the
     probabilities, and with ground-truth masks ``dice_vs_gt``, ``iou_vs_gt``, ``dice_vs_gt_drop``.
+    ``outputs``, when given, are ``predict``'s answers already computed (the reference row's own).
     Raises :class:`NonFiniteResult` when any output holds NaN or Inf.
     """
     from engines.base import NonFiniteOutputError
 
-    try:
-        outputs = predict_batched(predict, data.inputs, batch_size)
-    except NonFiniteOutputError as e:
-        raise NonFiniteResult(str(e)) from None
+    if outputs is None:
+        try:
+            outputs = predict_batched(predict, data.inputs, batch_size)
+        except NonFiniteOutputError as e:
+            raise NonFiniteResult(str(e)) from None
     m = compare_outputs(outputs, reference, masks=data.masks, pre=data.pre, sizes=data.sizes, names=data.names,
                         num_classes=data.num_classes)
     if m["nonfinite_images"]:
@@ -408,10 +411,10 @@ def _optimal_requests(engine: Any) -> int:
 def end_to_end_rate(engine: Any, paths: Sequence[Path], batch_size: int, seconds: float, threads: int) -> float:
     """Images/s of :func:`resunetpp.inference.run_inference` over ``paths`` (repeated passes for
     ``seconds``, at least one), masks written to a temporary folder that is removed. Each pass
-    holds at least two full batches (``paths`` repeated), so batching is exercised."""
+    holds at least one full batch (``paths`` repeated when fewer), so batching is exercised."""
     from resunetpp.inference import InferOptions, run_inference
 
-    paths = list(paths) * max(1, -(-2 * batch_size // max(1, len(paths))))
+    paths = list(paths) * max(1, -(-batch_size // max(1, len(paths))))
     images, total = 0, 0.0
     with tempfile.TemporaryDirectory(prefix="resunetpp-bench-") as tmp:
         options = InferOptions(out=Path(tmp), batch_size=batch_size, threads=threads)
@@ -460,11 +463,13 @@ def _precision_hint(details: dict) -> str | None:
 
 
 def bench_engine(engine: Any, base: BenchRow, data: EvalData, reference: Sequence[np.ndarray], settings: Settings,
-                 throughput_engine: Callable[[], Any] | None = None,
-                 reporter: Reporter | None = None) -> list[BenchRow]:
+                 throughput_engine: Callable[[], Any] | None = None, reporter: Reporter | None = None,
+                 is_reference: bool = False) -> list[BenchRow]:
     """Accuracy once, then latency / throughput / end-to-end per batch size, of a loaded ``engine``.
 
-    ``base`` carries the row's identity (backend, precision, artifact, size, load time).
+    ``base`` carries the row's identity (backend, precision, artifact, size, load time); with
+    ``is_reference`` the engine is the reference itself and its accuracy uses ``reference`` as
+    its outputs instead of computing them again.
     ``throughput_engine()`` opens a second engine for async throughput (OpenVINO); without it
     throughput is batch / mean latency. A NaN/Inf output or an error fails the row(s); it never
     raises (except ``KeyboardInterrupt``).
@@ -480,7 +485,7 @@ def bench_engine(engine: Any, base: BenchRow, data: EvalData, reference: Sequenc
                                            f"reference {data.pre.to_dict()}")]
     try:
         with reporter.task(f"{base.label}: accuracy on {len(data)} images"):
-            acc = measure_accuracy(engine.predict, data, reference)
+            acc = measure_accuracy(engine.predict, data, reference, outputs=reference if is_reference else None)
     except Exception as e:  # noqa: BLE001 - a broken backend is a failed row, not a crashed benchmark
         return [_failure(base, e)]
     worst = acc.pop("worst_images")
@@ -666,16 +671,32 @@ def bench_target(target: Target, setup: _Setup, artifacts: ArtifactSet | None, d
     tput = (lambda: _open(target, setup, artifacts, performance_hint="throughput")) \
         if target.backend == "openvino" else None
     with engine:
-        return bench_engine(engine, base, data, reference, settings, tput, reporter)
+        return bench_engine(engine, base, data, reference, settings, tput, reporter,
+                            is_reference=(target.backend, target.precision) == REFERENCE)
 
 
-def add_speedups(rows: Sequence[BenchRow]) -> None:
-    """``speedup`` of each measured row: its throughput over the reference's at the same batch size."""
+def model_flops(ckpt: Checkpoint, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass on one ``(C, H, W)`` input (convolutions and matmuls, 2 per
+    multiply-add), counted by :class:`torch.utils.flop_counter.FlopCounterMode`."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = ckpt.build_model("cpu")
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros((1, *input_shape), dtype=torch.float32))
+    return int(counter.get_total_flops())
+
+
+def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None) -> None:
+    """``speedup`` of each measured row (its throughput over the reference's at the same batch size)
+    and, given the model's FLOPs per image, the arithmetic rate it reaches (``gflops_per_s``)."""
     ref = {r.batch_size: r.throughput_ips for r in rows
            if (r.backend, r.precision) == REFERENCE and r.ok and r.throughput_ips}
     for r in rows:
         if r.ok and r.throughput_ips and ref.get(r.batch_size):
             r.speedup = r.throughput_ips / ref[r.batch_size]
+        if r.ok and r.throughput_ips and flops_per_image:
+            r.gflops_per_s = r.throughput_ips * flops_per_image / 1e9
 
 
 def gate_failures(rows: Sequence[BenchRow], max_dice_drop: float) -> list[str]:
@@ -720,9 +741,11 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchR
             rows.extend(bench_target(target, setup, artifacts, data, reference, settings, reporter))
     order = {combo: i for i, combo in enumerate(MATRIX)}
     rows = sorted(rows + skipped, key=lambda r: (order[(r.backend, r.precision)], r.batch_size or 0))
-    add_speedups(rows)
+    flops = model_flops(setup.ckpt, data.inputs[0].shape)
+    add_speedups(rows, flops)
     notes += _standard_notes(settings)
-    return BenchResult(env, _settings_record(options, settings, setup), _evaluation_record(setup, data),
+    return BenchResult(env, {**_settings_record(options, settings, setup), "gflop_per_image": flops / 1e9},
+                       _evaluation_record(setup, data),
                        setup.images.calibration.record() if setup.images.calibration is not None else None,
                        artifacts.record() if artifacts is not None else None, rows, notes,
                        time.perf_counter() - started)

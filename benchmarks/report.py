@@ -59,6 +59,7 @@ COLUMNS: tuple[Column, ...] = (
     ("p99 ms", lambda r: _num(r.latency_ms_p99, ".2f")),
     ("img/s", lambda r: _num(r.throughput_ips, ".1f")),
     ("speed-up", lambda r: "-" if r.speedup is None else f"{r.speedup:.2f}x"),
+    ("GFLOP/s", lambda r: _num(r.gflops_per_s, ".0f")),
     ("e2e img/s", _e2e),
     ("overhead %", _overhead),
 )
@@ -69,7 +70,7 @@ TERMINAL: tuple[Column, ...] = tuple(
 #: Width the terminal table is laid out for when stdout is not a terminal (a file, CI logs).
 PIPE_WIDTH = 160
 NUMERIC = {"batch", "size MB", "Dice vs ref", "Dice vs GT", "max |dp|", "p50 ms", "p99 ms", "img/s", "speed-up",
-           "e2e img/s", "overhead %"}
+           "GFLOP/s", "e2e img/s", "overhead %"}
 
 
 def _is_reference(r: BenchRow) -> bool:
@@ -220,7 +221,8 @@ def to_markdown(result: BenchResult) -> str:
     settings = result.settings
     lines = ["# resunetpp bench", "",
              f"- **model**: `{Path(settings['model']).name}` (sha256 {str(settings.get('checkpoint_sha256'))[:12]}), "
-             f"input {settings['image_size'][0]}x{settings['image_size'][1]}",
+             f"input {settings['image_size'][0]}x{settings['image_size'][1]}"
+             + (f", {settings['gflop_per_image']:.2f} GFLOP per image" if settings.get("gflop_per_image") else ""),
              f"- **machine**: {machine_line(result)}",
              f"- **versions**: {versions_line(result)}",
              f"- **evaluation**: {result.evaluation.get('count')} images of `{result.evaluation.get('source')}`"

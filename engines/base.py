@@ -267,7 +267,7 @@ class Engine:
         out = np.asarray(out)
         if out.shape != expected:
             raise EngineOutputError(f"engine: {self.name} | output {_fmt_shape(out.shape)} for input "
-                                    f"{_fmt_shape(input_shape)} | expected {_fmt_shape(expected)}")
+                                    f"{_fmt_shape(input_shape)} | expected {_fmt_shape(expected)} ({self.path.name})")
         if out.dtype != np.float32:
             out = out.astype(np.float32)
         finite = np.isfinite(out)
@@ -292,6 +292,10 @@ class Engine:
                               f"preprocessing gives {c.channels} ({self.path.name})")
         batch = static[0] if static[0] is not None else c.batch
         size = (static[2], static[3]) if static[2] is not None and static[3] is not None else c.size
+        pre = self._preprocessing
+        if size is not None and pre.mode == "resize" and tuple(size) != tuple(pre.size):
+            raise EngineError(f"engine: {self.name} | graph input is {size[0]}x{size[1]} | the metadata's "
+                              f"preprocessing resizes to {pre.size[0]}x{pre.size[1]} ({self.path.name})")
         self._constraints = InputConstraints(c.channels, batch, size, c.multiple, min_shape or c.min_shape,
                                              max_shape or c.max_shape)
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import BackendUnavailableError, Engine, EngineError
+from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
@@ -113,7 +114,10 @@ class OnnxRuntimeEngine(Engine):
         if len(inputs) != 1:
             raise EngineError(f"{self.path}: expected one graph input 'images', found {[i.name for i in inputs]}")
         inp = inputs[0]
-        out = next((o for o in outputs if o.name == "probs"), outputs[0])
+        out = next((o for o in outputs if o.name == OUTPUT_NAME), None)
+        if inp.name != INPUT_NAME or out is None:
+            raise EngineError(f"{self.path}: not a resunetpp graph (input {inp.name!r}, outputs "
+                              f"{[o.name for o in outputs]}; expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r})")
         if inp.type not in _NUMPY_TYPES:
             raise EngineError(f"{self.path}: graph input {inp.name!r} is {inp.type}, expected a float tensor")
         self._refine_constraints(inp.shape)

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from engines.base import BackendUnavailableError, Engine, EngineError
+from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
+from resunetpp.errors import InputFileError
 
 HINTS = ("latency", "throughput", "cumulative_throughput")
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
@@ -107,12 +109,22 @@ class OpenVINOEngine(Engine):
         ov = _ov()
         core = ov.Core()
         device = self._resolve_device(core)
+        weights = self.path.with_suffix(".bin")
+        if self.path.suffix.lower() == ".xml" and not weights.is_file():
+            raise InputFileError(self.path, f"its weights file {weights.name} is missing (an OpenVINO IR is "
+                                            "the .xml and the .bin beside it)")
         try:
             model = core.read_model(str(self.path))
         except RuntimeError as e:
-            raise EngineError(f"{self.path}: OpenVINO cannot read the model ({str(e).strip().splitlines()[0][:200]})") from None
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+            reason = (lines[-1] if lines else type(e).__name__)[:200]
+            raise EngineError(f"{self.path}: OpenVINO cannot read the model ({reason})") from None
         if len(model.inputs) != 1:
             raise EngineError(f"{self.path}: expected one model input 'images', found {len(model.inputs)}")
+        names = [sorted(o.get_names()) for o in model.outputs]
+        if INPUT_NAME not in model.input(0).get_names() or not any(OUTPUT_NAME in n for n in names):
+            raise EngineError(f"{self.path}: not a resunetpp graph (input {sorted(model.input(0).get_names())}, "
+                              f"outputs {names}; expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r})")
         self._reshape(model, device)
         pshape = model.input(0).get_partial_shape()
         self._refine_constraints([d.get_length() if d.is_static else None for d in pshape])
@@ -122,7 +134,7 @@ class OpenVINOEngine(Engine):
             raise EngineError(f"engine: openvino | compiling for {device} failed | "
                               f"{str(e).strip().splitlines()[0][:200]}") from None
         outputs = compiled.outputs
-        self._output = next((o for o in outputs if "probs" in o.get_names()), outputs[0])
+        self._output = next(o for o in outputs if OUTPUT_NAME in o.get_names())
         self._compiled, self._ov_device = compiled, device
         self._request = compiled.create_infer_request()
 

@@ -13,5 +13,7 @@ Modules (heavy runtimes are imported inside functions, so importing this package
 * :mod:`export.tensorrt` -- TensorRT engine plans (profile shapes, build path per TensorRT
   version, ``trtexec`` equivalents) and the thin TensorRT build itself.
 * :mod:`export.verify` -- accuracy of an artifact against the FP32 PyTorch reference and the gates.
+* :mod:`export.metadata` -- the record each artifact carries (sidecar + ONNX ``metadata_props``).
+* :mod:`export.report` -- progress reporting and the summary table.
 * :mod:`export.pipeline` -- what ``resunetpp export`` runs.
 """

@@ -17,6 +17,7 @@ every final file is written under a temporary name and renamed, its sidecar firs
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -329,7 +330,7 @@ class _Run:
     def onnx_fp32(self, write: bool) -> None:
         import onnx
 
-        from export.onnx import export_onnx, ort_predict_fn
+        from export.onnx import export_onnx, ort_predict_fn, write_onnx_artifact
         from resunetpp.model import WithActivation
 
         with self.r.task(f"export ONNX (opset {self.o.opset}, torch dynamo exporter)"):
@@ -349,8 +350,6 @@ class _Run:
             final = self.final("onnx", "fp32")
             rec = self.record("onnx", "fp32", final, {**metrics, "gate": gate.as_dict()}, onnx=self._onnx_info(model),
                               verification={**self.vset.record(), "runtime": "onnxruntime CPUExecutionProvider"})
-            from export.onnx import write_onnx_artifact
-
             write_onnx_artifact(model, final, rec)
             self.add("onnx", "fp32", final, True, metrics, gate)
 
@@ -366,7 +365,7 @@ class _Run:
         from resunetpp.model import WithActivation
 
         shapes = []
-        b, c, h, w = self.spec.example_shape(1)
+        _, c, h, w = self.spec.example_shape(1)
         if self.spec.batch is None:
             shapes.append((3, c, h, w))
         if self.spec.dynamic_size:
@@ -390,6 +389,8 @@ class _Run:
         return {"shapes": [list(s) for s in shapes], "max_abs_error": worst}
 
     def onnx_fp16(self, write: bool) -> None:
+        import onnx
+
         from export.fp16 import build_fp16
         from export.onnx import ort_predict_fn, write_onnx_artifact
 
@@ -398,8 +399,6 @@ class _Run:
             result = build_fp16(self.fp32_model, self.o.fp16, probe)
         self.fp16_result = result
         path = self.work / "fp16.onnx"
-        import onnx
-
         onnx.save_model(result.model, str(path))
         self.onnx_paths["fp16"] = path
         if not write:
@@ -598,6 +597,52 @@ def _remove_empty_folders(out: Path) -> None:
             (out / sub).rmdir()  # only succeeds when empty
 
 
+LOCK_NAME = ".export.lock"
+
+
+class _OutLock:
+    """An exclusive ``flock`` on ``out/.export.lock`` for one export; the file is removed on release.
+
+    A second export into the same folder waits for the first, so an artifact and its sidecar (an
+    IR's ``.xml`` and ``.bin``) always come from the same export and no export removes a folder
+    another is writing into. The lock dies with its process (a killed export blocks nothing); a
+    waiter that wakes on a lock file already removed takes the new one instead.
+    """
+
+    def __init__(self, out: Path, reporter: Reporter) -> None:
+        self.path = out / LOCK_NAME
+        self.handle = None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks, exports are not serialized
+            return
+        waited = False
+        while self.handle is None:
+            handle = open(self.path, "a+b")  # noqa: SIM115 - held until release()
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    reporter.info(f"waiting for another export into {out} to finish")
+                    waited = True
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.handle = handle
+            else:
+                handle.close()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.handle.close()
+            self.handle = None
+
+
 class _Refused(Exception):
     """Internal: leave an atomic write without renaming (artifact failed its gate)."""
 
@@ -618,6 +663,7 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
     targets, skipped = _parse_targets(options, trt_ok, trt_info, options.calib is not None)
     need_eval = any(p == "int8" for _, p in targets)
     out.mkdir(parents=True, exist_ok=True)
+    lock = _OutLock(out, reporter)
     work = Path(tempfile.mkdtemp(prefix=".export-work-", dir=out))
     try:
         run = _Run(replace(options, out=out), reporter, work)
@@ -634,6 +680,7 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
     finally:
         shutil.rmtree(work, ignore_errors=True)
         _remove_empty_folders(out)
+        lock.close()
 
 
 def _execute(run: _Run, targets: list[tuple[str, str]], trt_info: str) -> None:

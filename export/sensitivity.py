@@ -179,3 +179,105 @@ def run_analysis(ev: Evaluator, base: QDQRecipe, goal: Goal = Goal(), max_keep: 
                         "abs_error_mean": first.abs_error_mean}
     report.goal_met = report.steps[-1].goal_met
     return report
+
+
+# ---- the `resunetpp quantize` command ------------------------------------------------------------
+def conv_only(model) -> tuple[str, ...]:
+    """Op types to keep in float so that only convolutions (inputs and weights) are quantized.
+
+    Element-wise ops (the attention product, residual additions, SE gating), pooling, resizing
+    and concatenation then run in float between the INT8 convolutions: on ResUNet++ this keeps
+    nearly all of INT8's speed (the convolutions are the FLOPs) and most of its error away.
+    """
+    return tuple(sorted({n.op_type for n in model.graph.node} - {"Conv", "ConvTranspose"}))
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    checkpoint: Path
+    calib: Path
+    eval: Path
+    out: Path
+    calib_split: str | None = None
+    eval_split: str | None = None
+    calib_count: int = 300
+    eval_count: int = 100
+    method: str = "percentile"
+    percentile: float = 99.99
+    ops: str = "conv"  # "conv": quantize convolutions only; "all": every op ONNX Runtime can
+    goal: Goal = Goal()
+    max_keep: int = 6
+    image_size: tuple[int, int] | None = None
+
+
+def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | None = None) -> SensitivityReport:
+    """Sensitivity analysis and mixed-precision search for one checkpoint; see the module docstring.
+
+    Writes ``sensitivity.json`` into ``o.out`` and returns the report; the recipe it finds is
+    what ``resunetpp export --int8-keep`` applies.
+    """
+    import onnx
+
+    from export import calibration as cal
+    from export.onnx import ShapeSpec, export_onnx
+    from export.quantize import CALIBRATION_METHODS, calibrate_ranges
+    from resunetpp.atomic import write_json_atomic
+    from resunetpp.checkpoint import load_checkpoint
+    from resunetpp.model import WithActivation
+
+    if o.method not in CALIBRATION_METHODS:
+        raise ResUNetError(f"--method must be one of {', '.join(CALIBRATION_METHODS)}, got {o.method!r}")
+    if o.ops not in ("conv", "all"):
+        raise ResUNetError(f"--ops must be 'conv' or 'all', got {o.ops!r}")
+    say = progress or (lambda _m: None)
+    ckpt = load_checkpoint(o.checkpoint)
+    pre = ckpt.preprocessing if o.image_size is None else ckpt.preprocessing.with_size(o.image_size)
+    calib = cal.select_images(o.calib, o.calib_split, o.calib_count, role="calibration", default_split="train")
+    evset = cal.select_images(o.eval, o.eval_split, o.eval_count, role="evaluation", default_split="val")
+    cal.check_disjoint(calib, evset)
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".quantize-work-", dir=out) as tmp:
+        work = Path(tmp)
+        say("exporting the FP32 ONNX")
+        model = export_onnx(WithActivation(ckpt.build_model()),
+                            ShapeSpec(ckpt.config.in_channels, ckpt.config.num_classes, pre.size))
+        fp32 = work / "fp32.onnx"
+        onnx.save(model, str(fp32))
+        say(f"calibrating ({o.method}) on {len(calib)} images")
+        cache = calibrate_ranges(fp32, ((x[None]) for x in calib.inputs(pre)), work / "ranges.calib",
+                                 method=o.method, percentile=o.percentile)
+        keep_types = conv_only(model) if o.ops == "conv" else ()
+        base = QDQRecipe(method=o.method, percentile=o.percentile, keep_op_types=keep_types)
+        ev = Evaluator(fp32, cache, list(evset.inputs(pre)), work=work, num_classes=ckpt.config.num_classes)
+        try:
+            report = run_analysis(ev, base, o.goal, o.max_keep, progress=lambda g: say(f"measuring {g}"))
+        finally:
+            ev.close()
+    record = report.as_dict()
+    record["checkpoint"] = {"path": str(o.checkpoint), "sha256": ckpt.sha256}
+    record["calibration"] = calib.record()
+    record["evaluation"] = evset.record()
+    write_json_atomic(out / "sensitivity.json", record)
+    return report
+
+
+def render(report: SensitivityReport):
+    """Rich renderables: the ranked sensitivity table and the search steps."""
+    from rich.table import Table
+
+    t = Table(title="INT8 sensitivity: only this group quantized (rest in float)")
+    for col in ("rank", "group", "nodes", "Dice vs ref (mean)", "Dice vs ref (min)", "drop"):
+        t.add_column(col, justify="right" if col not in ("group",) else "left")
+    for i, g in enumerate(report.ranking(), 1):
+        if g.dice_mean is None:
+            t.add_row(str(i), g.group, str(g.nodes), "-", "-", g.note[:40] or "-")
+        else:
+            t.add_row(str(i), g.group, str(g.nodes), f"{g.dice_mean:.4f}", f"{g.dice_min:.4f}", f"{g.drop:.4f}")
+    s = Table(title=f"Mixed precision search (goal: mean >= {report.goal.mean_dice}, min >= {report.goal.min_dice})")
+    for col in ("kept in float", "Dice vs ref (mean)", "Dice vs ref (min)", "mean |dp|", "goal"):
+        s.add_column(col)
+    for st in report.steps:
+        s.add_row(", ".join(st.kept_in_float) or "(none)", f"{st.dice_mean:.4f}", f"{st.dice_min:.4f}",
+                  f"{st.abs_error_mean:.4f}", "met" if st.goal_met else "-")
+    return t, s

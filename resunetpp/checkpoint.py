@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,12 +149,24 @@ def _load_safetensors(path: Path) -> Checkpoint:
     return _from_metadata(record, state, path)
 
 
+def unpickling_reason(error: Exception) -> str:
+    """The specific sentence of a ``weights_only`` refusal (``unsupported GLOBAL posix.system ...``),
+    not torch's generic preamble about changed defaults or its advice to allow-list the global."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln or "unsupported" in ln:
+            return ln.removeprefix("WeightsUnpickler error:").strip().split(". ")[0].rstrip(".")
+    return lines[-1] if lines else "unsafe pickle"
+
+
 def _load_torch(path: Path) -> Checkpoint:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on pickle protocols it does not expect
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
-        raise CheckpointError(path, f"refused: file holds objects other than tensors ({first[:160]})") from None
+        raise CheckpointError(path, "refused: file holds objects other than tensors, not loaded "
+                                    f"({unpickling_reason(e)[:160]})") from None
     except Exception as e:  # noqa: BLE001 - arbitrary bytes raise anything (IndexError, KeyError, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(path, f"not a PyTorch checkpoint ({msg[:160]})") from None

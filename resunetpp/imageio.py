@@ -8,12 +8,14 @@ not an image, is truncated, or is larger than the decompression-bomb limit raise
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from resunetpp.errors import InputFileError
+from resunetpp.errors import InputFileError, ResUNetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -22,7 +24,17 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 
 def max_pixels() -> int:
-    return int(os.environ.get("RESUNETPP_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    """The decompression-bomb limit: ``RESUNETPP_MAX_PIXELS`` if set, else :data:`DEFAULT_MAX_PIXELS`."""
+    text = os.environ.get("RESUNETPP_MAX_PIXELS", "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ResUNetError(f"RESUNETPP_MAX_PIXELS must be a positive integer (pixels), got {text!r}")
+    return value
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -30,11 +42,17 @@ def _open(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise InputFileError(path, "no such file")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    limit = max_pixels()
+    # PIL's own bomb check uses our limit (it warns above it and refuses above twice it), so
+    # RESUNETPP_MAX_PIXELS governs and every refusal below carries the same message.
+    Image.MAX_IMAGE_PIXELS = limit
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
         w, h = img.size
-        if w * h > max_pixels():
-            raise InputFileError(path, f"image is {w}x{h}, over the {max_pixels()}-pixel limit "
+        if w * h > limit:
+            raise InputFileError(path, f"image is {w}x{h}, over the {limit}-pixel limit "
                                        "(set RESUNETPP_MAX_PIXELS to raise it)")
         if w < 2 or h < 2:
             raise InputFileError(path, f"image is {w}x{h}; at least 2x2 pixels are needed")
@@ -44,7 +62,10 @@ def _open(path: str | Path) -> Image.Image:
     except UnidentifiedImageError:
         raise InputFileError(path, "not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as e:
-        raise InputFileError(path, f"image too large: {e}") from None
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"image has {found.group(1)} pixels" if found else "image is too large"
+        raise InputFileError(path, f"{size}, over the {limit}-pixel limit (set RESUNETPP_MAX_PIXELS to "
+                                   "raise it)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputFileError(path, f"corrupt or truncated image ({e})") from None
     return img

@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from PIL import Image
 
 from resunetpp.atomic import atomic_path, write_json_atomic
 from resunetpp.augment import augment
-from resunetpp.checkpoint import Checkpoint, save_checkpoint
+from resunetpp.checkpoint import Checkpoint, save_checkpoint, unpickling_reason
 from resunetpp.data import SegmentationDataset
 from resunetpp.errors import ResUNetError
 from resunetpp.model import ModelConfig, ResUNetPlusPlus, count_parameters
@@ -112,7 +114,12 @@ def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
 
 def _load_state(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on pickle protocols it does not expect
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ResUNetError(f"{path}: refused: file holds objects other than tensors, not loaded "
+                           f"({unpickling_reason(e)[:160]})") from None
     except Exception as e:  # noqa: BLE001 - any unreadable state means the same to the user
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ResUNetError(f"{path}: unreadable training state ({msg})") from None
@@ -322,8 +329,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     if state is not None:
         from resunetpp.checkpoint import load_checkpoint, load_state_dict_checked
 
-        last = load_checkpoint(out / "last.safetensors", verify=False)
-        load_state_dict_checked(model, last.state_dict, out / "last.safetensors")
+        if isinstance(state.get("model"), dict):  # the weights saved with this state: same epoch for sure
+            load_state_dict_checked(model, {k: v.float() if v.is_floating_point() else v
+                                            for k, v in state["model"].items()}, state_path)
+        else:  # a state written before the weights were kept in it
+            last = load_checkpoint(out / "last.safetensors", verify=False)
+            load_state_dict_checked(model, last.state_dict, out / "last.safetensors")
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
         total_epochs = int(state["total_epochs"]) if cfg.time_budget_s else cfg.epochs
@@ -418,7 +429,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                 best = vd
                 save_checkpoint(ck, out / "best.safetensors")
             with atomic_path(state_path) as tmp:
-                torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "total_epochs": total_epochs,
+                # The weights travel with the optimizer state and epoch count: a kill between this
+                # epoch's writes may leave last.safetensors an epoch ahead; resume starts from these.
+                torch.save({"model": ck.state_dict, "optimizer": opt.state_dict(), "epoch": epoch,
+                            "total_epochs": total_epochs,
                             "history": json.dumps(history), "best": best, "generator": gen.get_state(),
                             "elapsed_s": elapsed_before + time.time() - t_start,
                             "train_config": json.dumps(asdict(cfg))}, tmp)
@@ -429,6 +443,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
             if not progress or os.environ.get("RESUNETPP_LOG_EPOCHS"):
                 log(msg)
     monitor.close()
+    if state is not None and epoch == start_epoch:  # killed after the state, before history.json
+        write_json_atomic(out / "history.json", history)
     return {"history": history, "best_val_dice": best, "epochs": epoch}
 
 

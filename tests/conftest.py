@@ -6,6 +6,8 @@ Tests that need the real data use ``kvasir_root``, which skips cleanly when it i
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,25 @@ KVASIR = REPO.parent / "shared" / "data" / "kvasir-seg"
 
 #: Smallest widths the default SE reduction (8) allows: every width // 8 >= 1.
 TINY = ModelConfig(filters=(8, 8, 16, 16), bridge=16)
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[int]:
+    """Run the test with few torch intra-op threads (default 1), restoring the setting after.
+
+    Tiny models gain nothing from threads, and on a busy machine torch's OpenMP workers spin-wait:
+    25 training steps of a tiny model took 33 s with 2 threads under load, 1.6 s with 1.
+    ``RESUNETPP_TEST_THREADS`` overrides. Opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("torch_threads")`` (results that depend on the exact
+    float reduction order, e.g. a model trained inside a fixture, change with the thread count).
+    """
+    before = torch.get_num_threads()
+    n = int(os.environ.get("RESUNETPP_TEST_THREADS", "1"))
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture

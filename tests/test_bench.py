@@ -41,7 +41,8 @@ REQUIRED = {"backend": str, "precision": str, "status": str, "batch_size": int, 
             "dice_vs_reference_min": float, "max_abs_diff": float, "dice_vs_gt": float, "latency_ms_p50": float,
             "latency_ms_p90": float, "latency_ms_p99": float, "throughput_ips": float, "end_to_end_ips": float,
             "size_mb": float}
-EXTRA = {"mean_abs_diff": float, "iou_vs_gt": float, "dice_drop": float, "load_s": float, "overhead_pct": float}
+EXTRA = {"mean_abs_diff": float, "iou_vs_gt": float, "dice_drop": float, "load_s": float, "overhead_pct": float,
+         "gflops_per_s": float}
 
 
 def make_images(root: Path, prefix: str, n: int, size: int = 32, seed: int = 0, split: str | None = None) -> Path:

@@ -505,3 +505,33 @@ def test_compare_to_reference_and_gates():
     raw = [rng.integers(0, 255, (20, 24, 3), dtype=np.uint8) for _ in range(2)]
     res = compare_to_reference(ref, ref, raw, [np.zeros((20, 24), np.uint8)] * 2, pre=pre)
     assert res["images"] == 2 and res["reference_dice_vs_gt_mean"] is not None
+
+
+def test_fp16_converter_handles_constants_casts_and_fp32_only_inputs():
+    """A hand-made graph: Constant and Cast nodes become FP16, Resize scales stay FP32, weights beyond
+    the FP16 range are clamped and counted, the blocked output node keeps the output FP32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(1e5, np.float32)), name="const"),
+        helper.make_node("Mul", ["images", "c"], ["m"], name="mul_big"),
+        helper.make_node("Resize", ["m", "", "scales"], ["u"], mode="nearest", name="resize"),
+        helper.make_node("Cast", ["u"], ["cu"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Mul", ["cu", "w"], ["o"], name="scale"),
+        helper.make_node("Sigmoid", ["o"], ["probs"], name="sig"),
+    ]
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.array([1e-5, 7e4], np.float32).reshape(1, 2, 1, 1), "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 2, 4, 4])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 2, 8, 8])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    half, clamped = convert_to_fp16(model, {"sig"})
+    assert clamped == 2  # the constant 1e5 and the weight 7e4
+    by_name = {n.name: n for n in half.graph.node}
+    assert by_name["cast"].attribute[0].i == TensorProto.FLOAT16
+    assert by_name["const"].attribute[0].t.data_type == TensorProto.FLOAT16
+    assert by_name["resize"].input[2] == "scales"  # scales must stay tensor(float)
+    assert half.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    x = np.random.default_rng(0).random((1, 2, 4, 4), dtype=np.float32) * 1e-5
+    got = ort_predict_fn(half)(x)
+    assert got.shape == (1, 2, 8, 8) and np.isfinite(got).all()
