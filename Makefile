@@ -2,7 +2,7 @@
 #
 #   make install       .venv with torch==$(TORCH_VERSION) first, then the toolkit -e .[cpu,dev]
 #   make test          install, then the test suite
-#   make demo          install, then `resunetpp info` and an evaluation of the shipped model
+#   make demo          install, then `resunetpp info` and `resunetpp bench` on the shipped model and images
 #   make train-kvasir  reproduce the shipped Kvasir-SEG model (needs ../shared/data/kvasir-seg)
 #   make clean         remove .venv and build leftovers
 #
@@ -38,7 +38,7 @@ test: install
 
 demo: install
 	$(VENV)/bin/resunetpp info
-	$(VENV)/bin/resunetpp evaluate
+	$(VENV)/bin/resunetpp bench --json runs/demo/bench.json --markdown runs/demo/bench.md --plot runs/demo/bench.png
 
 train-kvasir: install
 	$(VENV)/bin/resunetpp train --data $(KVASIR) --out runs/kvasir --epochs 200 --range-reg 0.1

@@ -259,11 +259,14 @@ def export_command(
     allow_accuracy_drop: _ExportAnnotated[bool, typer.Option(
         help="Write artifacts that fail their accuracy gate (INT8/FP16 Dice vs the FP32 reference).")] = False,
     calib_method: _ExportAnnotated[ExportCalibMethod, typer.Option(
-        help="INT8 Q/DQ ONNX activation ranges.")] = ExportCalibMethod.minmax,
+        help="INT8 Q/DQ ONNX activation ranges.")] = ExportCalibMethod.percentile,
     per_channel: _ExportAnnotated[bool, typer.Option(
         "--per-channel/--per-tensor", help="INT8 weight scales per output channel.")] = True,
     keep_float: _ExportAnnotated[list[str] | None, typer.Option(
-        help="Repeatable module path kept in float in INT8 artifacts, e.g. decoder1.attention, head.")] = None,
+        help="Repeatable module path kept in float in INT8 artifacts, e.g. decoder1.attention, head "
+             "(default: the recipe found by `resunetpp quantize` on the shipped model; 'none': keep nothing).")] = None,
+    int8_ops: _ExportAnnotated[str, typer.Option(
+        help="INT8: 'conv' quantizes convolutions only (default), 'all' every quantizable op.")] = "conv",
     nncf_preset: _ExportAnnotated[ExportNNCFPreset, typer.Option(
         help="NNCF preset for the OpenVINO INT8 IR.")] = ExportNNCFPreset.performance,
     fast_bias_correction: _ExportAnnotated[bool, typer.Option(
@@ -286,7 +289,12 @@ def export_command(
     from export.report import RichReporter, print_summary
     from resunetpp.errors import ResUNetError as _ExportError
 
-    keep = tuple(keep_float or ())
+    from export.quantize import DEFAULT_INT8_KEEP_MODULES
+
+    if int8_ops not in ("conv", "all"):
+        _fail(ResUNetError(f"--int8-ops must be 'conv' or 'all', got {int8_ops!r}"))
+    keep = DEFAULT_INT8_KEEP_MODULES if keep_float is None else tuple(k for k in keep_float if k.lower() != "none")
+    conv_only = int8_ops == "conv"
     try:
         options = ExportOptions(
             checkpoint=checkpoint, out=out,
@@ -296,8 +304,9 @@ def export_command(
             eval=eval_dir, eval_split=eval_split, eval_count=eval_count,
             batch=_export_batch(batch), image_size=_export_size(image_size), dynamic_size=dynamic_size,
             opset=opset, simplify=simplify, allow_accuracy_drop=allow_accuracy_drop,
-            qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep),
-            nncf=NNCFRecipe(preset=nncf_preset.value, fast_bias_correction=fast_bias_correction, keep_modules=keep),
+            qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep, conv_only=conv_only),
+            nncf=NNCFRecipe(preset=nncf_preset.value, fast_bias_correction=fast_bias_correction, keep_modules=keep,
+                            conv_only=conv_only),
             fp16=FP16Recipe(),
             tensorrt=TensorRTOptions(workspace_mib=workspace, dla_core=dla_core, max_batch=max_batch,
                                      calibrator=calibrator.value if calibrator else None, fp16_mode=trt_fp16.value),

@@ -259,8 +259,30 @@ def _best_rows(result: BenchResult) -> list[BenchRow]:
     return list(best.values())
 
 
+BACKEND_COLORS = {"torch": "tab:red", "onnxruntime": "tab:blue", "openvino": "tab:purple", "tensorrt": "tab:green"}
+PRECISION_MARKERS = {"fp32": "o", "bf16": "s", "fp16": "^", "int8": "D"}
+
+
+def _place_labels(ax, rows: Sequence[BenchRow]) -> None:
+    """Annotate each point; a label that would overlap one already placed moves up (leader line)."""
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the axes' transform
+    placed: list[tuple[float, float]] = []
+    order = sorted(rows, key=lambda r: (-r.dice_vs_reference, r.throughput_ips))
+    for r in order:
+        x, y = ax.transData.transform((r.throughput_ips, r.dice_vs_reference))
+        dy = 0.0
+        while any(abs(x - px) < 130 and abs(y + dy - py) < 12 for px, py in placed):
+            dy += 12
+        placed.append((x, y + dy))
+        ax.annotate(f"{r.label} (b{r.batch_size})", (r.throughput_ips, r.dice_vs_reference),
+                    textcoords="offset pixels", xytext=(8, 4 + dy), fontsize=7.5,
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if dy else None)
+
+
 def write_plot(result: BenchResult, path: str | Path) -> Path:
-    """PNG scatter: throughput (best batch, log x) against Dice vs the reference, points labelled."""
+    """PNG scatter: throughput (best batch, log x) against Dice vs the reference, points labelled
+    (colour: backend, marker: precision)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,23 +290,28 @@ def write_plot(result: BenchResult, path: str | Path) -> Path:
 
     path = Path(path)
     rows = _best_rows(result)
-    fig = Figure(figsize=(8.5, 5.5), dpi=120, layout="constrained")
+    fig = Figure(figsize=(9, 5.5), dpi=120, layout="constrained")
     ax = fig.add_subplot()
-    colors = {"torch": "tab:red", "onnxruntime": "tab:blue", "openvino": "tab:purple", "tensorrt": "tab:green"}
     for r in rows:
-        ax.scatter(r.throughput_ips, r.dice_vs_reference, s=60, color=colors.get(r.backend, "tab:gray"),
-                   marker="*" if _is_reference(r) else "o", zorder=3)
-        ax.annotate(f"{r.label} (b{r.batch_size})", (r.throughput_ips, r.dice_vs_reference),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter(r.throughput_ips, r.dice_vs_reference, s=110 if _is_reference(r) else 45, zorder=3,
+                   color=BACKEND_COLORS.get(r.backend, "tab:gray"),
+                   marker="*" if _is_reference(r) else PRECISION_MARKERS.get(r.precision, "o"))
     if rows:
         low = min(r.dice_vs_reference for r in rows)
-        ax.set_ylim(max(0.0, low - 0.1 * (1.0 - low) - 0.005), 1.0 + 0.1 * (1.0 - low) + 0.002)
+        ax.set_ylim(max(0.0, low - 0.1 * (1.0 - low) - 0.005), 1.0 + 0.25 * (1.0 - low) + 0.003)
         ax.set_xscale("log")
+        xs = [r.throughput_ips for r in rows]
+        ax.set_xlim(min(xs) / 1.5, max(xs) * 3.0)  # room for the labels on the right
+        _place_labels(ax, rows)
     else:
         ax.text(0.5, 0.5, "no row was measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("throughput (images/s, best batch size; log scale)")
     ax.set_ylabel("Dice vs torch fp32 reference mask")
-    ax.set_title(f"resunetpp bench: {machine_line(result)}", fontsize=8, loc="left")
+    cpu = result.environment.get("cpu") or {}
+    gpu = result.environment.get("gpu")
+    ax.set_title(f"resunetpp bench: {cpu.get('model') or 'unknown CPU'} ({cpu.get('cores')} logical cores)"
+                 + (f", {gpu['name']}" if isinstance(gpu, dict) and gpu.get("name") else "")
+                 + f"; input {'x'.join(map(str, result.settings.get('image_size', [])))}", fontsize=9, loc="left")
     ax.grid(True, which="both", alpha=0.3)
     try:
         with atomic_path(path) as tmp:

@@ -664,6 +664,9 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
     need_eval = any(p == "int8" for _, p in targets)
     out.mkdir(parents=True, exist_ok=True)
     lock = _OutLock(out, reporter)
+    if lock.handle is not None:  # holding the lock, any work folder here was left by a killed export
+        for stale in out.glob(".export-work-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=".export-work-", dir=out))
     try:
         run = _Run(replace(options, out=out), reporter, work)

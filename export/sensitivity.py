@@ -182,16 +182,6 @@ def run_analysis(ev: Evaluator, base: QDQRecipe, goal: Goal = Goal(), max_keep: 
 
 
 # ---- the `resunetpp quantize` command ------------------------------------------------------------
-def conv_only(model) -> tuple[str, ...]:
-    """Op types to keep in float so that only convolutions (inputs and weights) are quantized.
-
-    Element-wise ops (the attention product, residual additions, SE gating), pooling, resizing
-    and concatenation then run in float between the INT8 convolutions: on ResUNet++ this keeps
-    nearly all of INT8's speed (the convolutions are the FLOPs) and most of its error away.
-    """
-    return tuple(sorted({n.op_type for n in model.graph.node} - {"Conv", "ConvTranspose"}))
-
-
 @dataclass(frozen=True)
 class QuantizeOptions:
     checkpoint: Path
@@ -247,8 +237,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
         say(f"calibrating ({o.method}) on {len(calib)} images")
         cache = calibrate_ranges(fp32, ((x[None]) for x in calib.inputs(pre)), work / "ranges.calib",
                                  method=o.method, percentile=o.percentile)
-        keep_types = conv_only(model) if o.ops == "conv" else ()
-        base = QDQRecipe(method=o.method, percentile=o.percentile, keep_op_types=keep_types)
+        base = QDQRecipe(method=o.method, percentile=o.percentile, keep_modules=(), conv_only=o.ops == "conv")
         ev = Evaluator(fp32, cache, list(evset.inputs(pre)), work=work, num_classes=ckpt.config.num_classes)
         try:
             report = run_analysis(ev, base, o.goal, o.max_keep, progress=lambda g: say(f"measuring {g}"))

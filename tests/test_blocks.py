@@ -7,6 +7,8 @@ import torch
 
 from resunetpp.blocks import ASPP, AttentionBlock, ResidualBlock, SqueezeExcitation, StemBlock
 
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -17,6 +17,8 @@ from resunetpp.errors import CheckpointError
 from resunetpp.model import ModelConfig, ResUNetPlusPlus
 from resunetpp.preprocess import Preprocessing
 
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
 TINY = ModelConfig(filters=(8, 8, 16, 16), bridge=16)
 
 

@@ -14,6 +14,8 @@ import resunetpp.defaults as defaults
 from conftest import tiny_checkpoint
 from resunetpp.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
 runner = CliRunner()
 
 

@@ -14,6 +14,8 @@ from resunetpp.errors import InputFileError
 from resunetpp.imageio import read_image, read_mask
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
 
 def _layout(root: Path) -> Path:
     (root / "images").mkdir(parents=True)

@@ -13,6 +13,8 @@ from resunetpp.checkpoint import load_checkpoint
 from resunetpp.errors import CheckpointError
 from resunetpp.model import SIZE_MULTIPLE, map_official_state_dict
 
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
 TINY = ModelConfig(filters=(8, 8, 16, 16), bridge=16)
 
 

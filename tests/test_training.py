@@ -29,6 +29,8 @@ from resunetpp.training import (
     use_channels_last,
 )
 
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(data), out=str(out), epochs=4, batch_size=3, image_size=32, lr=3e-3, warmup_epochs=1,
@@ -123,7 +125,10 @@ def test_resume_without_a_run(tmp_path: Path) -> None:
     with pytest.raises(ResUNetError, match="nothing to resume"):
         resume_config(tmp_path)
     (tmp_path / STATE_FILE).write_text("garbage")
-    with pytest.raises(ResUNetError, match="unreadable training state"):
+    with pytest.raises(ResUNetError, match=f"^{tmp_path / STATE_FILE}: (unreadable training state|refused)"):
+        resume_config(tmp_path)
+    torch.save({"optimizer": {}}, tmp_path / STATE_FILE)
+    with pytest.raises(ResUNetError, match="not a resunetpp training state"):
         resume_config(tmp_path)
 
 
