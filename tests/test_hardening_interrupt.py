@@ -198,7 +198,7 @@ def test_export_killed_then_rerun_and_run_twice_at_once(tmp_path: Path) -> None:
     #    is visible is complete; the dead export's work folder stays hidden.
     run = Run(["export", ckpt_a, "--out", out, *EXPORT_FAST], tmp_path / "log2")
     run.wait_for(exists(out, "model_fp32.onnx"), "the ONNX artifact")
-    assert run.kill(signal.SIGKILL, delay=random.Random(2).uniform(0.0, 0.3)) == -signal.SIGKILL
+    assert run.kill(signal.SIGKILL) == -signal.SIGKILL  # the OpenVINO stage takes longer than one poll
     visible = check_tree(out)
     assert out / "model_fp32.onnx" in visible
 
@@ -342,7 +342,8 @@ def _bench(ckpt: Path, data: Path, tmp: Path, backends: str, duration: str) -> l
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, moment", [(signal.SIGKILL, "export"), (signal.SIGINT, "export"),
-                                         (signal.SIGINT, "timing"), (signal.SIGKILL, "timing")])
+                                         (signal.SIGINT, "timing"), (signal.SIGKILL, "timing")],
+                         ids=["SIGKILL-export", "SIGINT-export", "SIGINT-timing", "SIGKILL-timing"])
 def test_bench_killed_leaves_no_partial_report_or_artifact(tmp_path: Path, sig: int, moment: str) -> None:
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", TINY_H, 32)
     data = make_dataset(tmp_path / "data", 3, 32)
@@ -356,7 +357,7 @@ def test_bench_killed_leaves_no_partial_report_or_artifact(tmp_path: Path, sig: 
     rc = run.kill(sig, delay=random.Random(moment).uniform(0.1, 0.6))
     assert rc != 0
     if sig == signal.SIGINT:
-        assert "Traceback" not in run.stderr, run.stderr
+        assert rc == 130 and "interrupted" in run.stderr and "Traceback" not in run.stderr, run.stderr
         assert not any(p.name.endswith(".partial") or p.name.startswith(".export-work-")
                        for p in (tmp_path / "art").rglob("*"))
     assert check_tree(tmp_path / "report") == []  # no report under its final name
