@@ -6,7 +6,16 @@ Each command parses options, calls one library function and turns
 
 from __future__ import annotations
 
+import contextlib
+import enum as _enum
+import json as _json
+import sys as _sys
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
 import typer
+
+from resunetpp.errors import ResUNetError
 
 app = typer.Typer(
     name="resunetpp",
@@ -17,13 +26,7 @@ app = typer.Typer(
 )
 
 # ---- foundation: train / evaluate / info (issue 2) -----------------------------------------
-import enum as _enum  # noqa: E402
-import json as _json  # noqa: E402
-import sys as _sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated, NoReturn, Optional  # noqa: E402
 
-from resunetpp.errors import ResUNetError  # noqa: E402
 
 
 class Device(str, _enum.Enum):
@@ -146,40 +149,36 @@ def info(
 
 
 # ---- export (issue 3) ---------------------------------------------------------------------
-import contextlib  # noqa: E402
-import enum as _export_enum  # noqa: E402
-from pathlib import Path as _ExportPath  # noqa: E402
-from typing import Annotated as _ExportAnnotated  # noqa: E402
 
 
-class ExportFormat(str, _export_enum.Enum):
+class ExportFormat(str, _enum.Enum):
     onnx = "onnx"
     openvino = "openvino"
     tensorrt = "tensorrt"
 
 
-class ExportPrecision(str, _export_enum.Enum):
+class ExportPrecision(str, _enum.Enum):
     fp32 = "fp32"
     fp16 = "fp16"
     int8 = "int8"
 
 
-class ExportCalibMethod(str, _export_enum.Enum):
+class ExportCalibMethod(str, _enum.Enum):
     minmax = "minmax"
     percentile = "percentile"
     entropy = "entropy"
 
 
-class ExportNNCFPreset(str, _export_enum.Enum):
+class ExportNNCFPreset(str, _enum.Enum):
     performance = "performance"
     mixed = "mixed"
 
 
-class ExportTRTCalibrator(str, _export_enum.Enum):
+class ExportTRTCalibrator(str, _enum.Enum):
     entropy = "entropy"
 
 
-class ExportTRTFP16Mode(str, _export_enum.Enum):
+class ExportTRTFP16Mode(str, _enum.Enum):
     onnx = "onnx"
     flag = "flag"
 
@@ -231,53 +230,53 @@ def _export_sigterm_as_interrupt():
 
 @app.command("export")
 def export_command(
-    checkpoint: _ExportAnnotated[_ExportPath, typer.Argument(exists=True, dir_okay=False,
+    checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
                                                              help="Trained checkpoint (.safetensors, .pt).")],
-    out: _ExportAnnotated[_ExportPath, typer.Option("--out", "-o", file_okay=False,
+    out: Annotated[Path, typer.Option("--out", "-o", file_okay=False,
                                                     help="Folder for the artifacts and their .json sidecars.")],
-    formats: _ExportAnnotated[list[ExportFormat] | None, typer.Option(
+    formats: Annotated[list[ExportFormat] | None, typer.Option(
         "--format", "-f", help="Repeatable. Default: every format this machine can build.")] = None,
-    precisions: _ExportAnnotated[list[ExportPrecision] | None, typer.Option(
+    precisions: Annotated[list[ExportPrecision] | None, typer.Option(
         "--precision", "-p", help="Repeatable. Default: fp32, fp16, and int8 when --calib is given.")] = None,
-    calib: _ExportAnnotated[_ExportPath | None, typer.Option(
+    calib: Annotated[Path | None, typer.Option(
         exists=True, file_okay=False, help="Calibration images: a folder, or a dataset root (images/, masks/, "
                                            "train.txt) whose train split is used.")] = None,
-    calib_split: _ExportAnnotated[str | None, typer.Option(help="Split name or file for --calib.")] = None,
-    calib_count: _ExportAnnotated[int, typer.Option(min=1, help="Calibration images (sampled).")] = 300,
-    eval_dir: _ExportAnnotated[_ExportPath | None, typer.Option(
+    calib_split: Annotated[str | None, typer.Option(help="Split name or file for --calib.")] = None,
+    calib_count: Annotated[int, typer.Option(min=1, help="Calibration images (sampled).")] = 300,
+    eval_dir: Annotated[Path | None, typer.Option(
         "--eval", exists=True, file_okay=False, help="Held-out images for accuracy (default: the --calib "
                                                      "dataset's val split).")] = None,
-    eval_split: _ExportAnnotated[str | None, typer.Option(help="Split name or file for --eval.")] = None,
-    eval_count: _ExportAnnotated[int, typer.Option(min=1, help="Held-out images (sampled).")] = 100,
-    batch: _ExportAnnotated[str, typer.Option(help="'dynamic' or a fixed batch size.")] = "dynamic",
-    image_size: _ExportAnnotated[str | None, typer.Option(
+    eval_split: Annotated[str | None, typer.Option(help="Split name or file for --eval.")] = None,
+    eval_count: Annotated[int, typer.Option(min=1, help="Held-out images (sampled).")] = 100,
+    batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size.")] = "dynamic",
+    image_size: Annotated[str | None, typer.Option(
         help="S or HxW (multiples of 8); default: the checkpoint's preprocessing size.")] = None,
-    dynamic_size: _ExportAnnotated[bool, typer.Option(
+    dynamic_size: Annotated[bool, typer.Option(
         "--dynamic-size/--static-size", help="Dynamic input height and width.")] = True,
-    opset: _ExportAnnotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
-    simplify: _ExportAnnotated[bool, typer.Option("--simplify/--no-simplify", help="onnxslim pass.")] = True,
-    allow_accuracy_drop: _ExportAnnotated[bool, typer.Option(
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
+    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="onnxslim pass.")] = True,
+    allow_accuracy_drop: Annotated[bool, typer.Option(
         help="Write artifacts that fail their accuracy gate (INT8/FP16 Dice vs the FP32 reference).")] = False,
-    calib_method: _ExportAnnotated[ExportCalibMethod, typer.Option(
+    calib_method: Annotated[ExportCalibMethod, typer.Option(
         help="INT8 Q/DQ ONNX activation ranges.")] = ExportCalibMethod.percentile,
-    per_channel: _ExportAnnotated[bool, typer.Option(
+    per_channel: Annotated[bool, typer.Option(
         "--per-channel/--per-tensor", help="INT8 weight scales per output channel.")] = True,
-    keep_float: _ExportAnnotated[list[str] | None, typer.Option(
+    keep_float: Annotated[list[str] | None, typer.Option(
         help="Repeatable module path kept in float in INT8 artifacts, e.g. decoder1.attention, head "
              "(default: the recipe found by `resunetpp quantize` on the shipped model; 'none': keep nothing).")] = None,
-    int8_ops: _ExportAnnotated[str, typer.Option(
+    int8_ops: Annotated[str, typer.Option(
         help="INT8: 'conv' quantizes convolutions only (default), 'all' every quantizable op.")] = "conv",
-    nncf_preset: _ExportAnnotated[ExportNNCFPreset, typer.Option(
+    nncf_preset: Annotated[ExportNNCFPreset, typer.Option(
         help="NNCF preset for the OpenVINO INT8 IR.")] = ExportNNCFPreset.performance,
-    fast_bias_correction: _ExportAnnotated[bool, typer.Option(
+    fast_bias_correction: Annotated[bool, typer.Option(
         "--fast-bias-correction/--full-bias-correction", help="NNCF bias correction.")] = True,
-    workspace: _ExportAnnotated[int, typer.Option(min=1, help="TensorRT workspace limit, MiB.")] = 2048,
-    max_batch: _ExportAnnotated[int, typer.Option(min=1, help="TensorRT profile max batch.")] = 8,
-    dla_core: _ExportAnnotated[int | None, typer.Option(min=0, help="Build TensorRT engines for this DLA core "
+    workspace: Annotated[int, typer.Option(min=1, help="TensorRT workspace limit, MiB.")] = 2048,
+    max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile max batch.")] = 8,
+    dla_core: Annotated[int | None, typer.Option(min=0, help="Build TensorRT engines for this DLA core "
                                                                     "(Jetson).")] = None,
-    calibrator: _ExportAnnotated[ExportTRTCalibrator | None, typer.Option(
+    calibrator: Annotated[ExportTRTCalibrator | None, typer.Option(
         help="TensorRT 10 only: implicit INT8 with IInt8EntropyCalibrator2 instead of the Q/DQ ONNX.")] = None,
-    trt_fp16: _ExportAnnotated[ExportTRTFP16Mode, typer.Option(
+    trt_fp16: Annotated[ExportTRTFP16Mode, typer.Option(
         help="TensorRT 10 only: 'flag' builds FP16 with BuilderFlag.FP16 from the FP32 ONNX.")] = ExportTRTFP16Mode.onnx,
 ) -> None:
     """Export a checkpoint to ONNX, OpenVINO IR and TensorRT, each artifact verified against PyTorch."""
@@ -321,12 +320,9 @@ def export_command(
 
 
 # ---- engines: infer (issue 4) -------------------------------------------------------------
-import enum as _infer_enum  # noqa: E402
-from pathlib import Path as _InferPath  # noqa: E402
-from typing import Annotated as _InferAnnotated, Optional as _InferOptional  # noqa: E402
 
 
-class InferBackend(str, _infer_enum.Enum):
+class InferBackend(str, _enum.Enum):
     auto = "auto"
     torch = "torch"
     onnxruntime = "onnxruntime"
@@ -334,7 +330,7 @@ class InferBackend(str, _infer_enum.Enum):
     tensorrt = "tensorrt"
 
 
-class InferProbsDtype(str, _infer_enum.Enum):
+class InferProbsDtype(str, _enum.Enum):
     float16 = "float16"
     float32 = "float32"
 
@@ -383,20 +379,20 @@ def _infer_progress(console):
 
 @app.command("infer")
 def infer_command(
-    model: _InferAnnotated[str, typer.Argument(metavar="MODEL", help="Checkpoint, .onnx, OpenVINO .xml or TensorRT .engine; 'default': the shipped model.")],
-    inputs: _InferAnnotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders or quoted globs ('scans/**/*.png').")],
-    out: _InferAnnotated[_InferPath, typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities).")],
-    backend: _InferAnnotated[InferBackend, typer.Option(help="auto: from the model's suffix.")] = InferBackend.auto,
-    device: _InferAnnotated[str, typer.Option(help="auto, cpu, cuda[:N]; onnxruntime also tensorrt[:N]; openvino also gpu, npu.")] = "auto",
-    batch_size: _InferAnnotated[int, typer.Option(min=1, help="Images per engine call (equal input sizes are batched).")] = 1,
-    overlay: _InferAnnotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png (fill and contour over the image).")] = False,
-    save_probs: _InferAnnotated[bool, typer.Option("--save-probs", help="Also write <stem>_probs.npy (K, H, W) at the original size.")] = False,
-    probs_dtype: _InferAnnotated[InferProbsDtype, typer.Option(help="dtype of the saved probabilities.")] = InferProbsDtype.float16,
-    tta: _InferAnnotated[bool, typer.Option("--tta", help="Average the predictions of the image and its horizontal and vertical flips.")] = False,
-    threshold: _InferAnnotated[float, typer.Option(help="Foreground threshold on the probability (one-class models).")] = 0.5,
-    threads: _InferAnnotated[int, typer.Option(min=1, help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
-    engine_option: _InferAnnotated[_InferOptional[list[str]], typer.Option("--engine-option", "-O", help="Backend option KEY=VALUE, repeatable (e.g. precision=f32, channels_last=true, intra_op_num_threads=4).")] = None,
-    json_path: _InferAnnotated[_InferOptional[_InferPath], typer.Option("--json", help="Write the run summary and failures here (JSON).")] = None,
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint, .onnx, OpenVINO .xml or TensorRT .engine; 'default': the shipped model.")],
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders or quoted globs ('scans/**/*.png').")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities).")],
+    backend: Annotated[InferBackend, typer.Option(help="auto: from the model's suffix.")] = InferBackend.auto,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N]; onnxruntime also tensorrt[:N]; openvino also gpu, npu.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call (equal input sizes are batched).")] = 1,
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png (fill and contour over the image).")] = False,
+    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write <stem>_probs.npy (K, H, W) at the original size.")] = False,
+    probs_dtype: Annotated[InferProbsDtype, typer.Option(help="dtype of the saved probabilities.")] = InferProbsDtype.float16,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the predictions of the image and its horizontal and vertical flips.")] = False,
+    threshold: Annotated[float, typer.Option(help="Foreground threshold on the probability (one-class models).")] = 0.5,
+    threads: Annotated[int, typer.Option(min=1, help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
+    engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", "-O", help="Backend option KEY=VALUE, repeatable (e.g. precision=f32, channels_last=true, intra_op_num_threads=4).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the run summary and failures here (JSON).")] = None,
 ) -> None:
     """Segment images with any engine; write masks at the original resolution."""
     from rich.console import Console
@@ -432,24 +428,21 @@ def infer_command(
                 raise ResUNetError(f"{json_path}: cannot write the summary ({e.strerror or e})") from None
     except ResUNetError as e:
         _fail(e)
-    Console().print(summary_table(result, title=_InferPath(model).name))
+    Console().print(summary_table(result, title=Path(model).name))
     if result.failures:
         typer.echo(f"{len(result.failures)} of {result.images} image(s) failed; the others are in {out}", err=True)
         raise typer.Exit(1)
 
 # ---- bench (issue 6) ----------------------------------------------------------------------
-import enum as _bench_enum  # noqa: E402
-from pathlib import Path as _BenchPath  # noqa: E402
-from typing import Annotated as _BenchAnnotated, Optional as _BenchOptional  # noqa: E402
 
 
-class BenchDevice(str, _bench_enum.Enum):
+class BenchDevice(str, _enum.Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
 
 
-def _bench_list(values: _BenchOptional[list[str]], choices: tuple[str, ...], option: str) -> tuple[str, ...] | None:
+def _bench_list(values: Optional[list[str]], choices: tuple[str, ...], option: str) -> tuple[str, ...] | None:
     """Repeatable and/or comma-separated choices (``--backends torch,openvino``); ``None``: all."""
     if not values:
         return None
@@ -474,44 +467,44 @@ def _bench_batch_sizes(text: str) -> tuple[int, ...]:
 
 @app.command("bench")
 def bench_command(
-    model: _BenchAnnotated[_BenchOptional[_BenchPath], typer.Argument(
+    model: Annotated[Optional[Path], typer.Argument(
         metavar="MODEL", exists=True, dir_okay=False,
         help="Checkpoint to benchmark (default: the shipped model, with the shipped sample images).")] = None,
-    data: _BenchAnnotated[_BenchOptional[_BenchPath], typer.Option(
+    data: Annotated[Optional[Path], typer.Option(
         exists=True, file_okay=False, help="Evaluation images: a folder, or a dataset root (images/, masks/) "
                                            "(default: the shipped sample images).")] = None,
-    split: _BenchAnnotated[_BenchOptional[str], typer.Option(
+    split: Annotated[Optional[str], typer.Option(
         help="Split file or name of --data (default DATA/val.txt if present, else every image).")] = None,
-    backends: _BenchAnnotated[_BenchOptional[list[str]], typer.Option(
+    backends: Annotated[Optional[list[str]], typer.Option(
         metavar="NAMES", help="Comma-separated or repeated: torch, onnxruntime, openvino, tensorrt (default: all).")] = None,
-    precisions: _BenchAnnotated[_BenchOptional[list[str]], typer.Option(
+    precisions: Annotated[Optional[list[str]], typer.Option(
         metavar="NAMES", help="Comma-separated or repeated: fp32, bf16, fp16, int8 (default: all).")] = None,
-    batch_sizes: _BenchAnnotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8",
-    image_size: _BenchAnnotated[_BenchOptional[int], typer.Option(
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8",
+    image_size: Annotated[Optional[int], typer.Option(
         min=8, help="Network input side (a multiple of 8; default: the checkpoint's).")] = None,
-    warmup_s: _BenchAnnotated[float, typer.Option(min=0.0, help="Warm-up seconds before each timing.")] = 1.0,
-    duration_s: _BenchAnnotated[float, typer.Option(min=0.001, help="Seconds each timing window lasts.")] = 3.0,
-    threads: _BenchAnnotated[_BenchOptional[int], typer.Option(
+    warmup_s: Annotated[float, typer.Option(min=0.0, help="Warm-up seconds before each timing.")] = 1.0,
+    duration_s: Annotated[float, typer.Option(min=0.001, help="Seconds each timing window lasts.")] = 3.0,
+    threads: Annotated[Optional[int], typer.Option(
         min=1, help="Threads for torch, ONNX Runtime and OpenVINO (default: each runtime's own).")] = None,
-    device: _BenchAnnotated[BenchDevice, typer.Option(
+    device: Annotated[BenchDevice, typer.Option(
         help="Where torch (and ONNX Runtime with CUDA) run; OpenVINO runs on the CPU, TensorRT on CUDA.")]
     = BenchDevice.auto,
-    json_path: _BenchAnnotated[_BenchOptional[_BenchPath], typer.Option(
+    json_path: Annotated[Optional[Path], typer.Option(
         "--json", dir_okay=False, help="Write the environment and every row here (JSON).")] = None,
-    markdown: _BenchAnnotated[_BenchOptional[_BenchPath], typer.Option(
+    markdown: Annotated[Optional[Path], typer.Option(
         dir_okay=False, help="Write a Markdown report here.")] = None,
-    plot: _BenchAnnotated[_BenchOptional[_BenchPath], typer.Option(
+    plot: Annotated[Optional[Path], typer.Option(
         dir_okay=False, help="Write an accuracy-vs-throughput chart here (PNG).")] = None,
-    max_dice_drop: _BenchAnnotated[_BenchOptional[float], typer.Option(
+    max_dice_drop: Annotated[Optional[float], typer.Option(
         min=0.0, max=1.0, help="Exit 1 when a row's Dice drop against the reference (1 - Dice vs the "
                                "reference mask) exceeds this, or a row fails (default: no gate).")] = None,
-    artifacts: _BenchAnnotated[_BenchOptional[_BenchPath], typer.Option(
+    artifacts: Annotated[Optional[Path], typer.Option(
         file_okay=False, help="Export into / reuse this folder (default: ~/.cache/resunetpp/artifacts/<key>/, "
                               "key = checkpoint hash + options).")] = None,
-    calib: _BenchAnnotated[_BenchOptional[_BenchPath], typer.Option(
+    calib: Annotated[Optional[Path], typer.Option(
         exists=True, file_okay=False, help="INT8 calibration images (a folder, or a dataset root whose train "
                                            "split is used); must not overlap the evaluation images.")] = None,
-    end_to_end: _BenchAnnotated[bool, typer.Option(
+    end_to_end: Annotated[bool, typer.Option(
         "--end-to-end/--no-end-to-end", help="Also time the infer pipeline (decode to PNG) per row.")] = True,
 ) -> None:
     """Every backend and precision this machine runs: accuracy against PyTorch FP32 and speed, side by side."""
@@ -579,8 +572,12 @@ def quantize_command(
     target_min_dice: Annotated[float, typer.Option(help="Goal: no image below this Dice vs reference.")] = 0.90,
     max_keep: Annotated[int, typer.Option(min=0, help="Most module groups the search keeps in float.")] = 6,
 ) -> None:
-    """INT8 sensitivity analysis (one module group quantized at a time, ranked) and the greedy
-    mixed-precision search for the fewest groups to keep in float; writes OUT/sensitivity.json."""
+    """INT8 sensitivity analysis and mixed-precision search; writes OUT/sensitivity.json.
+
+    Quantizes one module group at a time (the rest in float) and ranks the groups by Dice drop
+    against the FP32 reference, then keeps the most sensitive groups in float until the goal
+    holds. Exit code 1 when it does not.
+    """
     from rich.console import Console
 
     from export.sensitivity import Goal, QuantizeOptions, quantize_checkpoint, render
@@ -600,7 +597,7 @@ def quantize_command(
     kept = ", ".join(report.chosen) or "nothing"
     out_console.print(f"goal {verdict}; keep in float: {kept}; report: {out / 'sensitivity.json'}")
     if not report.goal_met:
-        raise typer.Exit(2)
+        raise typer.Exit(1)
 
 
 

@@ -1,0 +1,121 @@
+"""INT8 sensitivity analysis (export/sensitivity.py) and `resunetpp quantize` on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from export.calibration import synthetic_images
+from export.onnx import ShapeSpec, export_onnx, node_scopes
+from export.quantize import QDQRecipe, calibrate_ranges
+from export.sensitivity import Evaluator, Goal, analyze, run_analysis
+from resunetpp.checkpoint import Checkpoint, save_checkpoint
+from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
+from resunetpp.preprocess import Preprocessing
+
+TINY = ModelConfig(filters=(8, 8, 16, 16), bridge=16)
+PRE = Preprocessing(size=(32, 32))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny model with a confident head, its FP32 ONNX, min-max ranges and held-out inputs."""
+    import onnx
+
+    tmp = tmp_path_factory.mktemp("sens")
+    torch.manual_seed(0)
+    model = ResUNetPlusPlus(TINY).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)  # large logits: masks that quantization noise does not flip at random
+    proto = export_onnx(WithActivation(model), ShapeSpec(3, 1, PRE.size))
+    fp32 = tmp / "fp32.onnx"
+    onnx.save(proto, str(fp32))
+    images = [PRE.apply(im) for im in synthetic_images(PRE, count=10, seed=1)]
+    cache = calibrate_ranges(fp32, [x[None] for x in images[:6]], tmp / "ranges.calib", method="minmax")
+    return {"model": model, "proto": proto, "fp32": fp32, "cache": cache, "eval": images[6:], "tmp": tmp}
+
+
+def _break_head_range(tiny) -> str:
+    """Copy of the ranges with the head convolution's input range shrunk 10^4-fold (a broken layer)."""
+    proto = tiny["proto"]
+    scopes = node_scopes(proto)
+    head = next(n for n in proto.graph.node if scopes.get(n.name) == "head" and n.op_type == "Conv")
+    data = json.loads(tiny["cache"].read_text())
+    entry = data["data"][head.input[0]]
+    for key in ("lowest", "highest"):  # stored as a number or as {"data": number, ...}
+        if isinstance(entry[key], dict):
+            entry[key]["data"] = (np.asarray(entry[key]["data"], dtype=np.float64) * 1e-4).tolist()
+        else:
+            entry[key] = (np.asarray(entry[key], dtype=np.float64) * 1e-4).tolist()
+    broken = tiny["tmp"] / "broken.calib"
+    broken.write_text(json.dumps(data))
+    return str(broken)
+
+
+def test_analysis_ranks_a_deliberately_broken_layer_first(tiny):
+    ev = Evaluator(tiny["fp32"], _break_head_range(tiny), tiny["eval"])
+    try:
+        rows = analyze(ev, QDQRecipe(method="minmax", keep_modules=()))
+    finally:
+        ev.close()
+    measured = sorted((r for r in rows if r.dice_mean is not None), key=lambda r: (-r.drop, r.group))
+    # The broken tensor joins head_aspp.project (its producer, whose output Q/DQ uses the range)
+    # and head (its consumer): both rank above every other group, the consumer first.
+    top = [(r.group, r.dice_mean) for r in measured[:4]]
+    assert {measured[0].group, measured[1].group} == {"head", "head_aspp.project"}, top
+    assert measured[0].group == "head" and measured[1].drop > 0.2
+    assert measured[2].drop < measured[1].drop / 2, top
+
+
+def test_search_keeps_the_broken_layer_in_float_and_meets_the_goal(tiny):
+    ev = Evaluator(tiny["fp32"], _break_head_range(tiny), tiny["eval"])
+    try:
+        report = run_analysis(ev, QDQRecipe(method="minmax", keep_modules=()), Goal(0.9, 0.5), max_keep=3)
+    finally:
+        ev.close()
+    assert report.steps[0].kept_in_float == [] and not report.steps[0].goal_met
+    assert report.chosen[0] == "head"
+    assert report.goal_met and report.steps[-1].dice_mean >= 0.9
+    d = report.as_dict()
+    assert d["kept_in_float"] == report.chosen and d["ranking"][0]["group"] == "head"
+
+
+def test_quantize_cli_writes_the_report(tmp_path, tiny):
+    ckpt = tmp_path / "tiny.safetensors"
+    sd = {k: v.clone() for k, v in tiny["model"].state_dict().items()}
+    save_checkpoint(Checkpoint(TINY, sd, PRE, ["polyp"]), ckpt)
+    for name, seed in (("calib", 2), ("eval", 3)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, im in enumerate(synthetic_images(PRE, count=4, seed=seed)):
+            Image.fromarray(im).save(folder / f"{name}{i}.png")
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["quantize", str(ckpt), "--calib", str(tmp_path / "calib"), "--eval",
+                                      str(tmp_path / "eval"), "--out", str(out), "--method", "minmax",
+                                      "--target-dice", "0.5", "--target-min-dice", "0.0", "--max-keep", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "sensitivity.json").read_text())
+    assert report["goal_met"] is True
+    groups = {r["group"] for r in report["ranking"]}
+    assert {"head", "stem.body", "decoder1.block"} <= groups
+    assert report["calibration"] and report["evaluation"] and report["checkpoint"]["sha256"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # work folder removed
+
+
+def test_quantize_cli_refuses_overlapping_sets(tmp_path, tiny):
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(Checkpoint(TINY, dict(tiny["model"].state_dict()), PRE, ["polyp"]), ckpt)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(synthetic_images(PRE, count=2, seed=4)):
+        Image.fromarray(im).save(folder / f"x{i}.png")
+    result = CliRunner().invoke(app, ["quantize", str(ckpt), "--calib", str(folder), "--eval", str(folder),
+                                      "--out", str(tmp_path / "q")])
+    assert result.exit_code == 1
+    assert "overlap" in result.output and result.output.count("\n") <= 2
