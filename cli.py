@@ -549,12 +549,6 @@ class QuantOps(str, _enum.Enum):
     all = "all"
 
 
-class CalibMethod(str, _enum.Enum):
-    minmax = "minmax"
-    percentile = "percentile"
-    entropy = "entropy"
-
-
 @app.command("quantize")
 def quantize_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.safetensors / .pt) to quantize.")],
@@ -565,7 +559,7 @@ def quantize_command(
     eval_split: Annotated[Optional[str], typer.Option(help="Split of --eval (name or file).")] = None,
     calib_count: Annotated[int, typer.Option(min=1, help="Calibration images (sampled with a fixed seed).")] = 300,
     eval_count: Annotated[int, typer.Option(min=1, help="Evaluation images.")] = 100,
-    method: Annotated[CalibMethod, typer.Option(help="Activation range estimator.")] = CalibMethod.percentile,
+    method: Annotated[ExportCalibMethod, typer.Option(help="Activation range estimator.")] = ExportCalibMethod.percentile,
     percentile: Annotated[float, typer.Option(help="Percentile for --method percentile.")] = 99.99,
     ops: Annotated[QuantOps, typer.Option(help="conv: quantize convolutions only; all: every quantizable op.")] = QuantOps.conv,
     target_dice: Annotated[float, typer.Option(help="Goal: mean Dice vs the FP32 reference masks.")] = 0.98,

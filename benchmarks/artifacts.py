@@ -111,8 +111,12 @@ def default_cache_root() -> Path:
 
 
 def artifact_key(ckpt: Checkpoint, pre: Preprocessing, calibration: cal.ImageSet | None) -> tuple[str, dict]:
-    """Cache key of the exported artifacts: checkpoint hash, input size, calibration set, tool versions."""
+    """Cache key of the exported artifacts: checkpoint hash, input size, calibration set, the export
+    recipes (INT8 exclusions and ranges, FP16 block list), tool versions."""
+    from dataclasses import asdict
+
     from export.onnx import DEFAULT_OPSET
+    from export.pipeline import ExportOptions
     from resunetpp import __version__
     from resunetpp.info import library_version
 
@@ -121,6 +125,7 @@ def artifact_key(ckpt: Checkpoint, pre: Preprocessing, calibration: cal.ImageSet
         "preprocessing": pre.to_dict(),
         "calibration_sha256": calibration.digest if calibration is not None else None,
         "opset": DEFAULT_OPSET,
+        "recipes": {name: asdict(getattr(ExportOptions, name)) for name in ("qdq", "nncf", "fp16")},
         "resunetpp": __version__,
         "versions": {m: library_version(m) for m in ("torch", "onnx", "onnxruntime", "openvino", "nncf",
                                                      "tensorrt")},
