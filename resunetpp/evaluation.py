@@ -147,8 +147,8 @@ def evaluate_path(model_path: str | Path, data: str | Path, split: str | Path | 
     if not 0.0 < threshold < 1.0:
         raise ResUNetError(f"threshold must be between 0 and 1, got {threshold}")
     predictor = predict_fn_for(model_path, device)
-    dataset = SegmentationDataset(data, split, predictor.num_classes, channels=predictor.preprocessing.channels)
     try:
+        dataset = SegmentationDataset(data, split, predictor.num_classes, channels=predictor.preprocessing.channels)
         if not show_progress:
             return evaluate(predictor.predict, dataset, predictor.preprocessing, batch_size, threshold)
         from rich.progress import Progress
@@ -159,6 +159,8 @@ def evaluate_path(model_path: str | Path, data: str | Path, split: str | Path | 
                             progress=lambda k: bar.advance(task, k))
     except FloatingPointError as e:
         raise ResUNetError(str(e)) from None
+    finally:
+        predictor.close()
 
 
 def results_table(result: EvalResult, title: str = "evaluation"):
