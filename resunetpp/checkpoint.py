@@ -159,17 +159,26 @@ def unpickling_reason(error: Exception) -> str:
     return lines[-1] if lines else "unsafe pickle"
 
 
-def _load_torch(path: Path) -> Checkpoint:
+def safe_torch_load(path: Path, unreadable: str = "not a PyTorch checkpoint") -> object:
+    """``torch.load(weights_only=True)``: pickled code is refused, never run.
+
+    Raises :class:`CheckpointError` naming ``path``: "refused: ..." for a pickle holding objects
+    other than tensors and plain containers, "<unreadable> (...)" for anything else it cannot read.
+    """
     try:
         with warnings.catch_warnings():  # torch warns on pickle protocols it does not expect
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(path, "refused: file holds objects other than tensors, not loaded "
                                     f"({unpickling_reason(e)[:160]})") from None
     except Exception as e:  # noqa: BLE001 - arbitrary bytes raise anything (IndexError, KeyError, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(path, f"not a PyTorch checkpoint ({msg[:160]})") from None
+        raise CheckpointError(path, f"{unreadable} ({msg[:160]})") from None
+
+
+def _load_torch(path: Path) -> Checkpoint:
+    obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"expected a dict of weights, found {type(obj).__name__}")
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import platform
 import random
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from PIL import Image
 
 from resunetpp.atomic import atomic_path, write_json_atomic
 from resunetpp.augment import augment
-from resunetpp.checkpoint import Checkpoint, save_checkpoint, unpickling_reason
+from resunetpp.checkpoint import Checkpoint, safe_torch_load, save_checkpoint
 from resunetpp.data import SegmentationDataset
 from resunetpp.errors import ResUNetError
 from resunetpp.model import ModelConfig, ResUNetPlusPlus, count_parameters
@@ -113,16 +111,7 @@ def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def _load_state(path: Path) -> dict:
-    try:
-        with warnings.catch_warnings():  # torch warns on pickle protocols it does not expect
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ResUNetError(f"{path}: refused: file holds objects other than tensors, not loaded "
-                           f"({unpickling_reason(e)[:160]})") from None
-    except Exception as e:  # noqa: BLE001 - any unreadable state means the same to the user
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ResUNetError(f"{path}: unreadable training state ({msg})") from None
+    state = safe_torch_load(path, "unreadable training state")
     if not isinstance(state, dict) or "train_config" not in state:
         raise ResUNetError(f"{path}: not a resunetpp training state")
     return state
