@@ -29,6 +29,11 @@ app = typer.Typer(
 
 
 
+class Architecture(str, _enum.Enum):
+    resunetpp = "resunetpp"
+    resunetpp_sigmoid_attention = "resunetpp-sigmoid-attention"
+
+
 class Device(str, _enum.Enum):
     auto = "auto"
     cpu = "cpu"
@@ -60,6 +65,9 @@ def train(
     range_reg: Annotated[float, typer.Option(min=0.0, help="Weight of the activation-range penalty (0: off).")] = 0.0,
     range_tau: Annotated[float, typer.Option(min=0.0, help="Magnitude the range penalty starts at.")] = 8.0,
     time_budget_s: Annotated[Optional[float], typer.Option(min=0.0, help="Fit the number of epochs into this many seconds.")] = None,
+    warmup_epochs: Annotated[int, typer.Option(min=0, help="Epochs of linear LR warm-up before the cosine decay.")] = 2,
+    init_from: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Start from these weights (fine-tuning; a new schedule, not --resume). Recorded in the checkpoints' provenance.")] = None,
+    architecture: Annotated[Architecture, typer.Option(help="resunetpp: the authors' model; resunetpp-sigmoid-attention: opt-in variant with a bounded attention gate.")] = Architecture.resunetpp,
 ) -> None:
     """Train ResUNet++ (Dice+BCE, or CE+Dice for several classes) and write checkpoints atomically."""
     from resunetpp.training import TrainConfig, default_splits, resume_config, train as run_training
@@ -78,7 +86,9 @@ def train(
                               epochs=epochs or 100, batch_size=batch_size, image_size=image_size, lr=lr,
                               device=device.value if device else "auto", seed=seed, num_classes=num_classes,
                               class_names=names, range_reg=range_reg, range_tau=range_tau,
-                              time_budget_s=time_budget_s)
+                              time_budget_s=time_budget_s, warmup_epochs=warmup_epochs,
+                              init_from=str(init_from) if init_from else None,
+                              architecture=architecture.value)
         result = run_training(cfg, resume=resume)
     except (ResUNetError, FloatingPointError) as e:
         _fail(e)

@@ -86,6 +86,10 @@ def check_train_config(cfg: TrainConfig, resume: bool = False) -> None:
         problems.append(f"range_reg must be >= 0 and range_tau > 0, got {cfg.range_reg} and {cfg.range_tau}")
     if cfg.time_budget_s is not None and not cfg.time_budget_s > 0:
         problems.append(f"time_budget_s must be positive, got {cfg.time_budget_s}")
+    if isinstance(cfg.warmup_epochs, bool) or not isinstance(cfg.warmup_epochs, int) or cfg.warmup_epochs < 0:
+        problems.append(f"warmup_epochs must be an integer >= 0, got {cfg.warmup_epochs!r}")
+    if cfg.init_from and not resume and not Path(cfg.init_from).is_file():  # a resume has its weights
+        problems.append(f"init_from {cfg.init_from}: no such checkpoint file")
     if len(cfg.class_names) != cfg.num_classes:
         problems.append(f"{cfg.num_classes} class(es) need as many class names, got {len(cfg.class_names)}: "
                         f"{list(cfg.class_names)}")
@@ -291,11 +295,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     std = torch.tensor(pre.std, device=device).view(1, -1, 1, 1)
 
     model = ResUNetPlusPlus(mcfg)
-    if cfg.init_from and state is None:
-        from resunetpp.checkpoint import load_checkpoint, load_state_dict_checked
+    lineage = None
+    if state is not None and "lineage" in state:
+        lineage = json.loads(state["lineage"])
+    elif cfg.init_from:
+        from resunetpp.checkpoint import file_sha256, load_checkpoint, load_state_dict_checked
 
         init = load_checkpoint(cfg.init_from, verify=False)
+        if init.config != mcfg:
+            raise ResUNetError(f"{cfg.init_from}: --init-from holds another architecture ({init.config}) "
+                               f"than the one asked for ({mcfg})")
         load_state_dict_checked(model, init.state_dict, cfg.init_from)
+        # Where the starting weights came from, kept in every checkpoint of this run: the chain of
+        # runs that made a fine-tuned model stays readable even after the init file is replaced.
+        lineage = {"init_from": str(cfg.init_from), "init_sha256": file_sha256(cfg.init_from),
+                   "init_provenance": init.provenance}
         log(f"initialised from {cfg.init_from}")
     model = model.to(device)
     channels_last = use_channels_last(cfg, device)
@@ -345,6 +359,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
             "torch": torch.__version__,
             "parameters": count_parameters(model),
         }
+        if lineage is not None:
+            prov["lineage"] = lineage
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return Checkpoint(mcfg, sd, pre, list(cfg.class_names), prov)
 
@@ -427,7 +443,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                             "total_epochs": total_epochs,
                             "history": json.dumps(history), "best": best, "generator": gen.get_state(),
                             "elapsed_s": elapsed_before + time.time() - t_start,
-                            "train_config": json.dumps(asdict(cfg))}, tmp)
+                            "train_config": json.dumps(asdict(cfg)),
+                            "lineage": json.dumps(lineage)}, tmp)
             write_json_atomic(out / "history.json", history)
             msg = f"epoch {epoch}/{total_epochs} loss {row['loss']:.4f} lr {lr:.2e} {ep_time:.1f}s"
             if vd is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def no_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     ([], ["train", "evaluate", "info"]),
     (["train"], ["--data", "--train-split", "--val-split", "--out", "--epochs", "--batch-size", "--image-size",
                  "--lr", "--device", "--resume", "--seed", "--num-classes", "--class-names", "--range-reg",
-                 "--range-tau", "--time-budget-s"]),
+                 "--range-tau", "--time-budget-s", "--warmup-epochs", "--init-from", "--architecture"]),
     (["evaluate"], ["MODEL", "--data", "--split", "--json", "--batch-size", "--device"]),
     (["info"], ["--json"]),
 ])
@@ -171,6 +172,18 @@ def test_train_end_to_end_then_resume(tmp_path: Path, blob_dataset: Path) -> Non
     assert "trained 2 epochs" in resumed.stdout
     assert json.loads((out / "history.json").read_text())[-1]["epoch"] == 2
 
+    ft = invoke("train", "--data", blob_dataset, "--out", tmp_path / "ft", "--epochs", "1", "--batch-size", "3",
+                "--image-size", "32", "--device", "cpu", "--class-names", "lesion", "--warmup-epochs", "0",
+                "--init-from", out / "last.safetensors")
+    assert ft.exit_code == 0, ft.output
+    tuned = load_checkpoint(tmp_path / "ft" / "last.safetensors").provenance
+    assert tuned["lineage"]["init_provenance"]["epochs_completed"] == 2
+    assert tuned["train_config"]["warmup_epochs"] == 0
+    other = invoke("train", "--data", blob_dataset, "--out", tmp_path / "ft2", "--epochs", "1", "--image-size", "32",
+                   "--device", "cpu", "--init-from", out / "last.safetensors",
+                   "--architecture", "resunetpp-sigmoid-attention")
+    assert_one_line_error(other, str(out / "last.safetensors"), "another architecture")
+
 
 def test_train_error_paths(tmp_path: Path, blob_dataset: Path) -> None:
     missing = tmp_path / "no_data"
@@ -187,6 +200,9 @@ def test_train_error_paths(tmp_path: Path, blob_dataset: Path) -> None:
     if not torch.cuda.is_available():
         assert_one_line_error(invoke("train", "--data", blob_dataset, "--out", tmp_path / "o", "--device", "cuda"),
                               "no CUDA device")
+    no_init = invoke("train", "--data", blob_dataset, "--out", tmp_path / "o", "--init-from", missing)
+    flat = " ".join(re.sub("[│╭╮╰╯─]", " ", no_init.output).split())
+    assert no_init.exit_code == 2 and "--init-from" in flat and "does not exist" in flat, no_init.output
     bad_choice = invoke("train", "--data", blob_dataset, "--device", "tpu")
     assert bad_choice.exit_code == 2 and "Traceback" not in bad_choice.output
     assert not (tmp_path / "o").exists()

@@ -121,6 +121,44 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path, blob_dataset:
     assert [h["epoch"] for h in more["history"]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_init_from_starts_from_those_weights_and_records_the_lineage(tmp_path: Path, blob_dataset: Path) -> None:
+    first = tmp_path / "first"
+    train(_cfg(blob_dataset, first, epochs=2), progress=False, log=lambda m: None)
+    start = first / "last.safetensors"
+    sha = __import__("hashlib").sha256(start.read_bytes()).hexdigest()
+
+    # zero epochs of learning (lr ~ 0): the fine-tuned model must still be the starting one
+    seen: list[str] = []
+    train(_cfg(blob_dataset, tmp_path / "ft", epochs=1, lr=1e-12, init_from=str(start)),
+          progress=False, log=seen.append)
+    assert f"initialised from {start}" in seen
+    ft = load_checkpoint(tmp_path / "ft" / "last.safetensors")
+    init = load_checkpoint(start)
+    assert all(torch.allclose(ft.state_dict[k].float(), init.state_dict[k].float(), atol=1e-6)
+               for k in init.state_dict if "running" not in k and "num_batches" not in k)
+    lineage = ft.provenance["lineage"]
+    assert lineage["init_sha256"] == sha and lineage["init_from"] == str(start)
+    assert lineage["init_provenance"]["epochs_completed"] == 2  # the first run's own record
+
+    # resuming a fine-tune keeps its lineage although the init file is gone by then
+    def stop_after_one(msg: str) -> None:
+        if msg.startswith("epoch 1/"):
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(_cfg(blob_dataset, tmp_path / "ft2", epochs=2, init_from=str(start)), progress=False, log=stop_after_one)
+    shutil.rmtree(first)
+    train(resume_config(tmp_path / "ft2"), resume=True, progress=False, log=lambda m: None)
+    assert load_checkpoint(tmp_path / "ft2" / "last.safetensors").provenance["lineage"]["init_sha256"] == sha
+
+
+def test_init_from_another_architecture_is_refused(tmp_path: Path, blob_dataset: Path) -> None:
+    src = tmp_path / "other.safetensors"
+    tiny_checkpoint(src, replace(TINY, architecture="resunetpp-sigmoid-attention"))  # same shapes, other model
+    with pytest.raises(ResUNetError, match=f"{src}: --init-from holds another architecture"):
+        train(_cfg(blob_dataset, tmp_path / "ft", init_from=str(src)), progress=False, log=lambda m: None)
+
+
 def test_resume_without_a_run(tmp_path: Path) -> None:
     with pytest.raises(ResUNetError, match="nothing to resume"):
         resume_config(tmp_path)
@@ -140,6 +178,8 @@ def test_resume_without_a_run(tmp_path: Path) -> None:
     ({"range_reg": -1.0}, "range_reg must be >= 0"),
     ({"time_budget_s": 0.0}, "time_budget_s must be positive"),
     ({"num_classes": 3}, r"3 class\(es\) need as many class names, got 1"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be an integer >= 0"),
+    ({"init_from": "no/such.safetensors"}, "init_from no/such.safetensors: no such checkpoint file"),
 ])
 def test_bad_settings_are_refused(tmp_path: Path, kw: dict, message: str) -> None:
     with pytest.raises(ResUNetError, match=message):
