@@ -10,7 +10,7 @@ the loader's threshold at 127 gives the same mask as training on SRC; class-inde
 so that training on DST at ``--image-size SIZE`` sees the same pixels as training on SRC up to the
 JPEG round trip (mean absolute difference ~1 grey level). Its output is, pixel for pixel, the cache the
 shipped model was trained on (checked on all 1000 pairs). The 1000 Kvasir-SEG images
-shrink from ~46 MB to ~30 MB and load in ~2 s instead of ~1 min: small enough to carry to a lent
+(with their masks) shrink from ~55 MB to ~30 MB and load in ~2 s instead of ~1 min: small enough to carry to a lent
 machine. Files are written to temporary names and renamed; an existing DST is refused.
 """
 
