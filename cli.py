@@ -327,6 +327,10 @@ def export_command(
     except _ExportError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: temporary files are gone, finished artifacts kept
+        typer.echo("interrupted; artifacts finished before the interrupt are kept, nothing half-written",
+                   err=True)
+        raise typer.Exit(130) from None
 
 
 # ---- engines: infer (issue 4) -------------------------------------------------------------
