@@ -579,12 +579,18 @@ def quantize_command(
     target_dice: Annotated[float, typer.Option(help="Goal: mean Dice vs the FP32 reference masks.")] = 0.98,
     target_min_dice: Annotated[float, typer.Option(help="Goal: no image below this Dice vs reference.")] = 0.90,
     max_keep: Annotated[int, typer.Option(min=0, help="Most module groups the search keeps in float.")] = 6,
+    qat_epochs: Annotated[int, typer.Option(min=0, help="Quantization-aware fine-tuning epochs instead of the search (0: off). Writes OUT/model_qat.safetensors and its INT8 Q/DQ ONNX and OpenVINO IR, judged against CHECKPOINT.")] = 0,
+    qat_images: Annotated[Optional[int], typer.Option(min=1, help="QAT training images from --calib's split (default: all of them).")] = None,
+    qat_lr: Annotated[float, typer.Option(min=0.0, help="QAT peak learning rate (Adam, cosine to 0).")] = 2e-5,
+    qat_batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    qat_keep_float: Annotated[Optional[list[str]], typer.Option(help="Module kept in float during QAT and in its INT8 artifacts (repeatable; default none: every convolution INT8).")] = None,
 ) -> None:
     """INT8 sensitivity analysis and mixed-precision search; writes OUT/sensitivity.json.
 
     Quantizes one module group at a time (the rest in float) and ranks the groups by Dice drop
     against the FP32 reference, then keeps the most sensitive groups in float until the goal
-    holds. Exit code 1 when it does not.
+    holds. With --qat-epochs, fine-tunes through simulated INT8 instead (distillation from
+    CHECKPOINT) and exports the result. Exit code 1 when the goal is not met.
     """
     from rich.console import Console
 
@@ -593,6 +599,25 @@ def quantize_command(
     console = Console(stderr=True)
     opts = QuantizeOptions(checkpoint, calib, eval_, out, calib_split, eval_split, calib_count, eval_count,
                            method.value, percentile, ops.value, Goal(target_dice, target_min_dice), max_keep)
+    if qat_epochs:
+        from export.qat import QATOptions, qat_and_export
+        from export.report import print_summary
+
+        qopts = QATOptions(epochs=qat_epochs, lr=qat_lr, batch_size=qat_batch_size, percentile=percentile,
+                           keep_modules=tuple(qat_keep_float or ()))
+        try:
+            report = qat_and_export(opts, qopts, qat_images, log=lambda m: console.print(m, highlight=False))
+        except ResUNetError as e:
+            _fail(e)
+        print_summary(report, Console())
+        goal = opts.goal
+        failed = [a for a in report.artifacts if not goal.met(a.metrics)]
+        verdict = "NOT met" if failed else "met"
+        Console().print(f"goal (mean Dice vs {checkpoint.name} >= {goal.mean_dice:g}, no image below "
+                        f"{goal.min_dice:g}) {verdict}; QAT checkpoint: {out / 'model_qat.safetensors'}")
+        if failed:
+            raise typer.Exit(1)
+        return
     try:
         with console.status("quantize") as status:
             report = quantize_checkpoint(opts, progress=lambda m: status.update(m))

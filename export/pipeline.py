@@ -88,6 +88,10 @@ class ExportOptions:
     nncf: NNCFRecipe = NNCFRecipe()
     fp16: FP16Recipe = FP16Recipe()
     tensorrt: TensorRTOptions = TensorRTOptions()
+    #: The FP32 model INT8 artifacts must agree with, when it is not ``checkpoint`` itself: a
+    #: quantization-aware fine-tune (``resunetpp quantize --qat-epochs``) is judged against the
+    #: model it was fine-tuned from. FP32/FP16 artifacts are still compared with ``checkpoint``.
+    reference: Path | None = None
 
 
 @dataclass
@@ -151,10 +155,15 @@ class VerificationSet:
     sizes: list[tuple[int, int]]
     masks: list[np.ndarray | None]
     reference: list[np.ndarray] = field(default_factory=list)
+    int8_reference: list[np.ndarray] | None = None  # ExportOptions.reference's outputs, when given
+    int8_reference_record: dict | None = None
 
     def record(self) -> dict:
-        return {"source": self.source, "from": self.origin, "images": len(self.inputs),
-                "with_masks": any(m is not None for m in self.masks)}
+        rec = {"source": self.source, "from": self.origin, "images": len(self.inputs),
+               "with_masks": any(m is not None for m in self.masks)}
+        if self.int8_reference_record:
+            rec["int8_reference"] = self.int8_reference_record
+        return rec
 
 
 def _parse_targets(options: ExportOptions, trt_ok: bool, trt_reason: str,
@@ -249,6 +258,13 @@ class _Run:
         self.r = reporter
         self.work = work
         self.ckpt = load_checkpoint(options.checkpoint)
+        self.ref_ckpt = load_checkpoint(options.reference) if options.reference else None
+        if self.ref_ckpt is not None:
+            mine, theirs = self.ckpt, self.ref_ckpt
+            if (theirs.config.num_classes, theirs.config.in_channels) != (mine.config.num_classes, mine.config.in_channels) \
+                    or theirs.preprocessing != mine.preprocessing:
+                raise ResUNetError(f"{options.reference}: the INT8 reference must take the same input and give the "
+                                   f"same output as {options.checkpoint} (classes, channels, preprocessing)")
         self.pre = self._preprocessing()
         self.spec = ShapeSpec(self.pre.channels, self.ckpt.config.num_classes, self.pre.size, options.batch,
                               options.dynamic_size)
@@ -283,8 +299,9 @@ class _Run:
         return artifact_record(self.ckpt, self.pre, fmt=fmt, precision=precision, file=path,
                                shape=self.spec.record(), calibration=calib, accuracy=accuracy, **extra)
 
-    def measure(self, label: str, predict: Callable[[np.ndarray], np.ndarray]) -> dict:
+    def measure(self, label: str, predict: Callable[[np.ndarray], np.ndarray], precision: str = "fp32") -> dict:
         v = self.vset
+        reference = v.int8_reference if precision == "int8" and v.int8_reference is not None else v.reference
         with self.r.task(f"verify {label}", total=len(v.inputs)) as advance:
             def counted(x: np.ndarray) -> np.ndarray:
                 out = predict(x)
@@ -292,7 +309,7 @@ class _Run:
                 return out
 
             outputs = predict_batched(counted, v.inputs, VERIFY_BATCH, self.o.batch)
-        return compare_outputs(outputs, v.reference, masks=v.masks, pre=self.pre, sizes=v.sizes, names=v.names,
+        return compare_outputs(outputs, reference, masks=v.masks, pre=self.pre, sizes=v.sizes, names=v.names,
                                num_classes=self.ckpt.config.num_classes)
 
     def judge(self, fmt: str, precision: str, metrics: dict) -> tuple[Gate, bool]:
@@ -326,6 +343,14 @@ class _Run:
             for x in _batches(v.inputs, VERIFY_BATCH, fixed=False):
                 v.reference.extend(predict(x))
                 advance(len(x))
+        if self.ref_ckpt is not None:
+            predict = torch_predict_fn(self.ref_ckpt.build_model())
+            v.int8_reference = []
+            with self.r.task(f"PyTorch FP32 reference for INT8 ({self.o.reference.name})", total=len(v.inputs)) as adv:
+                for x in _batches(v.inputs, VERIFY_BATCH, fixed=False):
+                    v.int8_reference.extend(predict(x))
+                    adv(len(x))
+            v.int8_reference_record = {"path": str(self.o.reference), "sha256": self.ref_ckpt.sha256}
 
     def onnx_fp32(self, write: bool) -> None:
         import onnx
@@ -449,7 +474,7 @@ class _Run:
         self.qdq_record = result.record()
         if not write:
             return
-        metrics = self.measure("ONNX INT8 Q/DQ (ONNX Runtime)", ort_predict_fn(result.path))
+        metrics = self.measure("ONNX INT8 Q/DQ (ONNX Runtime)", ort_predict_fn(result.path), "int8")
         gate, keep = self.judge("onnx", "int8", metrics)
         final = self.final("onnx", "int8")
         if keep:
@@ -471,7 +496,8 @@ class _Run:
             ov_model, extra = self._nncf(ov_model)
         with ovx.staged_ir(final) as stage:
             ovx.save_ir(ov_model, stage.xml, compress_to_fp16=precision == "fp16")
-            metrics = self.measure(f"OpenVINO {precision.upper()} IR (CPU, f32 hint)", ovx.ov_predict_fn(stage.xml))
+            metrics = self.measure(f"OpenVINO {precision.upper()} IR (CPU, f32 hint)", ovx.ov_predict_fn(stage.xml),
+                                   precision)
             gate, keep = self.judge("openvino", precision, metrics)
             if keep:
                 rec = self.record("openvino", precision, final, {**metrics, "gate": gate.as_dict(self.o.allow_accuracy_drop)},
@@ -530,7 +556,7 @@ class _Run:
                         facts = trtx.build_engine(plan, src, tmp, shapes, workspace_mib=t.workspace_mib,
                                                   timing_cache=timing, calibration_batches=batches,
                                                   calibration_cache=calib_cache)
-                    metrics = self.measure(f"TensorRT {precision} engine", trtx.engine_predict_fn(tmp))
+                    metrics = self.measure(f"TensorRT {precision} engine", trtx.engine_predict_fn(tmp), precision)
                     gate, keep = self.judge("tensorrt", precision, metrics)
                     if not keep:
                         raise _Refused
@@ -678,6 +704,7 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
         run.vset = _verification_set(run.ckpt, run.pre, run.calib, run.eval, options.eval_count)
         run.report.verification = run.vset.record()
         _execute(run, targets, trt_info)
+        run.report.verification = run.vset.record()  # now with the INT8 reference, when there is one
         write_json_atomic(out / REPORT_NAME, run.report.as_dict())
         return run.report
     finally:

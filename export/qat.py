@@ -1,0 +1,342 @@
+"""Quantization-aware fine-tuning (QAT) of a checkpoint for the INT8 Q/DQ ONNX and OpenVINO IR.
+
+Post-training INT8 leaves a few Kvasir-SEG validation images far from the FP32 masks (small,
+faint polyps whose probabilities sit near 0.5; benchmarks/INT8.md), however many layers stay in
+float. QAT fine-tunes the FP32 weights *through* a simulation of the deployed INT8 arithmetic so
+that the quantized network reproduces the FP32 model's probabilities:
+
+::
+
+    teacher (the checkpoint, FP32, frozen) ----------------------> p_ref = sigmoid/softmax
+                                                                         |
+    student (a copy) with fake quantization at every convolution:        |  distillation loss:
+        x --FQ(per-tensor, calibrated)--> Conv(FQ(W, per channel)) --FQ--> BCE(student, p_ref)
+                                                                         |  (soft CE for C >= 2)
+
+The simulated points are exactly where :func:`export.quantize.quantize_qdq` puts Q/DQ pairs with
+the conv-only recipe: each convolution's input and output (signed INT8, symmetric, per-tensor
+ranges from the same percentile calibration) and its weight (symmetric, per output channel).
+Gradients pass the rounding with the straight-through estimator (``torch.fake_quantize_*``).
+BatchNorm stays in inference mode (its statistics frozen), as it runs in the deployed graph.
+
+The result is an ordinary FP32 checkpoint (the latent weights, no quantizer state): the
+existing export recalibrates it and builds the Q/DQ ONNX and the OpenVINO IR from it, and judges
+them against the *teacher* (``ExportOptions.reference``). Since per-channel symmetric weight
+quantization commutes with a per-channel scale, folding BatchNorm into a neighbouring convolution
+at export does not change what was simulated.
+
+References: B. Jacob et al., "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", CVPR 2018 (fake quantization, STE); G. Hinton et al.,
+"Distilling the Knowledge in a Neural Network", 2015 (soft targets).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from resunetpp.errors import ResUNetError
+
+#: Signed INT8, symmetric: what ONNX Runtime's symmetric Q/DQ and TensorRT use (zero point 0).
+QMIN, QMAX = -127, 127
+
+
+@dataclass(frozen=True)
+class QATOptions:
+    epochs: int = 2
+    lr: float = 2e-5
+    batch_size: int = 4
+    percentile: float = 99.99
+    keep_modules: tuple[str, ...] = ()
+    seed: int = 0
+    flips: bool = True
+
+    def check(self) -> None:
+        problems = []
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            problems.append(f"QAT epochs must be a positive integer, got {self.epochs!r}")
+        if not self.lr > 0:
+            problems.append(f"QAT learning rate must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            problems.append(f"QAT batch size must be positive, got {self.batch_size}")
+        if not 0 < self.percentile <= 100:
+            problems.append(f"percentile must be in (0, 100], got {self.percentile}")
+        if problems:
+            raise ResUNetError("; ".join(problems))
+
+
+class _WeightFQ(nn.Module):
+    """Per-output-channel symmetric INT8 fake quantization of a convolution weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        amax = w.detach().abs().amax(dim=tuple(range(1, w.dim()))).clamp_min(1e-8)
+        scale = (amax / QMAX).float()
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, QMIN, QMAX)
+
+
+class _TopK:
+    """Exact upper percentile of |x| over a stream of ``images`` images: keeps only the largest
+    values the percentile can need (``ceil(tail * total) + 1``, the total known from the first
+    batch's size per image)."""
+
+    def __init__(self, percentile: float, images: int) -> None:
+        self.tail = 1.0 - percentile / 100.0
+        self.images = images
+        self.seen = 0
+        self.k = 0
+        self.kept = torch.empty(0)
+
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().abs().flatten().float()
+        if not self.k:
+            per_image = flat.numel() // max(1, x.shape[0])
+            self.k = math.ceil(round(self.tail * per_image * self.images, 6)) + 1
+        self.seen += flat.numel()
+        both = torch.cat([self.kept, torch.topk(flat, min(self.k, flat.numel())).values])
+        self.kept = torch.topk(both, min(self.k, both.numel())).values
+
+    def value(self) -> float:
+        if self.seen == 0:
+            raise ResUNetError("no calibration data reached this quantization point")
+        # the value at the percentile: the ceil(tail * n)-th largest, like numpy's 'higher' method
+        k = max(1, math.ceil(round(self.tail * self.seen, 6)))  # 0.01 * 10000 is 100, not 100.0000001
+        return float(self.kept[min(k, self.kept.numel()) - 1])
+
+
+class QuantSim:
+    """Fake quantization at every convolution of ``model`` outside ``keep_modules``.
+
+    ``observe()`` collects activation ranges; ``freeze()`` turns them into fixed scales;
+    ``remove()`` takes every hook and parametrization away, leaving the plain latent weights.
+    """
+
+    def __init__(self, model: nn.Module, keep_modules: Sequence[str] = (), percentile: float = 99.99) -> None:
+        self.model = model
+        self.percentile = percentile
+        self.convs: dict[str, nn.Conv2d] = {}
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and not any(name == k or name.startswith(k + ".") for k in keep_modules):
+                self.convs[name] = m
+        unknown = [k for k in keep_modules if not any(n == k or n.startswith(k + ".")
+                                                      for n, _ in model.named_modules())]
+        if unknown:
+            raise ResUNetError(f"module {unknown[0]!r} (kept in float) is not in the model")
+        if not self.convs:
+            raise ResUNetError("nothing to quantize: every convolution is kept in float")
+        self.observers: dict[str, _TopK] | None = None
+        self.amax: dict[str, float] = {}
+        self.handles = []
+        self.weight_fq: list[_WeightFQ] = []
+        for name, conv in self.convs.items():
+            self.weight_fq.append(_WeightFQ())
+            parametrize.register_parametrization(conv, "weight", self.weight_fq[-1])
+            self.handles.append(conv.register_forward_pre_hook(self._pre(name + ":in")))
+            self.handles.append(conv.register_forward_hook(self._post(name + ":out")))
+
+    # -- activation points --
+    def _fq(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        if self.observers is not None:
+            self.observers.setdefault(key, _TopK(self.percentile, self.observe_images)).update(x)
+            return x
+        if key not in self.amax:
+            return x  # not calibrated (yet): float
+        scale = max(self.amax[key], 1e-8) / QMAX
+        return torch.fake_quantize_per_tensor_affine(x, scale, 0, QMIN, QMAX)
+
+    def _pre(self, key: str):
+        def hook(module, args):
+            return (self._fq(key, args[0]),) + tuple(args[1:])
+        return hook
+
+    def _post(self, key: str):
+        def hook(module, args, output):
+            return self._fq(key, output)
+        return hook
+
+    def observe(self, images: int) -> None:
+        """Collect ranges over the next forward passes (``images`` images in all) of the float
+        model, as ONNX Runtime's calibration sees it: weights and activations unquantized."""
+        self.observers = {}
+        self.observe_images = images
+        for fq in self.weight_fq:
+            fq.enabled = False
+
+    def freeze(self) -> dict[str, float]:
+        if self.observers is None:
+            raise ResUNetError("freeze() without observe() first")
+        self.amax = {k: o.value() for k, o in self.observers.items()}
+        self.observers = None
+        for fq in self.weight_fq:
+            fq.enabled = True
+        return self.amax
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for conv in self.convs.values():
+            if parametrize.is_parametrized(conv, "weight"):
+                parametrize.remove_parametrizations(conv, "weight", leave_parametrized=False)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel KL divergence from the teacher's to the student's class probabilities
+    (Bernoulli for one class, categorical for several): 0 when they agree exactly. Same
+    gradients as BCE / soft cross-entropy against the teacher's probabilities."""
+    if student_logits.shape[1] == 1:
+        p = torch.sigmoid(teacher_logits)
+        return (F.binary_cross_entropy_with_logits(student_logits, p)
+                - F.binary_cross_entropy_with_logits(teacher_logits, p))
+    p_log = F.log_softmax(teacher_logits, 1)
+    return (p_log.exp() * (p_log - F.log_softmax(student_logits, 1))).sum(1).mean()
+
+
+def _batches(images: Sequence[np.ndarray], size: int, rng: random.Random, flips: bool) -> Iterable[torch.Tensor]:
+    order = list(range(len(images)))
+    rng.shuffle(order)
+    for s in range(0, len(order), size):
+        x = torch.from_numpy(np.stack([images[i] for i in order[s:s + size]])).float()
+        if flips:
+            if rng.random() < 0.5:
+                x = x.flip(-1)
+            if rng.random() < 0.5:
+                x = x.flip(-2)
+        yield x
+
+
+def qat_finetune(model: nn.Module, train_images: Sequence[np.ndarray], calib_images: Sequence[np.ndarray],
+                 options: QATOptions, log: Callable[[str], None] = lambda _m: None) -> tuple[nn.Module, dict]:
+    """Fine-tune a copy of ``model`` (raw logits out) through INT8 fake quantization.
+
+    ``train_images`` and ``calib_images`` are preprocessed ``(C, H, W)`` arrays (the training and
+    calibration images; never the evaluation images). Returns the fine-tuned FP32 model (no
+    quantizers left) and a record: per-epoch distillation loss, before/after, the settings.
+    """
+    options.check()
+    if not train_images or not calib_images:
+        raise ResUNetError("QAT needs training and calibration images")
+    torch.manual_seed(options.seed)
+    rng = random.Random(options.seed)
+    teacher = model.eval()
+    student = copy.deepcopy(model).eval()  # eval: BatchNorm keeps its statistics, as deployed
+    for p in student.parameters():
+        p.requires_grad_(True)
+    sim = QuantSim(student, options.keep_modules, options.percentile)
+    sim.observe(len(calib_images))
+    with torch.no_grad():
+        for x in _batches(calib_images, options.batch_size, random.Random(0), flips=False):
+            student(x)
+    sim.freeze()
+
+    def evaluate() -> float:
+        losses = []
+        with torch.no_grad():
+            for x in _batches(calib_images, options.batch_size, random.Random(0), flips=False):
+                losses.append(float(distillation_loss(student(x), teacher(x))))
+        return float(np.mean(losses))
+
+    before = evaluate()
+    log(f"QAT: {len(sim.convs)} convolutions fake-quantized; distillation loss on the calibration "
+        f"images before {before:.5f}")
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=options.lr)
+    steps = options.epochs * math.ceil(len(train_images) / options.batch_size)
+    step = 0
+    history = []
+    t0 = time.time()
+    for epoch in range(options.epochs):
+        losses = []
+        for x in _batches(train_images, options.batch_size, rng, options.flips):
+            for g in opt.param_groups:  # cosine decay to 0 over the run
+                g["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            with torch.no_grad():
+                target = teacher(x)
+            loss = distillation_loss(student(x), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "time_s": round(time.time() - t0, 1)})
+        log(f"QAT epoch {epoch + 1}/{options.epochs}: distillation loss {history[-1]['loss']:.5f} "
+            f"({time.time() - t0:.0f}s)")
+    after = evaluate()
+    log(f"QAT: distillation loss on the calibration images after {after:.5f}")
+    sim.remove()
+    record = {"options": {**asdict(options), "keep_modules": list(options.keep_modules)},
+              "quantized_convolutions": len(sim.convs), "train_images": len(train_images),
+              "calibration_images": len(calib_images), "history": history,
+              "calibration_loss_before": before, "calibration_loss_after": after}
+    return student, record
+
+
+def qat_checkpoint(checkpoint: Path, train_images: Sequence[np.ndarray], calib_images: Sequence[np.ndarray],
+                   options: QATOptions, out: Path, log: Callable[[str], None] = lambda _m: None) -> Path:
+    """:func:`qat_finetune` a checkpoint file and save the result (fp32) at ``out``, with lineage."""
+    from resunetpp.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    model, record = qat_finetune(ckpt.build_model(), train_images, calib_images, options, log)
+    prov = {"trained_with": "resunetpp quantize --qat-epochs", "qat": record,
+            "lineage": {"init_from": str(checkpoint), "init_sha256": file_sha256(checkpoint),
+                        "init_provenance": ckpt.provenance},
+            "int8_reference": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)}}
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save_checkpoint(Checkpoint(ckpt.config, sd, ckpt.preprocessing, list(ckpt.class_names), prov), out)
+
+
+__all__ = ["QATOptions", "QuantSim", "distillation_loss", "qat_checkpoint", "qat_finetune"]
+
+
+def qat_and_export(o, qat: QATOptions, train_count: int | None = None,
+                   log: Callable[[str], None] = lambda _m: None):
+    """``resunetpp quantize --qat-epochs``: QAT on ``o.calib``'s split, then the INT8 Q/DQ ONNX and
+    OpenVINO IR of the result, judged on ``o.eval`` against the original checkpoint.
+
+    ``o`` is an :class:`export.sensitivity.QuantizeOptions`. Writes ``o.out/model_qat.safetensors``,
+    the artifacts and ``export_report.json`` (artifacts are written even below the goal, like
+    ``--allow-accuracy-drop``; the caller judges them). Returns the export report.
+    """
+    from export import calibration as cal
+    from export.pipeline import ExportOptions, run_export
+    from export.quantize import NNCFRecipe, QDQRecipe
+    from resunetpp.checkpoint import load_checkpoint
+
+    qat.check()
+    ckpt = load_checkpoint(o.checkpoint)
+    pre = ckpt.preprocessing if o.image_size is None else ckpt.preprocessing.with_size(o.image_size)
+    train = cal.select_images(o.calib, o.calib_split, train_count, role="QAT training", default_split="train")
+    calib = cal.select_images(o.calib, o.calib_split, o.calib_count, role="calibration", default_split="train")
+    evset = cal.select_images(o.eval, o.eval_split, o.eval_count, role="evaluation", default_split="val")
+    cal.check_disjoint(train, evset)
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"QAT on {len(train)} images ({train.source}), ranges from {len(calib)}, judged on {len(evset)} "
+        f"held-out images ({evset.source})")
+    path = qat_checkpoint(o.checkpoint, list(train.inputs(pre)), list(calib.inputs(pre)), qat,
+                          out / "model_qat.safetensors", log)
+    recipe = dict(keep_modules=qat.keep_modules, conv_only=o.ops == "conv")
+    options = ExportOptions(
+        checkpoint=path, out=out, formats=("onnx", "openvino"), precisions=("int8",),
+        calib=Path(o.calib), calib_split=o.calib_split, calib_count=o.calib_count,
+        eval=Path(o.eval), eval_split=o.eval_split, eval_count=o.eval_count,
+        image_size=o.image_size, allow_accuracy_drop=True, reference=Path(o.checkpoint),
+        qdq=QDQRecipe(method=o.method, percentile=o.percentile, **recipe), nncf=NNCFRecipe(**recipe))
+    return run_export(options)
