@@ -288,6 +288,10 @@ def export_command(
         help="TensorRT 10 only: implicit INT8 with IInt8EntropyCalibrator2 instead of the Q/DQ ONNX.")] = None,
     trt_fp16: Annotated[ExportTRTFP16Mode, typer.Option(
         help="TensorRT 10 only: 'flag' builds FP16 with BuilderFlag.FP16 from the FP32 ONNX.")] = ExportTRTFP16Mode.onnx,
+    int8_reference: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False,
+        help="Judge INT8 artifacts against this FP32 checkpoint instead of CHECKPOINT (e.g. the model a "
+             "`quantize --qat-epochs` checkpoint was fine-tuned from).")] = None,
 ) -> None:
     """Export a checkpoint to ONNX, OpenVINO IR and TensorRT, each artifact verified against PyTorch."""
     from rich.console import Console
@@ -319,6 +323,7 @@ def export_command(
             fp16=FP16Recipe(),
             tensorrt=TensorRTOptions(workspace_mib=workspace, dla_core=dla_core, max_batch=max_batch,
                                      calibrator=calibrator.value if calibrator else None, fp16_mode=trt_fp16.value),
+            reference=int8_reference,
         )
         with _export_sigterm_as_interrupt(), RichReporter(Console(stderr=True)) as reporter:
             report = run_export(options, reporter)

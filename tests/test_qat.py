@@ -177,3 +177,16 @@ def test_quantize_qat_cli_writes_checkpoint_and_int8_artifacts(tmp_path: Path) -
                                       str(tmp_path / "q2"), "--qat-epochs", "1", "--calib-count", "4",
                                       "--target-dice", "1.01"])
     assert strict.exit_code == 1 and "NOT met" in strict.output
+
+
+def test_export_cli_int8_reference_option(tmp_path: Path) -> None:
+    a = _save(_confident(0), tmp_path / "a.safetensors")
+    three = ModelConfig(filters=(8, 8, 16, 16), bridge=16, num_classes=3)
+    c = _save(ResUNetPlusPlus(three), tmp_path / "c.safetensors", three)
+    calib, ev = _folder(tmp_path, "calib", 2, 2), _folder(tmp_path, "eval", 2, 3)
+    result = CliRunner().invoke(app, ["export", str(a), "--out", str(tmp_path / "o"), "-f", "onnx", "-p", "int8",
+                                      "--calib", str(calib), "--eval", str(ev), "--int8-reference", str(c)])
+    assert result.exit_code == 1 and "the INT8 reference must take the same input" in result.output, result.output
+    missing = CliRunner().invoke(app, ["export", str(a), "--out", str(tmp_path / "o"), "--int8-reference",
+                                       str(tmp_path / "nope.safetensors")])
+    assert missing.exit_code == 2
