@@ -290,14 +290,13 @@ def qat_finetune(model: nn.Module, train_images: Sequence[np.ndarray], calib_ima
 def qat_checkpoint(checkpoint: Path, train_images: Sequence[np.ndarray], calib_images: Sequence[np.ndarray],
                    options: QATOptions, out: Path, log: Callable[[str], None] = lambda _m: None) -> Path:
     """:func:`qat_finetune` a checkpoint file and save the result (fp32) at ``out``, with lineage."""
-    from resunetpp.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
+    from resunetpp.checkpoint import Checkpoint, lineage, load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     model, record = qat_finetune(ckpt.build_model(), train_images, calib_images, options, log)
-    prov = {"trained_with": "resunetpp quantize --qat-epochs", "qat": record,
-            "lineage": {"init_from": str(checkpoint), "init_sha256": file_sha256(checkpoint),
-                        "init_provenance": ckpt.provenance},
-            "int8_reference": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)}}
+    origin = lineage(checkpoint, ckpt)
+    prov = {"trained_with": "resunetpp quantize --qat-epochs", "qat": record, "lineage": origin,
+            "int8_reference": {"path": origin["init_from"], "sha256": origin["init_sha256"]}}
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return save_checkpoint(Checkpoint(ckpt.config, sd, ckpt.preprocessing, list(ckpt.class_names), prov), out)
 

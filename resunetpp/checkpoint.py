@@ -39,6 +39,12 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def lineage(path: str | Path, checkpoint: "Checkpoint") -> dict:
+    """Where a model derived from ``checkpoint`` (read from ``path``) came from: kept in the new
+    checkpoint's ``provenance["lineage"]`` so that the chain stays readable after ``path`` changes."""
+    return {"init_from": str(path), "init_sha256": file_sha256(path), "init_provenance": checkpoint.provenance}
+
+
 @dataclass
 class Checkpoint:
     config: ModelConfig

@@ -299,7 +299,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     if state is not None and "lineage" in state:
         lineage = json.loads(state["lineage"])
     elif cfg.init_from:
-        from resunetpp.checkpoint import file_sha256, load_checkpoint, load_state_dict_checked
+        from resunetpp.checkpoint import lineage as lineage_of, load_checkpoint, load_state_dict_checked
 
         init = load_checkpoint(cfg.init_from, verify=False)
         if init.config != mcfg:
@@ -308,8 +308,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         load_state_dict_checked(model, init.state_dict, cfg.init_from)
         # Where the starting weights came from, kept in every checkpoint of this run: the chain of
         # runs that made a fine-tuned model stays readable even after the init file is replaced.
-        lineage = {"init_from": str(cfg.init_from), "init_sha256": file_sha256(cfg.init_from),
-                   "init_provenance": init.provenance}
+        lineage = lineage_of(cfg.init_from, init)
         log(f"initialised from {cfg.init_from}")
     model = model.to(device)
     channels_last = use_channels_last(cfg, device)
