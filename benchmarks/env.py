@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from resunetpp.info import cpu_info, gpu_info, library_version
 
@@ -92,3 +94,46 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU-seconds all processes have run (``/proc/stat``: user, nice, system, irq, softirq, steal)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+@dataclass
+class Contention:
+    """CPU time other processes took while a block ran; ``pct``: share of the machine's logical CPUs."""
+
+    pct: float | None = None
+
+
+@contextlib.contextmanager
+def other_processes_cpu() -> Iterator[Contention]:
+    """Measure how busy other processes kept the CPU during the block (Linux; ``pct`` stays ``None``
+    elsewhere). Timings taken while another job ran are not comparable with an idle machine's:
+    on the 2-core benchmark box one busy neighbour halved OpenVINO's rate (benchmarks/PERF.md)."""
+    found = Contention()
+    busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()
+    wall0 = time.perf_counter()
+    try:
+        yield found
+    finally:
+        busy1 = _busy_cpu_seconds()
+        wall = time.perf_counter() - wall0
+        if busy0 is not None and busy1 is not None and wall > 0:
+            other = max(0.0, (busy1 - busy0) - (_own_cpu_seconds() - own0))
+            found.pct = min(100.0, 100.0 * other / (wall * (os.cpu_count() or 1)))

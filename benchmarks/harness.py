@@ -17,6 +17,10 @@ One *row* is one backend at one precision and one batch size. For each row the h
    of :func:`resunetpp.inference.run_inference` (decode, preprocess, infer, postprocess, write)
    on the same images (:func:`end_to_end_rate`).
 
+Each row's rate is also given in GFLOP/s (the model's FLOPs per image x images/s) and, for rows
+whose convolutions run in one precision on the CPU (fp32, bf16), as a share of this CPU's peak at
+that precision, measured at the end of the run (:mod:`benchmarks.peak`) rather than assumed.
+
 Combinations this machine cannot run are rows with status ``skipped`` and the reason.
 """
 
@@ -36,7 +40,7 @@ import numpy as np
 
 from benchmarks.artifacts import ArtifactSet, ImagePlan, artifact_key, artifact_size_mb, default_cache_root, \
     ensure_artifacts, plan_images
-from benchmarks.env import collect_environment, cpu_bf16_problem, torch_threads
+from benchmarks.env import collect_environment, cpu_bf16_problem, other_processes_cpu, torch_threads
 from export import calibration as cal
 from export.report import NullReporter, Reporter
 from export.verify import compare_outputs, predict_batched
@@ -66,6 +70,8 @@ ARTIFACT_OF = {
 }
 #: Timed calls per measurement even when the window is shorter (a slow model on a slow CPU).
 MIN_ITERATIONS = 3
+#: A row whose timing shared the CPU with other processes above this share (%) is named in a note.
+BUSY_PCT = 10.0
 #: Accuracy runs once per artifact at this batch size; every batch-size row repeats it.
 ACCURACY_BATCH = 1
 NONFINITE = "failed: non-finite output"
@@ -150,6 +156,7 @@ class BenchRow:
     end_to_end_ratio: float | None = None  # end_to_end_ips / model_only_ips
     speedup: float | None = None  # throughput over the reference's at the same batch size
     gflops_per_s: float | None = None  # throughput x the model's FLOPs per image (2 per multiply-add)
+    peak_pct: float | None = None  # gflops_per_s over the measured CPU peak at the row's precision, in %
     details: dict = field(default_factory=dict)
 
     @property
@@ -511,16 +518,18 @@ def _speed(engine: Any, row: BenchRow, data: EvalData, settings: Settings,
            throughput_engine: Callable[[], Any] | None) -> BenchRow:
     b = row.batch_size
     x = data.batch(b)
-    lat = measure_latency(engine.infer, runtime_call(engine), x, settings.warmup_s, settings.duration_s)
-    model_only = b * 1e3 / lat["engine"]["mean"]
-    throughput, mode = b * 1e3 / lat["latency"]["mean"], f"sync: batch {b} / mean latency"
-    if throughput_engine is not None:
-        with throughput_engine() as tput:
-            t = openvino_throughput(tput, x, settings.warmup_s, settings.duration_s)
-        throughput, mode = t["throughput_ips"], t["mode"]
-    e2e = None
-    if settings.end_to_end:
-        e2e = end_to_end_rate(engine, data.paths, b, settings.duration_s, settings.threads or 2)
+    with other_processes_cpu() as busy:
+        lat = measure_latency(engine.infer, runtime_call(engine), x, settings.warmup_s, settings.duration_s)
+        model_only = b * 1e3 / lat["engine"]["mean"]
+        throughput, mode = b * 1e3 / lat["latency"]["mean"], f"sync: batch {b} / mean latency"
+        if throughput_engine is not None:
+            with throughput_engine() as tput:
+                t = openvino_throughput(tput, x, settings.warmup_s, settings.duration_s)
+            throughput, mode = t["throughput_ips"], t["mode"]
+        e2e = None
+        if settings.end_to_end:
+            e2e = end_to_end_rate(engine, data.paths, b, settings.duration_s, settings.threads or 2)
+    row.details["other_processes_cpu_pct"] = busy.pct
     return dataclasses.replace(
         row, latency_ms_mean=lat["latency"]["mean"], latency_ms_p50=lat["latency"]["p50"],
         latency_ms_p90=lat["latency"]["p90"], latency_ms_p99=lat["latency"]["p99"],
@@ -687,9 +696,12 @@ def model_flops(ckpt: Checkpoint, input_shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops())
 
 
-def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None) -> None:
+def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None,
+                 peaks: dict[str, dict] | None = None) -> None:
     """``speedup`` of each measured row (its throughput over the reference's at the same batch size)
-    and, given the model's FLOPs per image, the arithmetic rate it reaches (``gflops_per_s``)."""
+    and, given the model's FLOPs per image, the arithmetic rate it reaches (``gflops_per_s``); given
+    the CPU's measured peaks (:func:`benchmarks.peak.cpu_peaks`), that rate as a share of the peak
+    at the row's :func:`arithmetic_precision` (``peak_pct``)."""
     ref = {r.batch_size: r.throughput_ips for r in rows
            if (r.backend, r.precision) == REFERENCE and r.ok and r.throughput_ips}
     for r in rows:
@@ -697,6 +709,44 @@ def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None) -
             r.speedup = r.throughput_ips / ref[r.batch_size]
         if r.ok and r.throughput_ips and flops_per_image:
             r.gflops_per_s = r.throughput_ips * flops_per_image / 1e9
+            peak = (peaks or {}).get(arithmetic_precision(r) or "")
+            if peak and peak.get("gflops"):
+                r.peak_pct = 100.0 * r.gflops_per_s / peak["gflops"]
+
+
+def arithmetic_precision(row: BenchRow) -> str | None:
+    """The precision a CPU row's convolutions all run in (``f32``, ``bf16``), or ``None``: a GPU row,
+    INT8 (mixed with float layers) or ONNX Runtime fp16 (casts around unsupported kernels)."""
+    if row.backend == "openvino" and row.precision != "int8":
+        return {"f32": "f32", "bf16": "bf16"}.get(str(row.details.get("precision_hint")))
+    if row.backend == "torch" and row.device == "cpu":
+        return {"fp32": "f32", "bf16": "bf16"}.get(row.precision)
+    if row.backend == "onnxruntime" and row.precision == "fp32":
+        providers = row.details.get("providers") or []
+        return "f32" if providers[:1] == ["CPUExecutionProvider"] else None
+    return None
+
+
+def measure_peaks(rows: Sequence[BenchRow], threads: int | None, cpu_flags: dict, notes: list[str],
+                  seconds: float = 1.0) -> dict[str, dict] | None:
+    """The CPU's measured peaks (:func:`benchmarks.peak.cpu_peaks`) when a measured row runs its
+    convolutions in f32/bf16 on the CPU and OpenVINO is installed; ``None`` otherwise."""
+    wanted = {arithmetic_precision(r) for r in rows if r.ok} - {None}
+    if not wanted or importlib.util.find_spec("openvino") is None:
+        return None
+    from benchmarks.peak import cpu_peaks
+
+    try:
+        peaks = cpu_peaks(threads, bf16="bf16" in wanted and cpu_bf16_problem(cpu_flags) is None, seconds=seconds)
+    except Exception as e:  # noqa: BLE001 - the rows stand without it
+        notes.append(f"the CPU peak could not be measured: {_one_line(e)}")
+        return None
+    text = ", ".join(f"{p} {v['gflops']:.0f} GFLOP/s ({v['kernel']})" for p, v in peaks.items())
+    notes.append(f"peak: {text}, measured on this CPU at the end of the run (OpenVINO 3x3 convolution "
+                 f"{'x'.join(map(str, next(iter(peaks.values()))['shape']))}, "
+                 f"{next(iter(peaks.values()))['threads']} threads); GFLOP/s (x%) = share of the peak at the row's "
+                 "precision (fp32, bf16 rows on the CPU)")
+    return peaks
 
 
 def gate_failures(rows: Sequence[BenchRow], max_dice_drop: float) -> list[str]:
@@ -742,8 +792,12 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchR
     order = {combo: i for i, combo in enumerate(MATRIX)}
     rows = sorted(rows + skipped, key=lambda r: (order[(r.backend, r.precision)], r.batch_size or 0))
     flops = model_flops(setup.ckpt, data.inputs[0].shape)
-    add_speedups(rows, flops)
     notes += _standard_notes(settings)
+    with reporter.task("CPU peak (f32, bf16)"):
+        peaks = measure_peaks(rows, options.threads, env["cpu"]["flags"], notes)
+    notes += _contention_notes(rows)
+    env["cpu_peak"] = peaks
+    add_speedups(rows, flops, peaks)
     return BenchResult(env, {**_settings_record(options, settings, setup), "gflop_per_image": flops / 1e9},
                        _evaluation_record(setup, data),
                        setup.images.calibration.record() if setup.images.calibration is not None else None,
@@ -764,6 +818,17 @@ def _artifacts(options: BenchOptions, setup: _Setup, targets: list[Target], repo
     except Exception as e:  # noqa: BLE001 - the torch rows still run; the others say why they cannot
         notes.append(f"export failed, rows that need an exported artifact are marked failed: {_one_line(e)}")
         return ArtifactSet(folder, key, {}, {w: f"export failed: {_one_line(e)}" for w in wanted}, [], [], None)
+
+
+def _contention_notes(rows: Sequence[BenchRow]) -> list[str]:
+    busy = [(r, r.details.get("other_processes_cpu_pct")) for r in rows if r.ok]
+    busy = [(r, pct) for r, pct in busy if pct is not None and pct > BUSY_PCT]
+    if not busy:
+        return []
+    worst = max(pct for _, pct in busy)
+    names = ", ".join(f"{r.label} b{r.batch_size} ({pct:.0f}%)" for r, pct in busy)
+    return [f"other processes used up to {worst:.0f}% of the CPU while these rows were timed: {names}; their "
+            "speed is not comparable with an idle machine's (rerun when the machine is idle)"]
 
 
 def _standard_notes(settings: Settings) -> list[str]:

@@ -42,6 +42,12 @@ def _e2e(r: BenchRow) -> str:
     return f"{r.end_to_end_ips:.1f}{ratio}"
 
 
+def _gflops(r: BenchRow) -> str:
+    if r.gflops_per_s is None:
+        return "-"
+    return f"{r.gflops_per_s:.0f}" + (f" ({r.peak_pct:.0f}%)" if r.peak_pct is not None else "")
+
+
 def _overhead(r: BenchRow) -> str:
     return "-" if r.overhead_pct is None else f"{r.overhead_pct:+.1f}"
 
@@ -59,7 +65,7 @@ COLUMNS: tuple[Column, ...] = (
     ("p99 ms", lambda r: _num(r.latency_ms_p99, ".2f")),
     ("img/s", lambda r: _num(r.throughput_ips, ".1f")),
     ("speed-up", lambda r: "-" if r.speedup is None else f"{r.speedup:.2f}x"),
-    ("GFLOP/s", lambda r: _num(r.gflops_per_s, ".0f")),
+    ("GFLOP/s", _gflops),
     ("e2e img/s", _e2e),
     ("overhead %", _overhead),
 )
@@ -171,8 +177,8 @@ def not_measured_table(result: BenchResult) -> Table | None:
 
 def _caption(result: BenchResult) -> str:
     return ("Dice vs ref: mean (min) against the torch fp32 masks; img/s: OpenVINO async THROUGHPUT, others "
-            "batch / mean latency; e2e: infer pipeline (share of the model-only rate); overhead: Engine.infer "
-            "over the runtime's own call")
+            "batch / mean latency; GFLOP/s (share of this CPU's measured peak at the row's precision); e2e: infer "
+            "pipeline (share of the model-only rate); overhead: Engine.infer over the runtime's own call")
 
 
 def print_report(result: BenchResult, console=None) -> None:

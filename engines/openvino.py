@@ -11,6 +11,10 @@ AMX/AVX512-BF16 -- and the plugin's default for fp16/int8 artifacts), ``num_stre
 ``auto``), ``threads`` (``INFERENCE_NUM_THREADS``), ``cache_dir`` (compiled-model cache),
 ``shape`` (reshape the input to a fixed ``(N, C, H, W)``; ``-1`` leaves a dimension dynamic).
 
+:meth:`OpenVINOEngine.kernels` lists the kernels the plugin compiled (``brgconv_avx512_f32`` for an
+FP32 convolution, ``..._bf16`` under the bf16 hint, ``ref_*`` for its slow reference kernels);
+:meth:`~engines.base.Engine.describe` reports the convolutions' kernels and any reference kernel.
+
 :meth:`OpenVINOEngine.infer` uses one compiled model and one infer request (sync);
 :meth:`OpenVINOEngine.infer_async_many` runs many batches through an ``AsyncInferQueue``
 for throughput.
@@ -19,6 +23,7 @@ for throughput.
 from __future__ import annotations
 
 import importlib
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,6 +39,16 @@ PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16":
 
 def _ov():
     return importlib.import_module("openvino")
+
+
+def execution_kernels(compiled) -> list[tuple[str, str]]:
+    """``(layer type, kernel)`` of every node of a compiled model's execution graph, e.g.
+    ``("Convolution", "brgconv_avx512_f32")`` or ``("Concat", "ref_f32")``."""
+    out = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        out.append((info["layerType"].astype(str), info["primitiveType"].astype(str)))
+    return out
 
 
 class OpenVINOEngine(Engine):
@@ -165,6 +180,12 @@ class OpenVINOEngine(Engine):
         queue.wait_all()
         return [self.check_output(r, b.shape) for r, b in zip(results, inputs)]
 
+    def kernels(self) -> list[tuple[str, str]]:
+        """``(layer type, kernel)`` of each node the plugin compiled (loads the engine);
+        see :func:`execution_kernels`."""
+        self.load()
+        return execution_kernels(self._compiled)
+
     def _close_impl(self) -> None:
         self._request = None
         self._compiled = None
@@ -179,4 +200,7 @@ class OpenVINOEngine(Engine):
                 details["precision_hint"] = self._compiled.get_property(hints.inference_precision).get_type_name()
             except RuntimeError:
                 pass
+            kernels = execution_kernels(self._compiled)
+            details["conv_kernels"] = dict(Counter(k for layer, k in kernels if layer == "Convolution"))
+            details["reference_kernels"] = dict(Counter(f"{layer} {k}" for layer, k in kernels if k.startswith("ref")))
         return details

@@ -7,6 +7,7 @@ artifacts folder. Timings are never asserted -- only that they were measured and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -159,6 +160,80 @@ def test_artifacts_reused_by_key(case):
     marker = json.loads((case["art"] / MARKER).read_text())
     assert marker["key"] == result.artifacts["key"] and marker["fields"]["checkpoint_sha256"]
     assert {"onnx fp16", "openvino fp32", "openvino int8"} <= set(marker["artifacts"])  # a narrower run keeps them
+
+
+def test_rates_read_against_the_measured_cpu_peak(case):
+    """Issue 6: GFLOP/s are set against a peak measured on this CPU, per arithmetic precision."""
+    result = case["result"]
+    peaks = result.environment["cpu_peak"]
+    assert peaks["f32"]["gflops"] > 0 and peaks["f32"]["kernel"].endswith("_f32") and peaks["f32"]["threads"] == 1
+    rows = {(r.label, r.batch_size): r for r in result.rows}
+    for label in ("torch fp32", "onnxruntime fp32", "openvino fp32"):
+        r = rows[(label, 1)]
+        assert r.peak_pct == pytest.approx(100 * r.gflops_per_s / peaks["f32"]["gflops"]), label
+    assert rows[("openvino int8", 1)].peak_pct is None and rows[("onnxruntime int8", 1)].peak_pct is None
+    if ("openvino bf16", 1) in rows and rows[("openvino bf16", 1)].ok:
+        assert rows[("openvino bf16", 1)].peak_pct == pytest.approx(
+            100 * rows[("openvino bf16", 1)].gflops_per_s / peaks["bf16"]["gflops"])
+    assert any(n.startswith("peak: f32 ") for n in result.notes)
+    md = write_markdown(result, case["root"] / "peak.md").read_text()
+    r = rows[("openvino fp32", 1)]
+    assert f"| {r.gflops_per_s:.0f} ({r.peak_pct:.0f}%) |" in md
+
+
+def test_arithmetic_precision_of_rows():
+    def row(backend: str, precision: str, device: str = "cpu", **details) -> BenchRow:
+        return BenchRow(backend, precision, device=device, details=details)
+
+    assert harness.arithmetic_precision(row("openvino", "fp32", precision_hint="f32")) == "f32"
+    assert harness.arithmetic_precision(row("openvino", "fp16", precision_hint="bf16")) == "bf16"
+    assert harness.arithmetic_precision(row("openvino", "int8", precision_hint="f32")) is None
+    assert harness.arithmetic_precision(row("torch", "bf16")) == "bf16"
+    assert harness.arithmetic_precision(row("torch", "fp32", device="cuda")) is None
+    assert harness.arithmetic_precision(row("onnxruntime", "fp32", "auto", providers=["CPUExecutionProvider"])) == "f32"
+    assert harness.arithmetic_precision(row("onnxruntime", "fp32", "auto", providers=["CUDAExecutionProvider",
+                                                                                       "CPUExecutionProvider"])) is None
+    assert harness.arithmetic_precision(row("onnxruntime", "fp16", providers=["CPUExecutionProvider"])) is None
+    rows = [BenchRow("torch", "fp32", device="cpu", batch_size=1, throughput_ips=2.0),
+            BenchRow("openvino", "bf16", device="cpu", batch_size=1, throughput_ips=8.0,
+                     details={"precision_hint": "bf16"})]
+    harness.add_speedups(rows, 10**10, {"f32": {"gflops": 40.0}, "bf16": {"gflops": 100.0}})
+    assert [r.gflops_per_s for r in rows] == [20.0, 80.0] and [r.peak_pct for r in rows] == [50.0, 80.0]
+    assert rows[1].speedup == 4.0
+
+
+def test_conv_peak_measures_the_requested_precision():
+    pytest.importorskip("openvino")
+    from benchmarks.peak import CONV_SHAPE, conv_flops, conv_peak
+
+    assert conv_flops(CONV_SHAPE) == 2 * 4 * 256 * 32 * 32 * 256 * 9
+    small = (1, 16, 16, 16, 3)
+    got = conv_peak("f32", threads=1, seconds=0.05, shape=small)
+    assert got["gflops"] > 0 and got["kernel"].endswith("_f32") and got["threads"] == 1 and got["shape"] == list(small)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="measured from /proc/stat (Linux)")
+def test_other_processes_cpu_sees_a_busy_neighbour():
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.env import other_processes_cpu
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.5)  # the interpreter has started and spins
+        with other_processes_cpu() as busy:
+            time.sleep(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy.pct is not None and 100.0 / (os.cpu_count() or 1) * 0.5 <= busy.pct <= 100.0
+    rows = [BenchRow("openvino", "fp32", batch_size=1, details={"other_processes_cpu_pct": 48.0}),
+            BenchRow("torch", "fp32", batch_size=1, details={"other_processes_cpu_pct": 1.0})]
+    (note,) = harness._contention_notes(rows)
+    assert "up to 48%" in note and "openvino fp32 b1 (48%)" in note and "torch" not in note
+    assert harness._contention_notes(rows[1:]) == []
 
 
 # ---- accuracy on a hand-made case --------------------------------------------------------------------

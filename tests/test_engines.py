@@ -324,6 +324,17 @@ def test_torch_engine_options(binary: dict) -> None:
             engines.open(binary["torch"], device="cuda")
 
 
+def test_torch_engine_runs_channels_last_on_the_cpu_by_default(binary: dict) -> None:
+    """Issue 6: NHWC is oneDNN's faster FP32 path on the CPU; NCHW stays available and agrees."""
+    x = _batch(2, 32, 40, seed=3)
+    with engines.open(binary["torch"]) as default:
+        assert default.channels_last and default.describe()["channels_last"] is True
+        got = default.infer(x)
+    with engines.open(binary["torch"], channels_last=False) as nchw:
+        assert not nchw.channels_last
+        np.testing.assert_allclose(got, nchw.infer(x), atol=1e-5)
+
+
 def test_torch_engine_from_an_in_memory_checkpoint(binary: dict) -> None:
     ckpt = load_checkpoint(binary["torch"])
     x = _batch(1)
@@ -366,6 +377,24 @@ def test_openvino_async_queue_and_hints(binary: dict) -> None:
         assert static.predict(batches[2]).shape == (3, 1, 32, 32)
     with pytest.raises(ResUNetError, match="device npu"):
         engines.open(binary["openvino"], device="npu").load()
+
+
+def test_openvino_precision_hint_reaches_the_convolution_kernels(binary: dict) -> None:
+    """Issue 6: an fp32 artifact compiles f32 convolution kernels (OpenVINO's CPU default would be
+    bf16 on bf16 CPUs), the bf16 hint bf16 ones, and no convolution falls back to a reference kernel."""
+    require("openvino", binary)
+    import openvino as ov
+
+    with engines.open(binary["openvino"]) as fp32:
+        convs = [k for layer, k in fp32.kernels() if layer == "Convolution"]
+        details = fp32.describe()
+    assert convs and all(k.endswith("_f32") and not k.startswith("ref") for k in convs), convs
+    assert sum(details["conv_kernels"].values()) == len(convs)
+    assert all(not k.startswith("Convolution") for k in details["reference_kernels"])
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with engines.open(binary["openvino"], precision="bf16") as bf16:
+            convs = [k for layer, k in bf16.kernels() if layer == "Convolution"]
+        assert convs and all(k.endswith("_bf16") for k in convs), convs
 
 
 # ---- backend selection and metadata -----------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The arithmetic rate this CPU attains, measured, so a benchmark's GFLOP/s reads against this machine.
+
+A rate quoted from a data sheet (cores x clock x FLOP per cycle) can be wrong by 2x: issue 6
+compared the OpenVINO FP32 row with a "peak of ~525 GFLOP/s" for the 2-core benchmark box, whose
+cores (CPUID family 25, i.e. Zen 4) run an AVX-512 FMA as two 256-bit halves -- an FMA
+micro-benchmark there reaches 117 GFLOP/s per core, 234 on both (benchmarks/PERF.md). Against the
+quoted number the toolkit looked 2.5x slow; against the measured one OpenVINO FP32 runs at
+about 85% of the ceiling.
+
+:func:`conv_peak` times one compute-bound convolution -- 3x3, 256 -> 256 channels on 32x32,
+batch 4 (the shape of ResUNet++'s bridge; 9.7 GFLOP a call) -- compiled by OpenVINO's CPU plugin
+at the given inference precision and thread count, the kernels the model's own convolutions use,
+and reports the best of a few short windows (the machine may be shared). It lands within a few
+percent of the FMA ceiling in FP32 (229 of 234 GFLOP/s there) and shows the BF16 ceiling (about
+2x) the same way.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+#: (batch, channels in, channels out, side, kernel) of the measured convolution.
+CONV_SHAPE = (4, 256, 256, 32, 3)
+#: OpenVINO precision hints measured by :func:`cpu_peaks` (bf16 only where the CPU has it).
+PEAK_PRECISIONS = ("f32", "bf16")
+
+
+def conv_flops(shape: tuple[int, int, int, int, int] = CONV_SHAPE) -> int:
+    """FLOPs of one call of the measured convolution (2 per multiply-add, 'same' padding)."""
+    n, cin, cout, side, k = shape
+    return 2 * n * cout * side * side * cin * k * k
+
+
+def _conv_model(shape: tuple[int, int, int, int, int]):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    n, cin, cout, side, k = shape
+    x = ops.parameter([n, cin, side, side], ov.Type.f32, name="x")
+    w = ops.constant(np.random.default_rng(0).normal(0, 0.05, (cout, cin, k, k)).astype(np.float32))
+    pad = k // 2
+    y = ops.convolution(x, w, [1, 1], [pad, pad], [pad, pad], [1, 1])
+    return ov.Model([y], [x], "peak_conv")
+
+
+def conv_peak(precision: str = "f32", threads: int | None = None, seconds: float = 1.0,
+              shape: tuple[int, int, int, int, int] = CONV_SHAPE) -> dict:
+    """GFLOP/s of one compute-bound convolution on the OpenVINO CPU plugin at ``precision``
+    (an ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``), the best of five windows of
+    ``seconds / 5``; with the kernel OpenVINO picked (``brgconv_avx512_f32`` ...)."""
+    import openvino as ov
+
+    from engines.openvino import execution_kernels
+
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = ov.Core().compile_model(_conv_model(shape), "CPU", config)
+    kernel = next((k for layer, k in execution_kernels(compiled) if layer == "Convolution"), None)
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(1).normal(size=compiled.input(0).get_shape()).astype(np.float32)
+    request.infer({0: x})
+    best = float("inf")
+    for _ in range(5):
+        calls, start = 0, time.perf_counter()
+        while calls < 2 or time.perf_counter() - start < seconds / 5:
+            request.infer({0: x})
+            calls += 1
+        best = min(best, (time.perf_counter() - start) / calls)
+    return {"precision": precision, "gflops": conv_flops(shape) / best / 1e9, "kernel": kernel,
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")), "shape": list(shape)}
+
+
+def cpu_peaks(threads: int | None = None, bf16: bool = True, seconds: float = 1.0) -> dict[str, dict]:
+    """:func:`conv_peak` per precision of :data:`PEAK_PRECISIONS` (``bf16`` only when ``bf16``)."""
+    return {p: conv_peak(p, threads, seconds) for p in PEAK_PRECISIONS if p != "bf16" or bf16}
+
+
+def main() -> None:
+    """``python -m benchmarks.peak [THREADS]``: print the measured peaks."""
+    import sys
+
+    threads = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    for p, r in cpu_peaks(threads, seconds=2.0).items():
+        print(f"{p}: {r['gflops']:.0f} GFLOP/s ({r['kernel']}, {r['threads']} threads, conv "
+              f"{'x'.join(map(str, r['shape']))})")
+
+
+if __name__ == "__main__":
+    main()
