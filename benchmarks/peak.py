@@ -7,12 +7,13 @@ micro-benchmark there reaches 117 GFLOP/s per core, 234 on both (benchmarks/PERF
 quoted number the toolkit looked 2.5x slow; against the measured one OpenVINO FP32 runs at
 about 85% of the ceiling.
 
-:func:`conv_peak` times one compute-bound convolution -- 3x3, 256 -> 256 channels on 32x32,
-batch 4 (the shape of ResUNet++'s bridge; 9.7 GFLOP a call) -- compiled by OpenVINO's CPU plugin
-at the given inference precision and thread count, the kernels the model's own convolutions use,
-and reports the best of a few short windows (the machine may be shared). It lands within a few
-percent of the FMA ceiling in FP32 (229 of 234 GFLOP/s there) and shows the BF16 ceiling (about
-2x) the same way.
+:func:`conv_peak` times one compute-bound convolution compiled by OpenVINO's CPU plugin at a
+given inference precision and thread count -- the kernels the model's own convolutions use -- and
+reports the best of a few short windows (the machine may be shared). :func:`cpu_peaks` takes the
+best of three 3x3 shapes (:data:`PEAK_SHAPES`; which one the plugin runs fastest varies by
+precision and from run to run, by +-10% on the benchmark box): 220 of the 234 GFLOP/s FMA ceiling
+in FP32 there, about 430 of 468 in BF16. A model's row can come out a few percent above it --
+the peak is what one isolated layer attains, not a hard bound.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import time
 
 import numpy as np
 
-#: (batch, channels in, channels out, side, kernel) of the measured convolution.
-CONV_SHAPE = (4, 256, 256, 32, 3)
+#: (batch, channels in, channels out, side, kernel) of the measured convolutions; the first is
+#: the shape of ResUNet++'s bridge (9.7 GFLOP a call).
+PEAK_SHAPES = ((4, 256, 256, 32, 3), (1, 512, 512, 32, 3), (2, 512, 512, 16, 3))
+CONV_SHAPE = PEAK_SHAPES[0]
 #: OpenVINO precision hints measured by :func:`cpu_peaks` (bf16 only where the CPU has it).
 PEAK_PRECISIONS = ("f32", "bf16")
 
@@ -73,9 +76,16 @@ def conv_peak(precision: str = "f32", threads: int | None = None, seconds: float
             "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")), "shape": list(shape)}
 
 
-def cpu_peaks(threads: int | None = None, bf16: bool = True, seconds: float = 1.0) -> dict[str, dict]:
-    """:func:`conv_peak` per precision of :data:`PEAK_PRECISIONS` (``bf16`` only when ``bf16``)."""
-    return {p: conv_peak(p, threads, seconds) for p in PEAK_PRECISIONS if p != "bf16" or bf16}
+def cpu_peaks(threads: int | None = None, bf16: bool = True, seconds: float = 3.0) -> dict[str, dict]:
+    """Per precision of :data:`PEAK_PRECISIONS` (``bf16`` only when ``bf16``), the fastest of
+    :func:`conv_peak` over :data:`PEAK_SHAPES`, ``seconds`` spread over all of them."""
+    out = {}
+    for p in PEAK_PRECISIONS:
+        if p == "bf16" and not bf16:
+            continue
+        each = seconds / (len(PEAK_PRECISIONS) * len(PEAK_SHAPES))
+        out[p] = max((conv_peak(p, threads, each, shape) for shape in PEAK_SHAPES), key=lambda r: r["gflops"])
+    return out
 
 
 def main() -> None:
@@ -83,7 +93,7 @@ def main() -> None:
     import sys
 
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else None
-    for p, r in cpu_peaks(threads, seconds=2.0).items():
+    for p, r in cpu_peaks(threads, seconds=6.0).items():
         print(f"{p}: {r['gflops']:.0f} GFLOP/s ({r['kernel']}, {r['threads']} threads, conv "
               f"{'x'.join(map(str, r['shape']))})")
 
