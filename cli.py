@@ -184,6 +184,11 @@ class ExportNNCFPreset(str, _enum.Enum):
     mixed = "mixed"
 
 
+class ExportOpenVINOInt8(str, _enum.Enum):
+    qdq = "qdq"
+    nncf = "nncf"
+
+
 class ExportTRTCalibrator(str, _enum.Enum):
     entropy = "entropy"
 
@@ -273,11 +278,18 @@ def export_command(
         "--per-channel/--per-tensor", help="INT8 weight scales per output channel.")] = True,
     keep_float: Annotated[list[str] | None, typer.Option(
         help="Repeatable module path kept in float in INT8 artifacts, e.g. decoder1.attention, head "
-             "(default: the recipe found by `resunetpp quantize` on the shipped model; 'none': keep nothing).")] = None,
+             "(default: none, every convolution INT8; 'none': keep nothing).")] = None,
     int8_ops: Annotated[str, typer.Option(
         help="INT8: 'conv' quantizes convolutions only (default), 'all' every quantizable op.")] = "conv",
+    int8_outputs: Annotated[bool, typer.Option(
+        "--int8-outputs/--no-int8-outputs",
+        help="Also quantize each INT8 convolution's output (ONNX Runtime's default; off: inputs and weights "
+             "only, as NNCF and TensorRT place them, measurably closer to FP32).")] = False,
+    openvino_int8: Annotated[ExportOpenVINOInt8, typer.Option(
+        help="OpenVINO INT8 IR: 'qdq' converts the INT8 Q/DQ ONNX (same scales as ONNX Runtime/TensorRT), "
+             "'nncf' quantizes the IR with NNCF.")] = ExportOpenVINOInt8.qdq,
     nncf_preset: Annotated[ExportNNCFPreset, typer.Option(
-        help="NNCF preset for the OpenVINO INT8 IR.")] = ExportNNCFPreset.performance,
+        help="NNCF preset for the OpenVINO INT8 IR (--openvino-int8 nncf).")] = ExportNNCFPreset.performance,
     fast_bias_correction: Annotated[bool, typer.Option(
         "--fast-bias-correction/--full-bias-correction", help="NNCF bias correction.")] = True,
     workspace: Annotated[int, typer.Option(min=1, help="TensorRT workspace limit, MiB.")] = 2048,
@@ -317,7 +329,9 @@ def export_command(
             eval=eval_dir, eval_split=eval_split, eval_count=eval_count,
             batch=_export_batch(batch), image_size=_export_size(image_size), dynamic_size=dynamic_size,
             opset=opset, simplify=simplify, allow_accuracy_drop=allow_accuracy_drop,
-            qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep, conv_only=conv_only),
+            qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep, conv_only=conv_only,
+                          quantize_outputs=int8_outputs),
+            openvino_int8=openvino_int8.value,
             nncf=NNCFRecipe(preset=nncf_preset.value, fast_bias_correction=fast_bias_correction, keep_modules=keep,
                             conv_only=conv_only),
             fp16=FP16Recipe(),
@@ -589,6 +603,7 @@ def quantize_command(
     qat_lr: Annotated[float, typer.Option(min=0.0, help="QAT peak learning rate (Adam, cosine to 0).")] = 2e-5,
     qat_batch_size: Annotated[int, typer.Option(min=1)] = 4,
     qat_keep_float: Annotated[Optional[list[str]], typer.Option(help="Module kept in float during QAT and in its INT8 artifacts (repeatable; default none: every convolution INT8).")] = None,
+    qat_dice_weight: Annotated[float, typer.Option(min=0.0, help="QAT: weight of a per-image soft-Dice term against the FP32 model's masks, added to the KL distillation (0: KL only).")] = 0.0,
 ) -> None:
     """INT8 sensitivity analysis and mixed-precision search; writes OUT/sensitivity.json.
 
@@ -609,7 +624,7 @@ def quantize_command(
         from export.report import print_summary
 
         qopts = QATOptions(epochs=qat_epochs, lr=qat_lr, batch_size=qat_batch_size, percentile=percentile,
-                           keep_modules=tuple(qat_keep_float or ()))
+                           keep_modules=tuple(qat_keep_float or ()), dice_weight=qat_dice_weight)
         try:
             report = qat_and_export(opts, qopts, qat_images, log=lambda m: console.print(m, highlight=False))
         except ResUNetError as e:

@@ -47,6 +47,10 @@ RANGE_PROBE_IMAGES = 32
 VERIFY_BATCH = 4
 
 
+#: Where the INT8 OpenVINO IR comes from (:attr:`ExportOptions.openvino_int8`).
+OPENVINO_INT8_SOURCES = ("qdq", "nncf")
+
+
 def artifact_name(fmt: str, precision: str) -> str:
     """Relative path of an artifact inside ``--out``."""
     if fmt == "onnx":
@@ -92,6 +96,15 @@ class ExportOptions:
     #: quantization-aware fine-tune (``resunetpp quantize --qat-epochs``) is judged against the
     #: model it was fine-tuned from. FP32/FP16 artifacts are still compared with ``checkpoint``.
     reference: Path | None = None
+    #: How the INT8 OpenVINO IR is quantized: ``"qdq"`` converts the INT8 Q/DQ ONNX (the same
+    #: scales ONNX Runtime and TensorRT run, so one quantization is verified on two runtimes, and
+    #: a QAT fine-tune's ranges carry over); ``"nncf"`` quantizes the FP32 IR with NNCF instead.
+    openvino_int8: str = "qdq"
+
+    def __post_init__(self) -> None:
+        if self.openvino_int8 not in OPENVINO_INT8_SOURCES:
+            raise ResUNetError(f"OpenVINO INT8 source must be one of {', '.join(OPENVINO_INT8_SOURCES)}, "
+                               f"got {self.openvino_int8!r}")
 
 
 @dataclass
@@ -491,8 +504,11 @@ class _Run:
 
         final = self.final("openvino", precision)
         extra: dict = {}
-        ov_model = ovx.convert_onnx(self.onnx_paths["fp32"])
-        if precision == "int8":
+        if precision == "int8" and self.o.openvino_int8 == "qdq":
+            ov_model, extra = self._from_qdq()
+        else:
+            ov_model = ovx.convert_onnx(self.onnx_paths["fp32"])
+        if precision == "int8" and self.o.openvino_int8 == "nncf":
             ov_model, extra = self._nncf(ov_model)
         with ovx.staged_ir(final) as stage:
             ovx.save_ir(ov_model, stage.xml, compress_to_fp16=precision == "fp16")
@@ -509,6 +525,20 @@ class _Run:
             else:
                 stage.discard()
         self.add("openvino", precision, final, keep, metrics, gate)
+
+    def _from_qdq(self):
+        """The INT8 IR converted from the Q/DQ ONNX: OpenVINO turns each Q/DQ pair into a
+        FakeQuantize and runs the convolutions in INT8 (low-precision transformations)."""
+        from export import openvino as ovx
+
+        self._ensure_source("int8_qdq")
+        with self.r.task("convert the INT8 Q/DQ ONNX to OpenVINO IR"):
+            ov_model = ovx.convert_onnx(self.onnx_paths["int8_qdq"])
+        fq = sum(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ordered_ops())
+        calib = self.calibration_record({"tool": "onnxruntime", "method": self.o.qdq.method})
+        return ov_model, {"calibration": calib,
+                          "quantization": {**self.qdq_record, "openvino": "converted from the INT8 Q/DQ ONNX",
+                                           "fake_quantize_ops": fq}}
 
     def _nncf(self, ov_model):
         from export.quantize import quantize_openvino

@@ -10,12 +10,15 @@ that the quantized network reproduces the FP32 model's probabilities:
     teacher (the checkpoint, FP32, frozen) ----------------------> p_ref = sigmoid/softmax
                                                                          |
     student (a copy) with fake quantization at every convolution:        |  distillation loss:
-        x --FQ(per-tensor, calibrated)--> Conv(FQ(W, per channel)) --FQ--> BCE(student, p_ref)
-                                                                         |  (soft CE for C >= 2)
+        x --FQ(per-tensor, calibrated)--> Conv(FQ(W, per channel)) -------> KL(p_ref || student)
+                                                                         |  [+ w * per-image
+                                                                         |   soft Dice to the
+                                                                         |   teacher's masks]
 
 The simulated points are exactly where :func:`export.quantize.quantize_qdq` puts Q/DQ pairs with
-the conv-only recipe: each convolution's input and output (signed INT8, symmetric, per-tensor
-ranges from the same percentile calibration) and its weight (symmetric, per output channel).
+the conv-only recipe: each convolution's input (signed INT8, symmetric, per-tensor ranges from
+the same percentile calibration) and its weight (symmetric, per output channel); with
+``outputs`` (the recipe's ``quantize_outputs``) each convolution's output as well.
 Gradients pass the rounding with the straight-through estimator (``torch.fake_quantize_*``).
 BatchNorm stays in inference mode (its statistics frozen), as it runs in the deployed graph.
 
@@ -61,6 +64,12 @@ class QATOptions:
     keep_modules: tuple[str, ...] = ()
     seed: int = 0
     flips: bool = True
+    #: Weight of the per-image soft-Dice term against the teacher's masks (0: KL alone). The KL is
+    #: a mean over pixels, so a small polyp's few boundary pixels barely move it, while the goal is
+    #: a per-image Dice; this term gives every image's mask the same say.
+    dice_weight: float = 0.0
+    #: Fake-quantize convolution outputs too (the Q/DQ recipe's ``quantize_outputs``).
+    outputs: bool = False
 
     def check(self) -> None:
         problems = []
@@ -72,6 +81,8 @@ class QATOptions:
             problems.append(f"QAT batch size must be positive, got {self.batch_size}")
         if not 0 < self.percentile <= 100:
             problems.append(f"percentile must be in (0, 100], got {self.percentile}")
+        if not self.dice_weight >= 0:
+            problems.append(f"Dice weight must be >= 0, got {self.dice_weight}")
         if problems:
             raise ResUNetError("; ".join(problems))
 
@@ -128,9 +139,11 @@ class QuantSim:
     ``remove()`` takes every hook and parametrization away, leaving the plain latent weights.
     """
 
-    def __init__(self, model: nn.Module, keep_modules: Sequence[str] = (), percentile: float = 99.99) -> None:
+    def __init__(self, model: nn.Module, keep_modules: Sequence[str] = (), percentile: float = 99.99,
+                 outputs: bool = False) -> None:
         self.model = model
         self.percentile = percentile
+        self.outputs = outputs
         self.convs: dict[str, nn.Conv2d] = {}
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d) and not any(name == k or name.startswith(k + ".") for k in keep_modules):
@@ -149,7 +162,8 @@ class QuantSim:
             self.weight_fq.append(_WeightFQ())
             parametrize.register_parametrization(conv, "weight", self.weight_fq[-1])
             self.handles.append(conv.register_forward_pre_hook(self._pre(name + ":in")))
-            self.handles.append(conv.register_forward_hook(self._post(name + ":out")))
+            if outputs:
+                self.handles.append(conv.register_forward_hook(self._post(name + ":out")))
 
     # -- activation points --
     def _fq(self, key: str, x: torch.Tensor) -> torch.Tensor:
@@ -209,6 +223,22 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (p_log.exp() * (p_log - F.log_softmax(student_logits, 1))).sum(1).mean()
 
 
+def mask_dice_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Mean over images and classes of ``1 - soft Dice(student probabilities, teacher mask)``, the
+    teacher's mask thresholded as the verification thresholds it (0.5 for one class, arg-max
+    otherwise). Each image counts once, whatever its polyp's size; ``eps`` keeps empty masks
+    defined (an empty prediction of an empty mask scores 0)."""
+    if student_logits.shape[1] == 1:
+        p = torch.sigmoid(student_logits)
+        m = (teacher_logits > 0).to(p.dtype)
+    else:
+        p = F.softmax(student_logits, 1)
+        m = F.one_hot(teacher_logits.argmax(1), teacher_logits.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
+    inter = (p * m).sum((2, 3))
+    dice = (2 * inter + eps) / (p.sum((2, 3)) + m.sum((2, 3)) + eps)
+    return (1 - dice).mean()
+
+
 def _batches(images: Sequence[np.ndarray], size: int, rng: random.Random, flips: bool) -> Iterable[torch.Tensor]:
     order = list(range(len(images)))
     rng.shuffle(order)
@@ -239,7 +269,7 @@ def qat_finetune(model: nn.Module, train_images: Sequence[np.ndarray], calib_ima
     student = copy.deepcopy(model).eval()  # eval: BatchNorm keeps its statistics, as deployed
     for p in student.parameters():
         p.requires_grad_(True)
-    sim = QuantSim(student, options.keep_modules, options.percentile)
+    sim = QuantSim(student, options.keep_modules, options.percentile, outputs=options.outputs)
     sim.observe(len(calib_images))
     with torch.no_grad():
         for x in _batches(calib_images, options.batch_size, random.Random(0), flips=False):
@@ -268,7 +298,10 @@ def qat_finetune(model: nn.Module, train_images: Sequence[np.ndarray], calib_ima
                 g["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             with torch.no_grad():
                 target = teacher(x)
-            loss = distillation_loss(student(x), target)
+            logits = student(x)
+            loss = distillation_loss(logits, target)
+            if options.dice_weight:
+                loss = loss + options.dice_weight * mask_dice_loss(logits, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -301,7 +334,7 @@ def qat_checkpoint(checkpoint: Path, train_images: Sequence[np.ndarray], calib_i
     return save_checkpoint(Checkpoint(ckpt.config, sd, ckpt.preprocessing, list(ckpt.class_names), prov), out)
 
 
-__all__ = ["QATOptions", "QuantSim", "distillation_loss", "qat_checkpoint", "qat_finetune"]
+__all__ = ["QATOptions", "QuantSim", "distillation_loss", "mask_dice_loss", "qat_checkpoint", "qat_finetune"]
 
 
 def qat_and_export(o, qat: QATOptions, train_count: int | None = None,

@@ -260,6 +260,11 @@ def test_metadata_present_and_complete(exported):
             assert c["split"] == "train" and c["held_out_evaluation"]["split"] == "val"
             assert not set(c["images"]) & set(c["held_out_evaluation"]["images"])
             assert a["quantization"]["excluded_nodes"], "the output activation stays float"
+            if fmt == "openvino":  # by default the IR is the Q/DQ ONNX's quantization, converted
+                assert a["quantization"]["openvino"] == "converted from the INT8 Q/DQ ONNX"
+                assert a["quantization"]["fake_quantize_ops"] > 20
+                onnx_q = read_record(out / artifact_name("onnx", "int8"))["artifact"]["quantization"]
+                assert a["quantization"]["excluded_nodes"] == onnx_q["excluded_nodes"]
         else:
             assert a["calibration"] is None
     # ONNX files embed the same record as their sidecar.
@@ -297,6 +302,18 @@ def test_allow_accuracy_drop_writes_the_failing_artifact_and_records_it(workspac
     gate = read_record(xml)["artifact"]["accuracy"]["gate"]
     assert gate["passed"] is False and gate["overridden"] is True and gate["value"] < INT8_MIN_DICE
     assert "kept: --allow-accuracy-drop" in result.stderr
+
+
+def test_openvino_int8_with_nncf_instead_of_the_qdq_onnx(workspace, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "-f", "openvino", "-p", "int8",
+                                 "--calib", str(workspace["data"]), "--openvino-int8", "nncf"])
+    assert result.exit_code == 0, result.output
+    q = read_record(out / "openvino" / "model_int8.xml")["artifact"]["quantization"]
+    assert q["backend"] == "nncf.quantize" and "openvino" not in q
+    assert not (out / "model_int8_qdq.onnx").exists()  # only what was asked for is written
+    bad = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "--openvino-int8", "pot"])
+    assert bad.exit_code == 2 and "pot" in bad.output
 
 
 def test_int8_without_held_out_images_is_refused(workspace, tmp_path):
@@ -437,6 +454,34 @@ def test_qdq_quantization_keeps_requested_modules_in_float(fp32_graph, tmp_path,
     assert result.record()["recipe"]["method"] == method
     x = batches[0]
     assert np.isfinite(ort_predict_fn(result.path)(x)).all()
+
+
+@pytest.mark.parametrize("outputs", [False, True])
+def test_qdq_conv_outputs_are_quantized_only_when_asked(fp32_graph, tmp_path, outputs):
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((1, 3, SIZE, SIZE)).astype(np.float32) for _ in range(4)]
+    cache = calibrate_ranges(fp32_graph["path"], batches, tmp_path / "ranges.json", method="percentile")
+    result = quantize_qdq(fp32_graph["path"], cache, tmp_path / "q.onnx",
+                          QDQRecipe(keep_modules=(), quantize_outputs=outputs))
+    q = onnx.load(str(result.path))
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    convs = [n for n in q.graph.node if n.op_type == "Conv" and producers.get(n.input[1]) == "DequantizeLinear"]
+    assert convs and all(producers.get(c.input[0]) == "DequantizeLinear" for c in convs), "inputs are INT8"
+    nodes_reading: dict[str, list] = {}
+    for n in q.graph.node:
+        for i in n.input:
+            nodes_reading.setdefault(i, []).append(n)
+
+    def feeds_only_convs(q_node) -> bool:  # Q -> DQ -> Conv (an INT8 convolution's input)
+        return all(r.op_type == "Conv" for dq in nodes_reading[q_node.output[0]] for r in nodes_reading[dq.output[0]])
+
+    requantized = [c for c in convs for r in nodes_reading.get(c.output[0], [])
+                   if r.op_type == "QuantizeLinear" and not feeds_only_convs(r)]
+    if outputs:
+        assert requantized
+    else:
+        assert not requantized, "no Q/DQ pair on a convolution's output unless it is the next convolution's input"
+    assert result.record()["recipe"]["quantize_outputs"] is outputs
 
 
 def test_fp16_conversion_keeps_listed_and_overflowing_nodes_in_fp32(fp32_graph):

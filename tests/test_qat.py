@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from cli import app
 from export.calibration import synthetic_images
 from export.pipeline import ExportOptions, run_export
-from export.qat import QATOptions, QuantSim, _TopK, distillation_loss, qat_finetune
+from export.qat import QATOptions, QuantSim, _TopK, distillation_loss, mask_dice_loss, qat_finetune
 from export.quantize import NNCFRecipe, QDQRecipe
 from resunetpp.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from resunetpp.errors import ResUNetError
@@ -55,7 +55,13 @@ def test_fake_quant_sits_on_every_convolution_outside_the_kept_modules_and_comes
     with torch.no_grad():
         ref = model(x)
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    sim = QuantSim(model, keep_modules=("head", "decoder1"))
+    only_inputs = QuantSim(model)
+    only_inputs.observe(images=2)
+    with torch.no_grad():
+        model(x)
+    assert set(only_inputs.freeze()) == {f"{n}:in" for n in convs}  # default: inputs (and weights) only
+    only_inputs.remove()
+    sim = QuantSim(model, keep_modules=("head", "decoder1"), outputs=True)
     assert set(sim.convs) == {n for n in convs if n != "head" and not n.startswith("decoder1.")}
     sim.observe(images=2)
     with torch.no_grad():
@@ -83,6 +89,20 @@ def test_distillation_loss_is_zero_only_when_the_student_agrees() -> None:
     assert float(distillation_loss(t3.flip(1), t3)) > 0.1
 
 
+def test_mask_dice_loss_weighs_every_image_alike() -> None:
+    teacher = torch.full((2, 1, 16, 16), -20.0)
+    teacher[0, :, :8] = 20.0  # a large mask
+    teacher[1, :, :2, :2] = 20.0  # a tiny one
+    assert float(mask_dice_loss(teacher, teacher)) == pytest.approx(0.0, abs=2e-3)
+    miss_large, miss_tiny = teacher.clone(), teacher.clone()
+    miss_large[0, :, :2, :2] = -20.0  # the same 4 pixels lost on either image
+    miss_tiny[1, :, :2, :2] = -20.0
+    assert float(distillation_loss(miss_large, teacher)) == pytest.approx(float(distillation_loss(miss_tiny, teacher)))
+    assert float(mask_dice_loss(miss_tiny, teacher)) > 10 * float(mask_dice_loss(miss_large, teacher))
+    three = torch.randn(2, 3, 8, 8) * 4
+    assert float(mask_dice_loss(three, three)) < float(mask_dice_loss(three.flip(1), three))
+
+
 def test_qat_brings_the_quantized_model_closer_to_the_teacher_on_held_out_images() -> None:
     model = _confident()
     rng = np.random.default_rng(0)  # noise images: wide activations, so INT8 visibly moves the output
@@ -101,6 +121,7 @@ def test_qat_brings_the_quantized_model_closer_to_the_teacher_on_held_out_images
     ({"epochs": 0}, "QAT epochs must be a positive integer"),
     ({"lr": 0.0}, "QAT learning rate must be positive"),
     ({"percentile": 0.0}, "percentile must be in"),
+    ({"dice_weight": -1.0}, "Dice weight must be >= 0"),
 ])
 def test_bad_qat_options_are_refused(kw, message) -> None:
     with pytest.raises(ResUNetError, match=message):
@@ -158,7 +179,7 @@ def test_quantize_qat_cli_writes_checkpoint_and_int8_artifacts(tmp_path: Path) -
     calib, ev = _folder(tmp_path, "calib", 8, 2), _folder(tmp_path, "eval", 4, 3)
     out = tmp_path / "q"
     result = CliRunner().invoke(app, ["quantize", str(ckpt), "--calib", str(calib), "--eval", str(ev), "--out",
-                                      str(out), "--qat-epochs", "2", "--qat-lr", "1e-3", "--calib-count", "4",
+                                      str(out), "--qat-epochs", "2", "--qat-lr", "1e-3", "--calib-count", "4", "--qat-dice-weight", "0.5",
                                       "--target-dice", "0.0", "--target-min-dice", "0.0"])
     assert result.exit_code == 0, result.output
     assert "goal" in result.output and " met" in result.output
@@ -167,6 +188,7 @@ def test_quantize_qat_cli_writes_checkpoint_and_int8_artifacts(tmp_path: Path) -
     assert prov["int8_reference"]["sha256"] == file_sha256(ckpt) == prov["lineage"]["init_sha256"]
     assert prov["qat"]["train_images"] == 8 and prov["qat"]["calibration_images"] == 4
     assert len(prov["qat"]["history"]) == 2
+    assert prov["qat"]["options"]["dice_weight"] == 0.5 and prov["qat"]["options"]["outputs"] is False
     report = json.loads((out / "export_report.json").read_text())
     assert {(x["format"], x["precision"]) for x in report["artifacts"]} == {("onnx", "int8"), ("openvino", "int8")}
     assert report["verification"]["int8_reference"]["sha256"] == file_sha256(ckpt)
