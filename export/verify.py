@@ -117,6 +117,7 @@ def compare_outputs(probs: Sequence[np.ndarray], reference: Sequence[np.ndarray]
         "reference_dice_vs_gt_mean": rg_mean,
         "dice_vs_gt_drop": (rg_mean - g_mean) if g_mean is not None and rg_mean is not None else None,
         "worst_images": [{"image": labels[j], "dice_vs_reference": dice_ref[j]} for j in order],
+        "dice_vs_reference_per_image": [round(float(d), 6) for d in dice_ref],
         "threshold": threshold,
     }
 
@@ -177,9 +178,10 @@ def gate_for(precision: str, metrics: dict) -> Gate:
     ok = v >= threshold
     if precision == "int8" and ok and metrics["dice_vs_reference_min"] < INT8_MIN_IMAGE_DICE:
         w = metrics["dice_vs_reference_min"]
+        below = sum(d < INT8_MIN_IMAGE_DICE for d in metrics.get("dice_vs_reference_per_image", [w]))
         return Gate("int8-dice", "dice_vs_reference_min", INT8_MIN_IMAGE_DICE, w, False,
-                    f"mean Dice vs the FP32 reference mask {v:.4f} but one image at {w:.4f} < "
-                    f"{INT8_MIN_IMAGE_DICE:g} on {n} images")
+                    f"mean Dice vs the FP32 reference mask {v:.4f} but {below} image{'s' if below > 1 else ''} "
+                    f"below {INT8_MIN_IMAGE_DICE:g} (worst {w:.4f}) on {n} images")
     return Gate(f"{precision}-dice", "dice_vs_reference_mean", threshold, v, ok,
                 f"mean Dice vs the FP32 reference mask {v:.4f} {'>=' if ok else '<'} {threshold:g} "
                 f"(min {metrics['dice_vs_reference_min']:.4f}) on {n} images")

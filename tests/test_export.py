@@ -541,6 +541,13 @@ def test_compare_to_reference_and_gates():
     flipped = compare_to_reference(lambda x: 1 - ref(x), ref, images, masks)
     assert flipped["dice_vs_reference_mean"] < 0.1 and flipped["dice_vs_gt_mean"] < 0.1
     assert not gate_for("int8", flipped).passed and gate_for("int8", same).passed
+    assert same["dice_vs_reference_per_image"] == [1.0, 1.0, 1.0]
+    # a good mean with images below the per-image floor: the gate says how many
+    mixed = {**same, "images": 40, "dice_vs_reference_mean": 0.985, "dice_vs_reference_min": 0.5,
+             "dice_vs_reference_per_image": [1.0] * 37 + [0.5, 0.8, 0.95]}
+    gate = gate_for("int8", mixed)
+    assert not gate.passed and gate.value == 0.5
+    assert "but 2 images below 0.9 (worst 0.5000) on 40 images" in gate.reason
     nan = compare_to_reference(lambda x: np.where(x[:, :1] > 2.5, np.nan, ref(x)), ref, images)
     assert nan["nonfinite_images"] >= 1 and not gate_for("fp16", nan).passed
     off = compare_to_reference(lambda x: ref(x) + 2e-4, ref, images)
