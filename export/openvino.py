@@ -1,4 +1,4 @@
-"""OpenVINO IR (FP32, FP16-compressed, INT8 via NNCF) from the exported FP32 ONNX.
+"""OpenVINO IR (FP32, FP16-compressed; INT8 converted from the Q/DQ ONNX or quantized by NNCF).
 
 The IR is converted from the verified ONNX graph (``ov.convert_model``), so all formats share one
 graph and its dynamic axes. ``ov.save_model`` writes ``.xml`` + ``.bin``; :func:`staged_ir` saves

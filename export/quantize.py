@@ -19,8 +19,8 @@ shipped Kvasir-SEG model it cost 0.007 mean Dice vs FP32 and more on the worst i
 (benchmarks/INT8.md, section 7). Nothing else is changed in the graph (no ORT pre-processing pass), so node names
 stay those of the FP32 export and :func:`export.onnx.node_scopes` maps them to modules.
 
-:func:`quantize_openvino` does the same for OpenVINO with NNCF (``nncf.quantize``), translating
-the exclusions to ``nncf.IgnoredScope`` names of the IR (OpenVINO keeps ONNX node names as
+:func:`quantize_openvino` (``export --openvino-int8 nncf``) quantizes the OpenVINO IR with NNCF
+instead (``nncf.quantize``), translating the exclusions to ``nncf.IgnoredScope`` names of the IR (OpenVINO keeps ONNX node names as
 friendly names, ``/WithoutBiases`` suffixes added for split convolutions).
 """
 
