@@ -216,8 +216,23 @@ def node_scopes(model) -> dict[str, str]:
     for node in model.graph.node:
         module = _module_of(node)
         if module is not None and node.name:
-            out[node.name] = _strip_wrapper(module)
+            own = _conv_module(node)
+            out[node.name] = _strip_wrapper(own if own is not None else module)
     return out
+
+
+def _conv_module(node) -> str | None:
+    """The convolution module a Conv node computes, from its weight's name (``model.stem.body.0.weight``).
+
+    The exporter folds BatchNorm into the preceding convolution and the fused node keeps the
+    *BatchNorm's* metadata (``stem.body.1``); its weight keeps the convolution's parameter name, so
+    ``--keep-float stem.body.0`` names the convolution as the user sees it in the model."""
+    if node.op_type not in ("Conv", "ConvTranspose") or len(node.input) < 2:
+        return None
+    weight = node.input[1]
+    if weight.startswith(WRAPPED_PREFIX + ".") and weight.endswith(".weight"):
+        return weight.removesuffix(".weight")
+    return None
 
 
 def in_module(scope: str, module: str) -> bool:

@@ -423,6 +423,9 @@ def test_node_scopes_trace_nodes_to_modules(fp32_graph):
     modules = set(scopes.values())
     assert {"head", "decoder1.attention", "bridge.project", "head_aspp.project"} <= modules
     assert any(m.startswith("stem.body.") for m in modules) and "" in modules  # "" = the output activation
+    # a convolution with BatchNorm folded into it is found under the convolution's own name
+    (stem_conv,) = nodes_in_modules(scopes, ["stem.body.0"])
+    assert {n.name: n.op_type for n in fp32_graph["model"].graph.node}[stem_conv] == "Conv"
     (head,) = nodes_in_modules(scopes, ["head"])
     assert {n.name: n.op_type for n in fp32_graph["model"].graph.node}[head] == "Conv"
     attention = nodes_in_modules(scopes, ["decoder1.attention"])
