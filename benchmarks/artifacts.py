@@ -126,6 +126,7 @@ def artifact_key(ckpt: Checkpoint, pre: Preprocessing, calibration: cal.ImageSet
         "calibration_sha256": calibration.digest if calibration is not None else None,
         "opset": DEFAULT_OPSET,
         "recipes": {name: asdict(getattr(ExportOptions, name)) for name in ("qdq", "nncf", "fp16")},
+        "openvino_int8": ExportOptions.openvino_int8,
         "resunetpp": __version__,
         "versions": {m: library_version(m) for m in ("torch", "onnx", "onnxruntime", "openvino", "nncf",
                                                      "tensorrt")},

@@ -97,8 +97,8 @@ class ExportOptions:
     #: model it was fine-tuned from. FP32/FP16 artifacts are still compared with ``checkpoint``.
     reference: Path | None = None
     #: How the INT8 OpenVINO IR is quantized: ``"qdq"`` converts the INT8 Q/DQ ONNX (the same
-    #: scales ONNX Runtime and TensorRT run, so one quantization is verified on two runtimes, and
-    #: a QAT fine-tune's ranges carry over); ``"nncf"`` quantizes the FP32 IR with NNCF instead.
+    #: scales ONNX Runtime and TensorRT run, so one quantization is verified on two runtimes, with
+    #: the placement a QAT fine-tune was simulated with); ``"nncf"`` quantizes the IR with NNCF.
     openvino_int8: str = "qdq"
 
     def __post_init__(self) -> None:

@@ -493,3 +493,5 @@ def test_load_checkpoint_sha_is_the_cache_key(case):
     key, fields = harness.artifact_key(load_checkpoint(case["ckpt"]), Preprocessing(size=(32, 32)), None)
     other, _ = harness.artifact_key(load_checkpoint(case["ckpt"]), Preprocessing(size=(64, 64)), None)
     assert key != other and len(key) == 16 and fields["checkpoint_sha256"] == load_checkpoint(case["ckpt"]).sha256
+    # the INT8 recipe is part of the key: a changed default re-exports instead of reusing old artifacts
+    assert fields["recipes"]["qdq"]["quantize_outputs"] is False and fields["openvino_int8"] == "qdq"
