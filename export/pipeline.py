@@ -508,8 +508,8 @@ class _Run:
             ov_model, extra = self._from_qdq()
         else:
             ov_model = ovx.convert_onnx(self.onnx_paths["fp32"])
-        if precision == "int8" and self.o.openvino_int8 == "nncf":
-            ov_model, extra = self._nncf(ov_model)
+            if precision == "int8":
+                ov_model, extra = self._nncf(ov_model)
         with ovx.staged_ir(final) as stage:
             ovx.save_ir(ov_model, stage.xml, compress_to_fp16=precision == "fp16")
             metrics = self.measure(f"OpenVINO {precision.upper()} IR (CPU, f32 hint)", ovx.ov_predict_fn(stage.xml),

@@ -143,7 +143,6 @@ class QuantSim:
                  outputs: bool = False) -> None:
         self.model = model
         self.percentile = percentile
-        self.outputs = outputs
         self.convs: dict[str, nn.Conv2d] = {}
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d) and not any(name == k or name.startswith(k + ".") for k in keep_modules):
@@ -370,5 +369,6 @@ def qat_and_export(o, qat: QATOptions, train_count: int | None = None,
         calib=Path(o.calib), calib_split=o.calib_split, calib_count=o.calib_count,
         eval=Path(o.eval), eval_split=o.eval_split, eval_count=o.eval_count,
         image_size=o.image_size, allow_accuracy_drop=True, reference=Path(o.checkpoint),
-        qdq=QDQRecipe(method=o.method, percentile=o.percentile, **recipe), nncf=NNCFRecipe(**recipe))
+        qdq=QDQRecipe(method=o.method, percentile=o.percentile, quantize_outputs=qat.outputs, **recipe),
+        nncf=NNCFRecipe(**recipe))
     return run_export(options)

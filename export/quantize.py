@@ -16,12 +16,14 @@ default), so one set of scales is verified on two runtimes. By default only each
 convolution's *inputs* and weights get Q/DQ pairs (as NNCF and TensorRT place them): a second
 pair on every convolution's output, ONNX Runtime's own default, only adds rounding -- on the
 shipped Kvasir-SEG model it cost 0.007 mean Dice vs FP32 and more on the worst image
-(benchmarks/INT8.md, section 7). Nothing else is changed in the graph (no ORT pre-processing pass), so node names
-stay those of the FP32 export and :func:`export.onnx.node_scopes` maps them to modules.
+(benchmarks/INT8.md, section 7). Nothing else is changed in the graph (no ORT pre-processing
+pass), so node names stay those of the FP32 export and :func:`export.onnx.node_scopes` maps them
+to modules.
 
 :func:`quantize_openvino` (``export --openvino-int8 nncf``) quantizes the OpenVINO IR with NNCF
-instead (``nncf.quantize``), translating the exclusions to ``nncf.IgnoredScope`` names of the IR (OpenVINO keeps ONNX node names as
-friendly names, ``/WithoutBiases`` suffixes added for split convolutions).
+instead (``nncf.quantize``), translating the exclusions to ``nncf.IgnoredScope`` names of the IR
+(OpenVINO keeps ONNX node names as friendly names, ``/WithoutBiases`` suffixes added for split
+convolutions).
 """
 
 from __future__ import annotations

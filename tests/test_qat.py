@@ -193,6 +193,9 @@ def test_quantize_qat_cli_writes_checkpoint_and_int8_artifacts(tmp_path: Path) -
     assert {(x["format"], x["precision"]) for x in report["artifacts"]} == {("onnx", "int8"), ("openvino", "int8")}
     assert report["verification"]["int8_reference"]["sha256"] == file_sha256(ckpt)
     assert (out / "model_int8_qdq.onnx").is_file() and (out / "openvino" / "model_int8.xml").is_file()
+    onnx_int8 = next(x for x in report["artifacts"] if x["format"] == "onnx")
+    qdq_recipe = json.loads((out / "model_int8_qdq.onnx.json").read_text())["artifact"]["quantization"]["recipe"]
+    assert onnx_int8["written"] and qdq_recipe["quantize_outputs"] is prov["qat"]["options"]["outputs"]
 
     # an impossible goal: the artifacts are written, the exit code says the goal is not met
     strict = CliRunner().invoke(app, ["quantize", str(ckpt), "--calib", str(calib), "--eval", str(ev), "--out",
