@@ -285,6 +285,13 @@ def export_command(
         "--int8-outputs/--no-int8-outputs",
         help="Also quantize each INT8 convolution's output (ONNX Runtime's default; off: inputs and weights "
              "only, as NNCF and TensorRT place them, measurably closer to FP32).")] = False,
+    equalize: Annotated[bool, typer.Option(
+        "--equalize/--no-equalize",
+        help="INT8: equalize activation ranges across channels before calibration (cross-layer "
+             "equalization; same FP32 function, checked).")] = True,
+    equalize_alpha: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
+                               "same range, 0 equalizes the weights instead.")] = 1.0,
     openvino_int8: Annotated[ExportOpenVINOInt8, typer.Option(
         help="OpenVINO INT8 IR: 'qdq' converts the INT8 Q/DQ ONNX (same scales as ONNX Runtime/TensorRT), "
              "'nncf' quantizes the IR with NNCF.")] = ExportOpenVINOInt8.qdq,
@@ -330,7 +337,7 @@ def export_command(
             batch=_export_batch(batch), image_size=_export_size(image_size), dynamic_size=dynamic_size,
             opset=opset, simplify=simplify, allow_accuracy_drop=allow_accuracy_drop,
             qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep, conv_only=conv_only,
-                          quantize_outputs=int8_outputs),
+                          quantize_outputs=int8_outputs, equalize_alpha=equalize_alpha if equalize else None),
             openvino_int8=openvino_int8.value,
             nncf=NNCFRecipe(preset=nncf_preset.value, fast_bias_correction=fast_bias_correction, keep_modules=keep,
                             conv_only=conv_only),
@@ -598,6 +605,13 @@ def quantize_command(
     target_dice: Annotated[float, typer.Option(help="Goal: mean Dice vs the FP32 reference masks.")] = 0.98,
     target_min_dice: Annotated[float, typer.Option(help="Goal: no image below this Dice vs reference.")] = 0.90,
     max_keep: Annotated[int, typer.Option(min=0, help="Most module groups the search keeps in float.")] = 6,
+    equalize: Annotated[bool, typer.Option(
+        "--equalize/--no-equalize",
+        help="INT8: equalize activation ranges across channels before calibration (cross-layer "
+             "equalization; same FP32 function, checked).")] = True,
+    equalize_alpha: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
+                               "same range, 0 equalizes the weights instead.")] = 1.0,
     qat_epochs: Annotated[int, typer.Option(min=0, help="Quantization-aware fine-tuning epochs instead of the search (0: off). Writes OUT/model_qat.safetensors and its INT8 Q/DQ ONNX and OpenVINO IR, judged against CHECKPOINT.")] = 0,
     qat_images: Annotated[Optional[int], typer.Option(min=1, help="QAT training images from --calib's split (default: all of them).")] = None,
     qat_lr: Annotated[float, typer.Option(min=0.0, help="QAT peak learning rate (Adam, cosine to 0).")] = 2e-5,
@@ -618,7 +632,8 @@ def quantize_command(
 
     console = Console(stderr=True)
     opts = QuantizeOptions(checkpoint, calib, eval_, out, calib_split, eval_split, calib_count, eval_count,
-                           method.value, percentile, ops.value, Goal(target_dice, target_min_dice), max_keep)
+                           method.value, percentile, ops.value, Goal(target_dice, target_min_dice), max_keep,
+                           equalize_alpha=equalize_alpha if equalize else None)
     if qat_epochs:
         from export.qat import QATOptions, qat_and_export
         from export.report import print_summary

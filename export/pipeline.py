@@ -44,6 +44,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 REPORT_NAME = "export_report.json"
 #: Images the FP16 range probe runs (calibration images when given, else verification images).
 RANGE_PROBE_IMAGES = 32
+#: Held-out images on which the equalized FP32 ONNX must match the export's FP32 ONNX.
+EQUALIZATION_CHECK_IMAGES = 4
 VERIFY_BATCH = 4
 
 
@@ -286,6 +288,8 @@ class _Run:
         self.fp32_model = None
         self.fp16_result: FP16Result | None = None
         self.qdq_record: dict | None = None
+        self.equalized_model = None
+        self.equalization_record: dict | None = None
 
     def _preprocessing(self) -> Preprocessing:
         try:
@@ -469,6 +473,45 @@ class _Run:
         rec["held_out_evaluation"] = self.eval.record()
         return rec
 
+    def int8_source(self):
+        """The FP32 ONNX (path, model) the INT8 artifacts are quantized from: the export's own,
+        or, with ``QDQRecipe.equalize_alpha`` set, the same function with equalized activation
+        ranges (:mod:`export.equalize`), checked against the FP32 ONNX before it is used."""
+        import onnx
+
+        from export.equalize import equalize
+        from export.onnx import export_onnx, ort_predict_fn
+        from resunetpp.model import WithActivation
+
+        alpha = self.o.qdq.equalize_alpha
+        if alpha is None:
+            return self.onnx_paths["fp32"], self.fp32_model
+        if "fp32_equalized" in self.onnx_paths:
+            return self.onnx_paths["fp32_equalized"], self.equalized_model
+        model = self.ckpt.build_model()
+        with self.r.task(f"equalize activation ranges (alpha {alpha:g}, PyTorch)", total=len(self.calib)) as adv:
+            def batches() -> Iterator[np.ndarray]:
+                for x in self.calib.inputs(self.pre):
+                    yield x[None]
+                    adv(1)
+            result = equalize(model, batches(), alpha)
+        with self.r.task("export the equalized model to ONNX"):
+            self.equalized_model = export_onnx(WithActivation(model), self.spec, opset=self.o.opset,
+                                               simplify=self.o.simplify)
+        path = self.work / "fp32_equalized.onnx"
+        onnx.save_model(self.equalized_model, str(path))
+        probe = self.vset.inputs[:EQUALIZATION_CHECK_IMAGES]
+        ours, theirs = ort_predict_fn(path), ort_predict_fn(self.onnx_paths["fp32"])
+        err = max(float(np.max(np.abs(ours(x) - theirs(x))))
+                  for x in _batches(probe, self.o.batch or 1, fixed=self.o.batch is not None))
+        if not err <= FP32_MAX_ABS_ERROR:
+            raise ResUNetError(f"equalization changed the FP32 model (largest probability difference {err:.3g} > "
+                               f"{FP32_MAX_ABS_ERROR:g}); export with --no-equalize")
+        self.onnx_paths["fp32_equalized"] = path
+        self.equalization_record = {**result.record(), "fp32_max_abs_difference": err,
+                                    "checked_on_images": len(probe)}
+        return path, self.equalized_model
+
     def onnx_int8(self, write: bool) -> None:
         import onnx
 
@@ -476,15 +519,16 @@ class _Run:
         from export.quantize import calibrate_ranges, quantize_qdq
 
         recipe = self.o.qdq
+        source, _ = self.int8_source()
         cache = self.work / f"ranges_{recipe.method}.json"
         with self.r.task(f"calibrate Q/DQ ranges ({recipe.method}, ONNX Runtime)", total=len(self.calib)) as adv:
-            calibrate_ranges(self.onnx_paths["fp32"], _batches(self.calib.inputs(self.pre), self.o.batch or 1,
+            calibrate_ranges(source, _batches(self.calib.inputs(self.pre), self.o.batch or 1,
                                                                 fixed=self.o.batch is not None),
                              cache, method=recipe.method, percentile=recipe.percentile, progress=adv)
         with self.r.task("quantize Q/DQ ONNX (ONNX Runtime quantize_static)"):
-            result = quantize_qdq(self.onnx_paths["fp32"], cache, self.work / "int8_qdq.onnx", recipe)
+            result = quantize_qdq(source, cache, self.work / "int8_qdq.onnx", recipe)
         self.onnx_paths["int8_qdq"] = result.path
-        self.qdq_record = result.record()
+        self.qdq_record = {**result.record(), "equalization": self.equalization_record}
         if not write:
             return
         metrics = self.measure("ONNX INT8 Q/DQ (ONNX Runtime)", ort_predict_fn(result.path), "int8")
@@ -507,7 +551,7 @@ class _Run:
         if precision == "int8" and self.o.openvino_int8 == "qdq":
             ov_model, extra = self._from_qdq()
         else:
-            ov_model = ovx.convert_onnx(self.onnx_paths["fp32"])
+            ov_model = ovx.convert_onnx(self.int8_source()[0] if precision == "int8" else self.onnx_paths["fp32"])
             if precision == "int8":
                 ov_model, extra = self._nncf(ov_model)
         with ovx.staged_ir(final) as stage:
@@ -555,10 +599,11 @@ class _Run:
 
         recipe = replace(self.o.nncf, subset_size=len(groups))
         with self.r.task(f"quantize OpenVINO IR (NNCF, {recipe.preset} preset, {len(paths)} images)"):
-            result = quantize_openvino(ov_model, self.fp32_model, groups, load, recipe)
+            result = quantize_openvino(ov_model, self.int8_source()[1], groups, load, recipe)
         calib = self.calibration_record({"tool": "nncf", "preset": recipe.preset,
                                          "range_estimator": recipe.range_estimator})
-        return result.model, {"calibration": calib, "quantization": result.record()}
+        return result.model, {"calibration": calib,
+                              "quantization": {**result.record(), "equalization": self.equalization_record}}
 
     def tensorrt(self, precisions: list[str], trt_version: str) -> None:
         from export import tensorrt as trtx

@@ -320,12 +320,22 @@ def qat_finetune(model: nn.Module, train_images: Sequence[np.ndarray], calib_ima
 
 
 def qat_checkpoint(checkpoint: Path, train_images: Sequence[np.ndarray], calib_images: Sequence[np.ndarray],
-                   options: QATOptions, out: Path, log: Callable[[str], None] = lambda _m: None) -> Path:
-    """:func:`qat_finetune` a checkpoint file and save the result (fp32) at ``out``, with lineage."""
+                   options: QATOptions, out: Path, log: Callable[[str], None] = lambda _m: None,
+                   equalize_alpha: float | None = None) -> Path:
+    """:func:`qat_finetune` a checkpoint file and save the result (fp32) at ``out``, with lineage.
+
+    With ``equalize_alpha``, the model's activation ranges are equalized first
+    (:mod:`export.equalize`, same FP32 function), so that QAT fine-tunes the parametrization the
+    export quantizes."""
+    from export.equalize import equalize
     from resunetpp.checkpoint import Checkpoint, lineage, load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    model, record = qat_finetune(ckpt.build_model(), train_images, calib_images, options, log)
+    net = ckpt.build_model()
+    if equalize_alpha is not None:
+        equalize(net, (x[None] for x in calib_images), equalize_alpha)
+    model, record = qat_finetune(net, train_images, calib_images, options, log)
+    record["equalize_alpha"] = equalize_alpha
     origin = lineage(checkpoint, ckpt)
     prov = {"trained_with": "resunetpp quantize --qat-epochs", "qat": record, "lineage": origin,
             "int8_reference": {"path": origin["init_from"], "sha256": origin["init_sha256"]}}
@@ -362,13 +372,14 @@ def qat_and_export(o, qat: QATOptions, train_count: int | None = None,
     log(f"QAT on {len(train)} images ({train.source}), ranges from {len(calib)}, judged on {len(evset)} "
         f"held-out images ({evset.source})")
     path = qat_checkpoint(o.checkpoint, list(train.inputs(pre)), list(calib.inputs(pre)), qat,
-                          out / "model_qat.safetensors", log)
+                          out / "model_qat.safetensors", log, equalize_alpha=o.equalize_alpha)
     recipe = dict(keep_modules=qat.keep_modules, conv_only=o.ops == "conv")
     options = ExportOptions(
         checkpoint=path, out=out, formats=("onnx", "openvino"), precisions=("int8",),
         calib=Path(o.calib), calib_split=o.calib_split, calib_count=o.calib_count,
         eval=Path(o.eval), eval_split=o.eval_split, eval_count=o.eval_count,
         image_size=o.image_size, allow_accuracy_drop=True, reference=Path(o.checkpoint),
-        qdq=QDQRecipe(method=o.method, percentile=o.percentile, quantize_outputs=qat.outputs, **recipe),
+        qdq=QDQRecipe(method=o.method, percentile=o.percentile, quantize_outputs=qat.outputs,
+                      equalize_alpha=o.equalize_alpha, **recipe),
         nncf=NNCFRecipe(**recipe))
     return run_export(options)

@@ -46,6 +46,9 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 NNCF_PRESETS = ("performance", "mixed")
 NNCF_RANGE_ESTIMATORS = ("default", "minmax", "mean_minmax", "median_minmax", "histogram")
 DEFAULT_PERCENTILE = 99.99
+#: Cross-layer equalization strength of the default recipe (``export.equalize``): every equalized
+#: tensor's channels get the same range (benchmarks/INT8.md, section 8).
+DEFAULT_EQUALIZE_ALPHA = 1.0
 #: Module groups the default INT8 recipe keeps in float: none. With only convolution inputs and
 #: weights quantized, every convolution in INT8 keeps the means of the goal on the shipped model
 #: (Dice vs FP32 0.986 on all 120 validation images, both runtimes) at 3.5x OpenVINO FP32; the
@@ -102,8 +105,13 @@ class QDQRecipe(Exclusions):
     #: only inputs and weights are quantized -- what NNCF does for OpenVINO and what TensorRT's
     #: explicit quantization needs (it fuses the next op's input Q into the convolution anyway).
     quantize_outputs: bool = False
+    #: Cross-layer equalization of activation ranges before calibration (:mod:`export.equalize`):
+    #: SmoothQuant's migration strength ``alpha`` in [0, 1], or ``None`` to quantize the model as it is.
+    equalize_alpha: float | None = DEFAULT_EQUALIZE_ALPHA
 
     def __post_init__(self) -> None:
+        if self.equalize_alpha is not None and not 0.0 <= self.equalize_alpha <= 1.0:
+            raise ResUNetError(f"equalization alpha must be in [0, 1], got {self.equalize_alpha}")
         if self.method not in CALIBRATION_METHODS:
             raise ResUNetError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, "
                                f"got {self.method!r}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from export.onnx import module_groups, node_scopes, ort_predict_fn
-from export.quantize import QDQRecipe, quantize_qdq
+from export.quantize import DEFAULT_EQUALIZE_ALPHA, QDQRecipe, quantize_qdq
 from export.verify import compare_outputs, predict_batched
 from resunetpp.errors import ResUNetError
 
@@ -198,6 +198,8 @@ class QuantizeOptions:
     goal: Goal = Goal()
     max_keep: int = 6
     image_size: tuple[int, int] | None = None
+    #: Cross-layer equalization before calibration (``QDQRecipe.equalize_alpha``); None: off.
+    equalize_alpha: float | None = DEFAULT_EQUALIZE_ALPHA
 
 
 def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | None = None) -> SensitivityReport:
@@ -209,6 +211,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     import onnx
 
     from export import calibration as cal
+    from export.equalize import equalize
     from export.onnx import ShapeSpec, export_onnx
     from export.quantize import CALIBRATION_METHODS, calibrate_ranges
     from resunetpp.atomic import write_json_atomic
@@ -229,15 +232,20 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".quantize-work-", dir=out) as tmp:
         work = Path(tmp)
+        net = ckpt.build_model()
+        if o.equalize_alpha is not None:
+            say(f"equalizing activation ranges (alpha {o.equalize_alpha:g}) on {len(calib)} images")
+            equalize(net, (x[None] for x in calib.inputs(pre)), o.equalize_alpha)
         say("exporting the FP32 ONNX")
-        model = export_onnx(WithActivation(ckpt.build_model()),
+        model = export_onnx(WithActivation(net),
                             ShapeSpec(ckpt.config.in_channels, ckpt.config.num_classes, pre.size))
         fp32 = work / "fp32.onnx"
         onnx.save(model, str(fp32))
         say(f"calibrating ({o.method}) on {len(calib)} images")
         cache = calibrate_ranges(fp32, ((x[None]) for x in calib.inputs(pre)), work / "ranges.calib",
                                  method=o.method, percentile=o.percentile)
-        base = QDQRecipe(method=o.method, percentile=o.percentile, keep_modules=(), conv_only=o.ops == "conv")
+        base = QDQRecipe(method=o.method, percentile=o.percentile, keep_modules=(), conv_only=o.ops == "conv",
+                         equalize_alpha=o.equalize_alpha)
         ev = Evaluator(fp32, cache, list(evset.inputs(pre)), work=work, num_classes=ckpt.config.num_classes)
         try:
             report = run_analysis(ev, base, o.goal, o.max_keep, progress=lambda g: say(f"measuring {g}"))

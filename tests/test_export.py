@@ -260,6 +260,9 @@ def test_metadata_present_and_complete(exported):
             assert c["split"] == "train" and c["held_out_evaluation"]["split"] == "val"
             assert not set(c["images"]) & set(c["held_out_evaluation"]["images"])
             assert a["quantization"]["excluded_nodes"], "the output activation stays float"
+            eq = a["quantization"]["equalization"]  # default recipe: equalized, checked against FP32
+            assert eq["alpha"] == 1.0 and eq["sites"] == 33 and eq["fp32_max_abs_difference"] <= 1e-4
+            assert a["quantization"]["recipe"]["equalize_alpha"] == 1.0
             if fmt == "openvino":  # by default the IR is the Q/DQ ONNX's quantization, converted
                 assert a["quantization"]["openvino"] == "converted from the INT8 Q/DQ ONNX"
                 assert a["quantization"]["fake_quantize_ops"] > 20
@@ -311,9 +314,21 @@ def test_openvino_int8_with_nncf_instead_of_the_qdq_onnx(workspace, tmp_path):
     assert result.exit_code == 0, result.output
     q = read_record(out / "openvino" / "model_int8.xml")["artifact"]["quantization"]
     assert q["backend"] == "nncf.quantize" and "openvino" not in q
+    assert q["equalization"]["sites"] == 33  # NNCF quantizes the equalized FP32 model too
     assert not (out / "model_int8_qdq.onnx").exists()  # only what was asked for is written
     bad = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "--openvino-int8", "pot"])
     assert bad.exit_code == 2 and "pot" in bad.output
+
+
+def test_no_equalize_quantizes_the_model_as_it_is(workspace, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "-f", "onnx", "-p", "int8",
+                                 "--calib", str(workspace["data"]), "--no-equalize"])
+    assert result.exit_code == 0, result.output
+    q = read_record(out / "model_int8_qdq.onnx")["artifact"]["quantization"]
+    assert q["equalization"] is None and q["recipe"]["equalize_alpha"] is None
+    bad = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "--equalize-alpha", "1.5"])
+    assert bad.exit_code == 2 and "--equalize-alpha" in bad.output
 
 
 def test_int8_without_held_out_images_is_refused(workspace, tmp_path):

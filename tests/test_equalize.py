@@ -1,0 +1,84 @@
+"""Cross-layer equalization: same FP32 function, equal channel ranges, every site found."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from export.equalize import channel_ranges, equalize, resunetpp_sites
+from export.quantize import QDQRecipe
+from resunetpp.errors import ResUNetError
+from resunetpp.model import ModelConfig, ResUNetPlusPlus
+
+CONFIG = ModelConfig(filters=(8, 16, 16, 32), bridge=32)
+
+
+def _model(architecture: str = "resunetpp", seed: int = 0) -> ResUNetPlusPlus:
+    """A model whose BatchNorms carry non-trivial statistics, so rescaling them is tested."""
+    torch.manual_seed(seed)
+    model = ResUNetPlusPlus(CONFIG if architecture == "resunetpp"
+                            else ModelConfig(**{**CONFIG.to_dict(), "architecture": architecture}))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.3, 3.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return model.eval()
+
+
+def _batches(seed: int = 1, n: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(2, 3, 32, 32)).astype(np.float32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("architecture", ["resunetpp", "resunetpp-sigmoid-attention"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_equalization_keeps_the_fp32_function(architecture, alpha):
+    model = _model(architecture)
+    x = torch.as_tensor(_batches(seed=7, n=1)[0])
+    with torch.no_grad():
+        before = model(x)
+    result = equalize(model, _batches(), alpha)
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert len(result.sites) == len(set(result.sites))
+    # The sigmoid-gated variant's attention product is not homogeneous in the gate: those sites are left out.
+    assert len(result.sites) == (33 if architecture == "resunetpp" else 30)
+
+
+def test_alpha_one_gives_every_channel_of_every_site_the_same_range():
+    model = _model()
+    batches = _batches()
+    sites = resunetpp_sites(model)
+    before = channel_ranges(model, sites, batches)
+    result = equalize(model, batches, 1.0, sites=sites)
+    after = channel_ranges(model, sites, batches)
+    spread_before = [float(r.min() / r.max()) for r in before.values()]
+    for name, r in after.items():
+        live = before[name] > 1e-6 * before[name].max()
+        torch.testing.assert_close(r[live], torch.ones_like(r[live]), rtol=1e-3, atol=0, msg=name)
+    assert min(spread_before) < 0.2  # there was something to equalize
+    lo, hi = result.median_channel_range["head:input"]
+    assert hi == pytest.approx(1.0, abs=1e-3) and lo < 1.0
+
+
+def test_every_convolution_input_that_is_not_the_image_is_equalized():
+    model = _model()
+    measured = {s.measure for s in resunetpp_sites(model)}
+    readers = {r.module for s in resunetpp_sites(model) for r in s.readers}
+    convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    image_convs = {"stem.body.0", "stem.shortcut.0"}
+    assert convs - image_convs <= readers  # every conv reading a feature map gets rescaled weights
+    assert measured <= convs
+
+
+def test_alpha_outside_unit_interval_is_rejected():
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        equalize(copy.deepcopy(_model()), _batches(), 1.5)
+    with pytest.raises(ResUNetError, match=r"equalization alpha must be in \[0, 1\]"):
+        QDQRecipe(equalize_alpha=-0.1)
