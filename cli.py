@@ -292,6 +292,9 @@ def export_command(
     equalize_alpha: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
                                "same range, 0 equalizes the weights instead.")] = 1.0,
+    bias_correction: Annotated[Optional[int], typer.Option(
+        min=0, help="INT8: empirical bias correction over this many calibration images (each convolution's "
+                    "mean shift under simulated INT8 removed, in order); 0: off; default: the recipe's.")] = None,
     openvino_int8: Annotated[ExportOpenVINOInt8, typer.Option(
         help="OpenVINO INT8 IR: 'qdq' converts the INT8 Q/DQ ONNX (same scales as ONNX Runtime/TensorRT), "
              "'nncf' quantizes the IR with NNCF.")] = ExportOpenVINOInt8.qdq,
@@ -337,7 +340,8 @@ def export_command(
             batch=_export_batch(batch), image_size=_export_size(image_size), dynamic_size=dynamic_size,
             opset=opset, simplify=simplify, allow_accuracy_drop=allow_accuracy_drop,
             qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep, conv_only=conv_only,
-                          quantize_outputs=int8_outputs, equalize_alpha=equalize_alpha if equalize else None),
+                          quantize_outputs=int8_outputs, equalize_alpha=equalize_alpha if equalize else None,
+                          **({} if bias_correction is None else {"bias_correction_images": bias_correction})),
             openvino_int8=openvino_int8.value,
             nncf=NNCFRecipe(preset=nncf_preset.value, fast_bias_correction=fast_bias_correction, keep_modules=keep,
                             conv_only=conv_only),

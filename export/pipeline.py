@@ -288,8 +288,9 @@ class _Run:
         self.fp32_model = None
         self.fp16_result: FP16Result | None = None
         self.qdq_record: dict | None = None
-        self.equalized_model = None
+        self.int8_source_model = None
         self.equalization_record: dict | None = None
+        self.bias_correction_record: dict | None = None
 
     def _preprocessing(self) -> Preprocessing:
         try:
@@ -474,43 +475,70 @@ class _Run:
         return rec
 
     def int8_source(self):
-        """The FP32 ONNX (path, model) the INT8 artifacts are quantized from: the export's own,
-        or, with ``QDQRecipe.equalize_alpha`` set, the same function with equalized activation
-        ranges (:mod:`export.equalize`), checked against the FP32 ONNX before it is used."""
+        """The FP32 ONNX (path, model) the INT8 artifacts are quantized from: the export's own, or
+        the model with equalized activation ranges (``QDQRecipe.equalize_alpha``, same function:
+        checked against the FP32 ONNX) and biases corrected for INT8's mean shifts
+        (``QDQRecipe.bias_correction_images``, :mod:`export.bias_correction`)."""
+        recipe = self.o.qdq
+        if recipe.equalize_alpha is None and not recipe.bias_correction_images:
+            return self.onnx_paths["fp32"], self.fp32_model
+        if "int8_source" not in self.onnx_paths:
+            self._prepare_int8_source(recipe)
+        return self.onnx_paths["int8_source"], self.int8_source_model
+
+    def _export_source(self, model, name: str):
         import onnx
 
-        from export.equalize import equalize
-        from export.onnx import export_onnx, ort_predict_fn
+        from export.onnx import export_onnx
         from resunetpp.model import WithActivation
 
-        alpha = self.o.qdq.equalize_alpha
-        if alpha is None:
-            return self.onnx_paths["fp32"], self.fp32_model
-        if "fp32_equalized" in self.onnx_paths:
-            return self.onnx_paths["fp32_equalized"], self.equalized_model
+        with self.r.task(f"export the {name} model to ONNX"):
+            onnx_model = export_onnx(WithActivation(model), self.spec, opset=self.o.opset, simplify=self.o.simplify)
+        path = self.work / f"fp32_{name.replace(' ', '_')}.onnx"
+        onnx.save_model(onnx_model, str(path))
+        return path, onnx_model
+
+    def _calib_batches(self, adv: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+        for x in self.calib.inputs(self.pre):
+            yield x[None]
+            if adv:
+                adv(1)
+
+    def _prepare_int8_source(self, recipe: QDQRecipe) -> None:
+        from export.onnx import ort_predict_fn
+
         model = self.ckpt.build_model()
-        with self.r.task(f"equalize activation ranges (alpha {alpha:g}, PyTorch)", total=len(self.calib)) as adv:
-            def batches() -> Iterator[np.ndarray]:
-                for x in self.calib.inputs(self.pre):
-                    yield x[None]
-                    adv(1)
-            result = equalize(model, batches(), alpha)
-        with self.r.task("export the equalized model to ONNX"):
-            self.equalized_model = export_onnx(WithActivation(model), self.spec, opset=self.o.opset,
-                                               simplify=self.o.simplify)
-        path = self.work / "fp32_equalized.onnx"
-        onnx.save_model(self.equalized_model, str(path))
-        probe = self.vset.inputs[:EQUALIZATION_CHECK_IMAGES]
-        ours, theirs = ort_predict_fn(path), ort_predict_fn(self.onnx_paths["fp32"])
-        err = max(float(np.max(np.abs(ours(x) - theirs(x))))
-                  for x in _batches(probe, self.o.batch or 1, fixed=self.o.batch is not None))
-        if not err <= FP32_MAX_ABS_ERROR:
-            raise ResUNetError(f"equalization changed the FP32 model (largest probability difference {err:.3g} > "
-                               f"{FP32_MAX_ABS_ERROR:g}); export with --no-equalize")
-        self.onnx_paths["fp32_equalized"] = path
-        self.equalization_record = {**result.record(), "fp32_max_abs_difference": err,
-                                    "checked_on_images": len(probe)}
-        return path, self.equalized_model
+        path, onnx_model = self.onnx_paths["fp32"], self.fp32_model
+        if recipe.equalize_alpha is not None:
+            from export.equalize import equalize
+
+            alpha = recipe.equalize_alpha
+            with self.r.task(f"equalize activation ranges (alpha {alpha:g}, PyTorch)", total=len(self.calib)) as adv:
+                result = equalize(model, self._calib_batches(adv), alpha)
+            path, onnx_model = self._export_source(model, "equalized")
+            probe = self.vset.inputs[:EQUALIZATION_CHECK_IMAGES]
+            ours, theirs = ort_predict_fn(path), ort_predict_fn(self.onnx_paths["fp32"])
+            err = max(float(np.max(np.abs(ours(x) - theirs(x))))
+                      for x in _batches(probe, self.o.batch or 1, fixed=self.o.batch is not None))
+            if not err <= FP32_MAX_ABS_ERROR:
+                raise ResUNetError(f"equalization changed the FP32 model (largest probability difference {err:.3g} > "
+                                   f"{FP32_MAX_ABS_ERROR:g}); export with --no-equalize")
+            self.equalization_record = {**result.record(), "fp32_max_abs_difference": err,
+                                        "checked_on_images": len(probe)}
+        if recipe.bias_correction_images:
+            from torch import nn
+
+            from export.bias_correction import bias_correct
+
+            n_convs = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))
+            with self.r.task(f"correct INT8 biases ({recipe.bias_correction_images} images, simulated INT8)",
+                             total=n_convs) as adv:
+                self.bias_correction_record = bias_correct(
+                    model, list(self._calib_batches()), recipe.bias_correction_images,
+                    percentile=recipe.percentile, progress=adv)
+            path, onnx_model = self._export_source(model, "bias corrected")
+        self.onnx_paths["int8_source"] = path
+        self.int8_source_model = onnx_model
 
     def onnx_int8(self, write: bool) -> None:
         import onnx
@@ -528,7 +556,8 @@ class _Run:
         with self.r.task("quantize Q/DQ ONNX (ONNX Runtime quantize_static)"):
             result = quantize_qdq(source, cache, self.work / "int8_qdq.onnx", recipe)
         self.onnx_paths["int8_qdq"] = result.path
-        self.qdq_record = {**result.record(), "equalization": self.equalization_record}
+        self.qdq_record = {**result.record(), "equalization": self.equalization_record,
+                           "bias_correction": self.bias_correction_record}
         if not write:
             return
         metrics = self.measure("ONNX INT8 Q/DQ (ONNX Runtime)", ort_predict_fn(result.path), "int8")
@@ -603,7 +632,8 @@ class _Run:
         calib = self.calibration_record({"tool": "nncf", "preset": recipe.preset,
                                          "range_estimator": recipe.range_estimator})
         return result.model, {"calibration": calib,
-                              "quantization": {**result.record(), "equalization": self.equalization_record}}
+                              "quantization": {**result.record(), "equalization": self.equalization_record,
+                                               "bias_correction": self.bias_correction_record}}
 
     def tensorrt(self, precisions: list[str], trt_version: str) -> None:
         from export import tensorrt as trtx

@@ -82,3 +82,39 @@ def test_alpha_outside_unit_interval_is_rejected():
         equalize(copy.deepcopy(_model()), _batches(), 1.5)
     with pytest.raises(ResUNetError, match=r"equalization alpha must be in \[0, 1\]"):
         QDQRecipe(equalize_alpha=-0.1)
+
+
+# ---- empirical bias correction --------------------------------------------------------------------------
+def _int8_mean_shift(model: ResUNetPlusPlus, ref: ResUNetPlusPlus, batches: list[np.ndarray]) -> float:
+    """Sum over convolutions of the largest per-channel |mean(simulated INT8 out) - mean(FP32 out)|."""
+    from export.bias_correction import _conv_means
+    from export.qat import QuantSim
+
+    xs = [torch.as_tensor(b) for b in batches]
+    reference = _conv_means(ref, {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Conv2d)}, xs)
+    sim = QuantSim(model)
+    sim.observe(len(xs))
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    sim.freeze()
+    try:
+        means = _conv_means(model, sim.convs, xs)
+    finally:
+        sim.remove()
+    return sum(float((means[n] - reference[n]).abs().max()) for n in means)
+
+
+def test_bias_correction_removes_the_int8_mean_shift():
+    from export.bias_correction import bias_correct
+
+    ref = _model(seed=3)
+    batches = _batches(seed=5, n=4)
+    before = _int8_mean_shift(copy.deepcopy(ref), ref, batches)
+    corrected = copy.deepcopy(ref)
+    record = bias_correct(corrected, batches, images=4)
+    after = _int8_mean_shift(corrected, ref, batches)
+    assert record["convolutions"] == sum(isinstance(m, torch.nn.Conv2d) for m in ref.modules())
+    assert after < 0.5 * before, (before, after)
+    with pytest.raises(ValueError, match="images must be >= 1"):
+        bias_correct(copy.deepcopy(ref), batches, images=0)

@@ -331,6 +331,18 @@ def test_no_equalize_quantizes_the_model_as_it_is(workspace, tmp_path):
     assert bad.exit_code == 2 and "--equalize-alpha" in bad.output
 
 
+def test_bias_correction_is_applied_and_recorded(workspace, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "-f", "onnx", "-p", "int8",
+                                 "--calib", str(workspace["data"]), "--bias-correction", "4"])
+    assert result.exit_code == 0, result.output
+    q = read_record(out / "model_int8_qdq.onnx")["artifact"]["quantization"]
+    assert q["recipe"]["bias_correction_images"] == 4 and q["bias_correction"]["images"] == 4
+    assert q["bias_correction"]["convolutions"] > 20 and q["equalization"]["sites"] == 33
+    bad = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "--bias-correction", "-1"])
+    assert bad.exit_code == 2 and "--bias-correction" in bad.output
+
+
 def test_int8_without_held_out_images_is_refused(workspace, tmp_path):
     result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(tmp_path / "o"), "-p", "int8",
                                  "--calib", str(workspace["black"])])
