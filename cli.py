@@ -289,9 +289,9 @@ def export_command(
         "--equalize/--no-equalize",
         help="INT8: equalize activation ranges across channels before calibration (cross-layer "
              "equalization; same FP32 function, checked).")] = True,
-    equalize_alpha: Annotated[float, typer.Option(
+    equalize_alpha: Annotated[Optional[float], typer.Option(
         min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
-                               "same range, 0 equalizes the weights instead.")] = 1.0,
+                               "same range, 0 equalizes the weights instead; default: the recipe's.")] = None,
     bias_correction: Annotated[Optional[int], typer.Option(
         min=0, help="INT8: empirical bias correction over this many calibration images (each convolution's "
                     "mean shift under simulated INT8 removed, in order); 0: off; default: the recipe's.")] = None,
@@ -340,7 +340,7 @@ def export_command(
             batch=_export_batch(batch), image_size=_export_size(image_size), dynamic_size=dynamic_size,
             opset=opset, simplify=simplify, allow_accuracy_drop=allow_accuracy_drop,
             qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep, conv_only=conv_only,
-                          quantize_outputs=int8_outputs, equalize_alpha=equalize_alpha if equalize else None,
+                          quantize_outputs=int8_outputs, equalize_alpha=_equalize_alpha(equalize, equalize_alpha),
                           **({} if bias_correction is None else {"bias_correction_images": bias_correction})),
             openvino_int8=openvino_int8.value,
             nncf=NNCFRecipe(preset=nncf_preset.value, fast_bias_correction=fast_bias_correction, keep_modules=keep,
@@ -593,6 +593,15 @@ class QuantOps(str, _enum.Enum):
     all = "all"
 
 
+def _equalize_alpha(equalize: bool, alpha: float | None) -> float | None:
+    """``--equalize/--no-equalize`` and ``--equalize-alpha`` as one recipe value (None: off)."""
+    from export.quantize import DEFAULT_EQUALIZE_ALPHA
+
+    if not equalize:
+        return None
+    return DEFAULT_EQUALIZE_ALPHA if alpha is None else alpha
+
+
 @app.command("quantize")
 def quantize_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.safetensors / .pt) to quantize.")],
@@ -613,9 +622,9 @@ def quantize_command(
         "--equalize/--no-equalize",
         help="INT8: equalize activation ranges across channels before calibration (cross-layer "
              "equalization; same FP32 function, checked).")] = True,
-    equalize_alpha: Annotated[float, typer.Option(
+    equalize_alpha: Annotated[Optional[float], typer.Option(
         min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
-                               "same range, 0 equalizes the weights instead.")] = 1.0,
+                               "same range, 0 equalizes the weights instead; default: the recipe's.")] = None,
     qat_epochs: Annotated[int, typer.Option(min=0, help="Quantization-aware fine-tuning epochs instead of the search (0: off). Writes OUT/model_qat.safetensors and its INT8 Q/DQ ONNX and OpenVINO IR, judged against CHECKPOINT.")] = 0,
     qat_images: Annotated[Optional[int], typer.Option(min=1, help="QAT training images from --calib's split (default: all of them).")] = None,
     qat_lr: Annotated[float, typer.Option(min=0.0, help="QAT peak learning rate (Adam, cosine to 0).")] = 2e-5,
@@ -637,7 +646,7 @@ def quantize_command(
     console = Console(stderr=True)
     opts = QuantizeOptions(checkpoint, calib, eval_, out, calib_split, eval_split, calib_count, eval_count,
                            method.value, percentile, ops.value, Goal(target_dice, target_min_dice), max_keep,
-                           equalize_alpha=equalize_alpha if equalize else None)
+                           equalize_alpha=_equalize_alpha(equalize, equalize_alpha))
     if qat_epochs:
         from export.qat import QATOptions, qat_and_export
         from export.report import print_summary

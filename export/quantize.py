@@ -46,9 +46,9 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 NNCF_PRESETS = ("performance", "mixed")
 NNCF_RANGE_ESTIMATORS = ("default", "minmax", "mean_minmax", "median_minmax", "histogram")
 DEFAULT_PERCENTILE = 99.99
-#: Cross-layer equalization strength of the default recipe (``export.equalize``): every equalized
-#: tensor's channels get the same range (benchmarks/INT8.md, section 8).
-DEFAULT_EQUALIZE_ALPHA = 1.0
+#: Cross-layer equalization strength of the default recipe (``export.equalize``, SmoothQuant's
+#: alpha): the lowest INT8 logit error of 0.65 / 0.8 / 1 on the shipped model (benchmarks/INT8.md, section 8).
+DEFAULT_EQUALIZE_ALPHA = 0.8
 #: Calibration images the default recipe's empirical bias correction averages over (0: off).
 DEFAULT_BIAS_CORRECTION_IMAGES = 0
 #: Module groups the default INT8 recipe keeps in float: none. With only convolution inputs and

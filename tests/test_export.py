@@ -29,7 +29,7 @@ from export.fp16 import FP16Recipe, activation_ranges, build_fp16, convert_to_fp
 from export.onnx import ShapeSpec, node_scopes, nodes_in_modules, ort_predict_fn
 from export.openvino import ov_predict_fn
 from export.pipeline import ExportOptions, artifact_name, run_export
-from export.quantize import QDQRecipe, calibrate_ranges, quantize_qdq
+from export.quantize import DEFAULT_EQUALIZE_ALPHA, QDQRecipe, calibrate_ranges, quantize_qdq
 from export.tensorrt import tensorrt_status
 from export.verify import FP32_MAX_ABS_ERROR, INT8_MIN_DICE, compare_to_reference, gate_for
 from resunetpp.artifact import ONNX_METADATA_KEY, read_record
@@ -261,8 +261,8 @@ def test_metadata_present_and_complete(exported):
             assert not set(c["images"]) & set(c["held_out_evaluation"]["images"])
             assert a["quantization"]["excluded_nodes"], "the output activation stays float"
             eq = a["quantization"]["equalization"]  # default recipe: equalized, checked against FP32
-            assert eq["alpha"] == 1.0 and eq["sites"] == 33 and eq["fp32_max_abs_difference"] <= 1e-4
-            assert a["quantization"]["recipe"]["equalize_alpha"] == 1.0
+            assert eq["alpha"] == DEFAULT_EQUALIZE_ALPHA and eq["sites"] == 33 and eq["fp32_max_abs_difference"] <= 1e-4
+            assert a["quantization"]["recipe"]["equalize_alpha"] == DEFAULT_EQUALIZE_ALPHA
             if fmt == "openvino":  # by default the IR is the Q/DQ ONNX's quantization, converted
                 assert a["quantization"]["openvino"] == "converted from the INT8 Q/DQ ONNX"
                 assert a["quantization"]["fake_quantize_ops"] > 20
