@@ -526,13 +526,10 @@ class _Run:
             self.equalization_record = {**result.record(), "fp32_max_abs_difference": err,
                                         "checked_on_images": len(probe)}
         if recipe.bias_correction_images:
-            from torch import nn
-
             from export.bias_correction import bias_correct
 
-            n_convs = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))
-            with self.r.task(f"correct INT8 biases ({recipe.bias_correction_images} images, simulated INT8)",
-                             total=n_convs) as adv:
+            n = min(recipe.bias_correction_images, len(self.calib))
+            with self.r.task(f"correct INT8 biases ({n} images, simulated INT8)", total=n) as adv:
                 self.bias_correction_record = bias_correct(
                     model, list(self._calib_batches()), recipe.bias_correction_images,
                     percentile=recipe.percentile, progress=adv)

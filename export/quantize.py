@@ -49,8 +49,8 @@ DEFAULT_PERCENTILE = 99.99
 #: Cross-layer equalization strength of the default recipe (``export.equalize``, SmoothQuant's
 #: alpha): the lowest INT8 logit error of 0.65 / 0.8 / 1 on the shipped model (benchmarks/INT8.md, section 8).
 DEFAULT_EQUALIZE_ALPHA = 0.8
-#: Calibration images the default recipe's empirical bias correction averages over (0: off).
-DEFAULT_BIAS_CORRECTION_IMAGES = 0
+#: Calibration images the default recipe's bias correction (``export.bias_correction``) averages over (0: off).
+DEFAULT_BIAS_CORRECTION_IMAGES = 32
 #: Module groups the default INT8 recipe keeps in float: none. With only convolution inputs and
 #: weights quantized, every convolution in INT8 keeps the means of the goal on the shipped model
 #: (Dice vs FP32 0.986 on all 120 validation images, both runtimes) at 3.5x OpenVINO FP32; the

@@ -84,10 +84,21 @@ def test_alpha_outside_unit_interval_is_rejected():
         QDQRecipe(equalize_alpha=-0.1)
 
 
-# ---- empirical bias correction --------------------------------------------------------------------------
+# ---- bias correction ------------------------------------------------------------------------------------
+def _conv_means(model, convs: dict, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    means: dict[str, torch.Tensor] = {}
+    handles = [c.register_forward_hook(lambda _m, _a, out, n=n: means.__setitem__(
+        n, means.get(n, 0) + out.detach().mean(dim=(0, 2, 3)) / len(xs))) for n, c in convs.items()]
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    for h in handles:
+        h.remove()
+    return means
+
+
 def _int8_mean_shift(model: ResUNetPlusPlus, ref: ResUNetPlusPlus, batches: list[np.ndarray]) -> float:
     """Sum over convolutions of the largest per-channel |mean(simulated INT8 out) - mean(FP32 out)|."""
-    from export.bias_correction import _conv_means
     from export.qat import QuantSim
 
     xs = [torch.as_tensor(b) for b in batches]
