@@ -243,6 +243,25 @@ def _export_sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+#: INT8 range equalization options, shared by ``export`` and ``quantize``.
+EqualizeOption = Annotated[bool, typer.Option(
+    "--equalize/--no-equalize",
+    help="INT8: equalize activation ranges across channels before calibration (cross-layer "
+         "equalization; same FP32 function, checked).")]
+EqualizeAlphaOption = Annotated[Optional[float], typer.Option(
+    min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
+                           "same range, 0 equalizes the weights instead; default: the recipe's.")]
+
+
+def _equalize_alpha(equalize: bool, alpha: float | None) -> float | None:
+    """``--equalize/--no-equalize`` and ``--equalize-alpha`` as one recipe value (None: off)."""
+    from export.quantize import DEFAULT_EQUALIZE_ALPHA
+
+    if not equalize:
+        return None
+    return DEFAULT_EQUALIZE_ALPHA if alpha is None else alpha
+
+
 @app.command("export")
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
@@ -285,13 +304,8 @@ def export_command(
         "--int8-outputs/--no-int8-outputs",
         help="Also quantize each INT8 convolution's output (ONNX Runtime's default; off: inputs and weights "
              "only, as NNCF and TensorRT place them, measurably closer to FP32).")] = False,
-    equalize: Annotated[bool, typer.Option(
-        "--equalize/--no-equalize",
-        help="INT8: equalize activation ranges across channels before calibration (cross-layer "
-             "equalization; same FP32 function, checked).")] = True,
-    equalize_alpha: Annotated[Optional[float], typer.Option(
-        min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
-                               "same range, 0 equalizes the weights instead; default: the recipe's.")] = None,
+    equalize: EqualizeOption = True,
+    equalize_alpha: EqualizeAlphaOption = None,
     bias_correction: Annotated[Optional[int], typer.Option(
         min=0, help="INT8: empirical bias correction over this many calibration images (each convolution's "
                     "mean shift under simulated INT8 removed, in order); 0: off; default: the recipe's.")] = None,
@@ -593,15 +607,6 @@ class QuantOps(str, _enum.Enum):
     all = "all"
 
 
-def _equalize_alpha(equalize: bool, alpha: float | None) -> float | None:
-    """``--equalize/--no-equalize`` and ``--equalize-alpha`` as one recipe value (None: off)."""
-    from export.quantize import DEFAULT_EQUALIZE_ALPHA
-
-    if not equalize:
-        return None
-    return DEFAULT_EQUALIZE_ALPHA if alpha is None else alpha
-
-
 @app.command("quantize")
 def quantize_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.safetensors / .pt) to quantize.")],
@@ -618,13 +623,8 @@ def quantize_command(
     target_dice: Annotated[float, typer.Option(help="Goal: mean Dice vs the FP32 reference masks.")] = 0.98,
     target_min_dice: Annotated[float, typer.Option(help="Goal: no image below this Dice vs reference.")] = 0.90,
     max_keep: Annotated[int, typer.Option(min=0, help="Most module groups the search keeps in float.")] = 6,
-    equalize: Annotated[bool, typer.Option(
-        "--equalize/--no-equalize",
-        help="INT8: equalize activation ranges across channels before calibration (cross-layer "
-             "equalization; same FP32 function, checked).")] = True,
-    equalize_alpha: Annotated[Optional[float], typer.Option(
-        min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
-                               "same range, 0 equalizes the weights instead; default: the recipe's.")] = None,
+    equalize: EqualizeOption = True,
+    equalize_alpha: EqualizeAlphaOption = None,
     qat_epochs: Annotated[int, typer.Option(min=0, help="Quantization-aware fine-tuning epochs instead of the search (0: off). Writes OUT/model_qat.safetensors and its INT8 Q/DQ ONNX and OpenVINO IR, judged against CHECKPOINT.")] = 0,
     qat_images: Annotated[Optional[int], typer.Option(min=1, help="QAT training images from --calib's split (default: all of them).")] = None,
     qat_lr: Annotated[float, typer.Option(min=0.0, help="QAT peak learning rate (Adam, cosine to 0).")] = 2e-5,
