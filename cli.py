@@ -252,6 +252,14 @@ EqualizeAlphaOption = Annotated[Optional[float], typer.Option(
     min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
                            "same range, 0 equalizes the weights instead; default: the recipe's.")]
 
+BiasCorrectionOption = Annotated[Optional[int], typer.Option(
+    min=0, help="INT8: bias correction over this many calibration images (each convolution's mean shift "
+                "under simulated INT8 removed from its bias); 0: off; default: the recipe's.")]
+
+
+def _bias_correction(images: int | None) -> dict:
+    return {} if images is None else {"bias_correction_images": images}
+
 
 def _equalize_alpha(equalize: bool, alpha: float | None) -> float | None:
     """``--equalize/--no-equalize`` and ``--equalize-alpha`` as one recipe value (None: off)."""
@@ -306,9 +314,7 @@ def export_command(
              "only, as NNCF and TensorRT place them, measurably closer to FP32).")] = False,
     equalize: EqualizeOption = True,
     equalize_alpha: EqualizeAlphaOption = None,
-    bias_correction: Annotated[Optional[int], typer.Option(
-        min=0, help="INT8: empirical bias correction over this many calibration images (each convolution's "
-                    "mean shift under simulated INT8 removed, in order); 0: off; default: the recipe's.")] = None,
+    bias_correction: BiasCorrectionOption = None,
     openvino_int8: Annotated[ExportOpenVINOInt8, typer.Option(
         help="OpenVINO INT8 IR: 'qdq' converts the INT8 Q/DQ ONNX (same scales as ONNX Runtime/TensorRT), "
              "'nncf' quantizes the IR with NNCF.")] = ExportOpenVINOInt8.qdq,
@@ -355,7 +361,7 @@ def export_command(
             opset=opset, simplify=simplify, allow_accuracy_drop=allow_accuracy_drop,
             qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep, conv_only=conv_only,
                           quantize_outputs=int8_outputs, equalize_alpha=_equalize_alpha(equalize, equalize_alpha),
-                          **({} if bias_correction is None else {"bias_correction_images": bias_correction})),
+                          **_bias_correction(bias_correction)),
             openvino_int8=openvino_int8.value,
             nncf=NNCFRecipe(preset=nncf_preset.value, fast_bias_correction=fast_bias_correction, keep_modules=keep,
                             conv_only=conv_only),
@@ -625,6 +631,7 @@ def quantize_command(
     max_keep: Annotated[int, typer.Option(min=0, help="Most module groups the search keeps in float.")] = 6,
     equalize: EqualizeOption = True,
     equalize_alpha: EqualizeAlphaOption = None,
+    bias_correction: BiasCorrectionOption = None,
     qat_epochs: Annotated[int, typer.Option(min=0, help="Quantization-aware fine-tuning epochs instead of the search (0: off). Writes OUT/model_qat.safetensors and its INT8 Q/DQ ONNX and OpenVINO IR, judged against CHECKPOINT.")] = 0,
     qat_images: Annotated[Optional[int], typer.Option(min=1, help="QAT training images from --calib's split (default: all of them).")] = None,
     qat_lr: Annotated[float, typer.Option(min=0.0, help="QAT peak learning rate (Adam, cosine to 0).")] = 2e-5,
@@ -646,7 +653,8 @@ def quantize_command(
     console = Console(stderr=True)
     opts = QuantizeOptions(checkpoint, calib, eval_, out, calib_split, eval_split, calib_count, eval_count,
                            method.value, percentile, ops.value, Goal(target_dice, target_min_dice), max_keep,
-                           equalize_alpha=_equalize_alpha(equalize, equalize_alpha))
+                           equalize_alpha=_equalize_alpha(equalize, equalize_alpha),
+                           **_bias_correction(bias_correction))
     if qat_epochs:
         from export.qat import QATOptions, qat_and_export
         from export.report import print_summary

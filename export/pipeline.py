@@ -477,7 +477,7 @@ class _Run:
     def int8_source(self):
         """The FP32 ONNX (path, model) the INT8 artifacts are quantized from: the export's own, or
         the model with equalized activation ranges (``QDQRecipe.equalize_alpha``, same function:
-        checked against the FP32 ONNX) and biases corrected for INT8's mean shifts
+        checked against the original in PyTorch on held-out images) and biases corrected for INT8's mean shifts
         (``QDQRecipe.bias_correction_images``, :mod:`export.bias_correction`)."""
         recipe = self.o.qdq
         if recipe.equalize_alpha is None and not recipe.bias_correction_images:
@@ -486,18 +486,6 @@ class _Run:
             self._prepare_int8_source(recipe)
         return self.onnx_paths["int8_source"], self.int8_source_model
 
-    def _export_source(self, model, name: str):
-        import onnx
-
-        from export.onnx import export_onnx
-        from resunetpp.model import WithActivation
-
-        with self.r.task(f"export the {name} model to ONNX"):
-            onnx_model = export_onnx(WithActivation(model), self.spec, opset=self.o.opset, simplify=self.o.simplify)
-        path = self.work / f"fp32_{name.replace(' ', '_')}.onnx"
-        onnx.save_model(onnx_model, str(path))
-        return path, onnx_model
-
     def _calib_batches(self, adv: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
         for x in self.calib.inputs(self.pre):
             yield x[None]
@@ -505,26 +493,32 @@ class _Run:
                 adv(1)
 
     def _prepare_int8_source(self, recipe: QDQRecipe) -> None:
-        from export.onnx import ort_predict_fn
+        import onnx
+        import torch
+
+        from export.onnx import export_onnx
+        from resunetpp.model import WithActivation
 
         model = self.ckpt.build_model()
-        path, onnx_model = self.onnx_paths["fp32"], self.fp32_model
+        steps = []
         if recipe.equalize_alpha is not None:
             from export.equalize import equalize
 
             alpha = recipe.equalize_alpha
             with self.r.task(f"equalize activation ranges (alpha {alpha:g}, PyTorch)", total=len(self.calib)) as adv:
                 result = equalize(model, self._calib_batches(adv), alpha)
-            path, onnx_model = self._export_source(model, "equalized")
-            probe = self.vset.inputs[:EQUALIZATION_CHECK_IMAGES]
-            ours, theirs = ort_predict_fn(path), ort_predict_fn(self.onnx_paths["fp32"])
-            err = max(float(np.max(np.abs(ours(x) - theirs(x))))
-                      for x in _batches(probe, self.o.batch or 1, fixed=self.o.batch is not None))
+            # The same function: compare with the unequalized model on held-out images.
+            original = WithActivation(self.ckpt.build_model()).eval()
+            equalized = WithActivation(model).eval()
+            with torch.no_grad():
+                err = max(float((equalized(t) - original(t)).abs().max())
+                          for t in (torch.as_tensor(x[None]) for x in self.vset.inputs[:EQUALIZATION_CHECK_IMAGES]))
             if not err <= FP32_MAX_ABS_ERROR:
                 raise ResUNetError(f"equalization changed the FP32 model (largest probability difference {err:.3g} > "
                                    f"{FP32_MAX_ABS_ERROR:g}); export with --no-equalize")
             self.equalization_record = {**result.record(), "fp32_max_abs_difference": err,
-                                        "checked_on_images": len(probe)}
+                                        "checked_on_images": min(EQUALIZATION_CHECK_IMAGES, len(self.vset.inputs))}
+            steps.append("equalized")
         if recipe.bias_correction_images:
             from export.bias_correction import bias_correct
 
@@ -533,9 +527,14 @@ class _Run:
                 self.bias_correction_record = bias_correct(
                     model, list(self._calib_batches()), recipe.bias_correction_images,
                     percentile=recipe.percentile, progress=adv)
-            path, onnx_model = self._export_source(model, "bias corrected")
+            steps.append("bias-corrected")
+        name = " and ".join(steps)
+        with self.r.task(f"export the {name} model to ONNX"):
+            self.int8_source_model = export_onnx(WithActivation(model), self.spec, opset=self.o.opset,
+                                                 simplify=self.o.simplify)
+        path = self.work / "fp32_int8_source.onnx"
+        onnx.save_model(self.int8_source_model, str(path))
         self.onnx_paths["int8_source"] = path
-        self.int8_source_model = onnx_model
 
     def onnx_int8(self, write: bool) -> None:
         import onnx

@@ -380,6 +380,6 @@ def qat_and_export(o, qat: QATOptions, train_count: int | None = None,
         eval=Path(o.eval), eval_split=o.eval_split, eval_count=o.eval_count,
         image_size=o.image_size, allow_accuracy_drop=True, reference=Path(o.checkpoint),
         qdq=QDQRecipe(method=o.method, percentile=o.percentile, quantize_outputs=qat.outputs,
-                      equalize_alpha=o.equalize_alpha, **recipe),
+                      equalize_alpha=o.equalize_alpha, bias_correction_images=o.bias_correction_images, **recipe),
         nncf=NNCFRecipe(**recipe))
     return run_export(options)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from export.onnx import module_groups, node_scopes, ort_predict_fn
-from export.quantize import DEFAULT_EQUALIZE_ALPHA, QDQRecipe, quantize_qdq
+from export.quantize import DEFAULT_BIAS_CORRECTION_IMAGES, DEFAULT_EQUALIZE_ALPHA, QDQRecipe, quantize_qdq
 from export.verify import compare_outputs, predict_batched
 from resunetpp.errors import ResUNetError
 
@@ -200,6 +200,8 @@ class QuantizeOptions:
     image_size: tuple[int, int] | None = None
     #: Cross-layer equalization before calibration (``QDQRecipe.equalize_alpha``); None: off.
     equalize_alpha: float | None = DEFAULT_EQUALIZE_ALPHA
+    #: Bias correction images (``QDQRecipe.bias_correction_images``); 0: off.
+    bias_correction_images: int = DEFAULT_BIAS_CORRECTION_IMAGES
 
 
 def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | None = None) -> SensitivityReport:
@@ -211,6 +213,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     import onnx
 
     from export import calibration as cal
+    from export.bias_correction import bias_correct
     from export.equalize import equalize
     from export.onnx import ShapeSpec, export_onnx
     from export.quantize import CALIBRATION_METHODS, calibrate_ranges
@@ -236,6 +239,9 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
         if o.equalize_alpha is not None:
             say(f"equalizing activation ranges (alpha {o.equalize_alpha:g}) on {len(calib)} images")
             equalize(net, (x[None] for x in calib.inputs(pre)), o.equalize_alpha)
+        if o.bias_correction_images:
+            say(f"correcting INT8 biases on {min(o.bias_correction_images, len(calib))} images")
+            bias_correct(net, [x[None] for x in calib.inputs(pre)], o.bias_correction_images, percentile=o.percentile)
         say("exporting the FP32 ONNX")
         model = export_onnx(WithActivation(net),
                             ShapeSpec(ckpt.config.in_channels, ckpt.config.num_classes, pre.size))
@@ -245,7 +251,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
         cache = calibrate_ranges(fp32, ((x[None]) for x in calib.inputs(pre)), work / "ranges.calib",
                                  method=o.method, percentile=o.percentile)
         base = QDQRecipe(method=o.method, percentile=o.percentile, keep_modules=(), conv_only=o.ops == "conv",
-                         equalize_alpha=o.equalize_alpha)
+                         equalize_alpha=o.equalize_alpha, bias_correction_images=o.bias_correction_images)
         ev = Evaluator(fp32, cache, list(evset.inputs(pre)), work=work, num_classes=ckpt.config.num_classes)
         try:
             report = run_analysis(ev, base, o.goal, o.max_keep, progress=lambda g: say(f"measuring {g}"))
