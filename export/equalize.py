@@ -188,6 +188,12 @@ def _apply(module: nn.Module, r: Rescale, s: torch.Tensor) -> None:
         raise TypeError(f"cannot rescale {r.module} ({type(module).__name__})")
 
 
+def _median_share(r: torch.Tensor) -> float:
+    """Median over channels of (channel range / tensor range); 0 for a tensor that is all zero."""
+    top = float(r.max())
+    return float((r / top).median()) if top > 0 else 0.0
+
+
 @dataclass
 class EqualizationResult:
     alpha: float
@@ -209,8 +215,8 @@ def equalize(model: nn.Module, batches: Iterable[np.ndarray], alpha: float = DEF
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if sites is None:
-        gate = getattr(getattr(model, "config", None), "architecture", "resunetpp")
-        sites = resunetpp_sites(model, attention_product=gate == "resunetpp")
+        architecture = getattr(getattr(model, "config", None), "architecture", "resunetpp")
+        sites = resunetpp_sites(model, attention_product=architecture == "resunetpp")
     modules = dict(model.named_modules())
     ranges = channel_ranges(model, sites, batches)
     result = EqualizationResult(alpha)
@@ -226,6 +232,5 @@ def equalize(model: nn.Module, batches: Iterable[np.ndarray], alpha: float = DEF
             _apply(modules[rescale.module], rescale, s)
         after = r / s.double()
         result.sites.append(site.name)
-        result.median_channel_range[site.name] = (float((r / r.max()).median()),
-                                                  float((after / after.max()).median()))
+        result.median_channel_range[site.name] = (_median_share(r), _median_share(after))
     return result

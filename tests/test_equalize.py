@@ -129,3 +129,21 @@ def test_bias_correction_removes_the_int8_mean_shift():
     assert after < 0.5 * before, (before, after)
     with pytest.raises(ValueError, match="images must be >= 1"):
         bias_correct(copy.deepcopy(ref), batches, images=0)
+
+
+def test_a_site_that_is_all_zero_keeps_its_scale_and_the_function():
+    model = _model()
+    with torch.no_grad():  # the stem's BatchNorm outputs 0, so stem.body.3 reads an all-zero tensor
+        model.stem.body[1].weight.zero_()
+        model.stem.body[1].bias.zero_()
+    x = torch.as_tensor(_batches(seed=9, n=1)[0])
+    with torch.no_grad():
+        before = model(x)
+    weight = model.stem.body[3].weight.detach().clone()
+    result = equalize(model, _batches(), 0.8)
+    assert result.median_channel_range["stem.body.3:input"] == (0.0, 0.0)
+    # s = 1 on its input channels: the conv's weights only changed per *output* channel (another site's scale)
+    ratio = (model.stem.body[3].weight.detach() / weight).flatten(1)
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
