@@ -56,14 +56,13 @@ class Rescale:
 
 @dataclass(frozen=True)
 class Site:
-    """A tensor whose channels are rescaled: measured at the input of ``measure`` (channels
-    ``start:start+channels``), produced by the ``out`` rescales, read by the ``in`` rescales."""
+    """A tensor whose channels are rescaled: measured at the input of ``measure`` (its first
+    ``channels`` channels), produced by the ``out`` rescales, read by the ``in`` rescales."""
 
     name: str
     measure: str
     channels: int
     rescales: tuple[Rescale, ...]
-    start: int = 0
 
     @property
     def readers(self) -> list[Rescale]:
@@ -145,7 +144,7 @@ def channel_ranges(model: nn.Module, sites: list[Site], batches: Iterable[np.nda
 
     def hook(site: Site):
         def record(_module, inputs):
-            x = inputs[0][:, site.start:site.start + site.channels]
+            x = inputs[0][:, :site.channels]
             r = x.detach().abs().amax(dim=(0, 2, 3)).float()
             ranges[site.name] = torch.maximum(ranges[site.name], r) if site.name in ranges else r
         return record

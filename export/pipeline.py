@@ -44,7 +44,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 REPORT_NAME = "export_report.json"
 #: Images the FP16 range probe runs (calibration images when given, else verification images).
 RANGE_PROBE_IMAGES = 32
-#: Held-out images on which the equalized FP32 ONNX must match the export's FP32 ONNX.
+#: Held-out images on which the equalized model must match the original (PyTorch, probabilities).
 EQUALIZATION_CHECK_IMAGES = 4
 VERIFY_BATCH = 4
 
@@ -477,8 +477,8 @@ class _Run:
     def int8_source(self):
         """The FP32 ONNX (path, model) the INT8 artifacts are quantized from: the export's own, or
         the model with equalized activation ranges (``QDQRecipe.equalize_alpha``, same function:
-        checked against the original in PyTorch on held-out images) and biases corrected for INT8's mean shifts
-        (``QDQRecipe.bias_correction_images``, :mod:`export.bias_correction`)."""
+        checked against the original in PyTorch on held-out images) and biases corrected for
+        INT8's mean shifts (``QDQRecipe.bias_correction_images``, :mod:`export.bias_correction`)."""
         recipe = self.o.qdq
         if recipe.equalize_alpha is None and not recipe.bias_correction_images:
             return self.onnx_paths["fp32"], self.fp32_model
@@ -486,11 +486,9 @@ class _Run:
             self._prepare_int8_source(recipe)
         return self.onnx_paths["int8_source"], self.int8_source_model
 
-    def _calib_batches(self, adv: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
-        for x in self.calib.inputs(self.pre):
-            yield x[None]
-            if adv:
-                adv(1)
+    def _source_record(self) -> dict:
+        """What the INT8 source model went through, for every INT8 artifact's ``quantization``."""
+        return {"equalization": self.equalization_record, "bias_correction": self.bias_correction_record}
 
     def _prepare_int8_source(self, recipe: QDQRecipe) -> None:
         import onnx
@@ -500,13 +498,18 @@ class _Run:
         from resunetpp.model import WithActivation
 
         model = self.ckpt.build_model()
+        with self.r.task("load calibration images", total=len(self.calib)) as adv:
+            images = []
+            for x in self.calib.inputs(self.pre):  # decoded once for both steps
+                images.append(x[None])
+                adv(1)
         steps = []
         if recipe.equalize_alpha is not None:
             from export.equalize import equalize
 
             alpha = recipe.equalize_alpha
-            with self.r.task(f"equalize activation ranges (alpha {alpha:g}, PyTorch)", total=len(self.calib)) as adv:
-                result = equalize(model, self._calib_batches(adv), alpha)
+            with self.r.task(f"equalize activation ranges (alpha {alpha:g}, PyTorch)"):
+                result = equalize(model, images, alpha)
             # The same function: compare with the unequalized model on held-out images.
             original = WithActivation(self.ckpt.build_model()).eval()
             equalized = WithActivation(model).eval()
@@ -525,8 +528,7 @@ class _Run:
             n = min(recipe.bias_correction_images, len(self.calib))
             with self.r.task(f"correct INT8 biases ({n} images, simulated INT8)", total=n) as adv:
                 self.bias_correction_record = bias_correct(
-                    model, list(self._calib_batches()), recipe.bias_correction_images,
-                    percentile=recipe.percentile, progress=adv)
+                    model, images, recipe.bias_correction_images, percentile=recipe.percentile, progress=adv)
             steps.append("bias-corrected")
         name = " and ".join(steps)
         with self.r.task(f"export the {name} model to ONNX"):
@@ -552,8 +554,7 @@ class _Run:
         with self.r.task("quantize Q/DQ ONNX (ONNX Runtime quantize_static)"):
             result = quantize_qdq(source, cache, self.work / "int8_qdq.onnx", recipe)
         self.onnx_paths["int8_qdq"] = result.path
-        self.qdq_record = {**result.record(), "equalization": self.equalization_record,
-                           "bias_correction": self.bias_correction_record}
+        self.qdq_record = {**result.record(), **self._source_record()}
         if not write:
             return
         metrics = self.measure("ONNX INT8 Q/DQ (ONNX Runtime)", ort_predict_fn(result.path), "int8")
@@ -627,9 +628,7 @@ class _Run:
             result = quantize_openvino(ov_model, self.int8_source()[1], groups, load, recipe)
         calib = self.calibration_record({"tool": "nncf", "preset": recipe.preset,
                                          "range_estimator": recipe.range_estimator})
-        return result.model, {"calibration": calib,
-                              "quantization": {**result.record(), "equalization": self.equalization_record,
-                                               "bias_correction": self.bias_correction_record}}
+        return result.model, {"calibration": calib, "quantization": {**result.record(), **self._source_record()}}
 
     def tensorrt(self, precisions: list[str], trt_version: str) -> None:
         from export import tensorrt as trtx

@@ -236,19 +236,20 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     with tempfile.TemporaryDirectory(prefix=".quantize-work-", dir=out) as tmp:
         work = Path(tmp)
         net = ckpt.build_model()
+        images = [x[None] for x in calib.inputs(pre)]  # decoded once: equalization, bias correction, ranges
         if o.equalize_alpha is not None:
             say(f"equalizing activation ranges (alpha {o.equalize_alpha:g}) on {len(calib)} images")
-            equalize(net, (x[None] for x in calib.inputs(pre)), o.equalize_alpha)
+            equalize(net, images, o.equalize_alpha)
         if o.bias_correction_images:
             say(f"correcting INT8 biases on {min(o.bias_correction_images, len(calib))} images")
-            bias_correct(net, [x[None] for x in calib.inputs(pre)], o.bias_correction_images, percentile=o.percentile)
+            bias_correct(net, images, o.bias_correction_images, percentile=o.percentile)
         say("exporting the FP32 ONNX")
         model = export_onnx(WithActivation(net),
                             ShapeSpec(ckpt.config.in_channels, ckpt.config.num_classes, pre.size))
         fp32 = work / "fp32.onnx"
         onnx.save(model, str(fp32))
         say(f"calibrating ({o.method}) on {len(calib)} images")
-        cache = calibrate_ranges(fp32, ((x[None]) for x in calib.inputs(pre)), work / "ranges.calib",
+        cache = calibrate_ranges(fp32, images, work / "ranges.calib",
                                  method=o.method, percentile=o.percentile)
         base = QDQRecipe(method=o.method, percentile=o.percentile, keep_modules=(), conv_only=o.ops == "conv",
                          equalize_alpha=o.equalize_alpha, bias_correction_images=o.bias_correction_images)
