@@ -177,6 +177,7 @@ class ExportCalibMethod(str, _enum.Enum):
     minmax = "minmax"
     percentile = "percentile"
     entropy = "entropy"
+    mse = "mse"
 
 
 class ExportNNCFPreset(str, _enum.Enum):

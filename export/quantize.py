@@ -42,7 +42,7 @@ from export.onnx import node_scopes, nodes_in_modules
 from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
 from resunetpp.errors import ResUNetError
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 NNCF_PRESETS = ("performance", "mixed")
 NNCF_RANGE_ESTIMATORS = ("default", "minmax", "mean_minmax", "median_minmax", "histogram")
 DEFAULT_PERCENTILE = 99.99
@@ -188,8 +188,9 @@ def _modules(scopes: dict[str, str], nodes: Iterable[str]) -> list[str]:
 def _method_enum(method: str):
     from onnxruntime.quantization import CalibrationMethod
 
+    # mse: ranges computed from the percentile calibrator's |x| histograms (export.ranges)
     return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-            "entropy": CalibrationMethod.Entropy}[method]
+            "entropy": CalibrationMethod.Entropy, "mse": CalibrationMethod.Percentile}[method]
 
 
 def _quantizable_op_types() -> list[str]:
@@ -215,10 +216,12 @@ def calibrate_ranges(fp32_onnx: str | Path, batches: Iterable[np.ndarray], cache
     """Activation ranges of ``fp32_onnx`` over ``batches`` ((N,C,H,W) float32), saved to ``cache_path``.
 
     The cache is ONNX Runtime's calibration cache (JSON), which :func:`quantize_qdq` reads;
-    ``progress`` is called with the number of images processed after each chunk.
+    ``progress`` is called with the number of images processed after each chunk. ``mse`` collects
+    the same |x| histograms as ``percentile`` and picks each tensor's range by
+    :func:`export.ranges.mse_range`.
     """
     from onnxruntime.quantization import CalibrationDataReader
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, create_calibrator, save_tensors_data
 
     if method not in CALIBRATION_METHODS:
         raise ResUNetError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
@@ -245,7 +248,16 @@ def calibrate_ranges(fp32_onnx: str | Path, batches: Iterable[np.ndarray], cache
                 progress(n)
         if not seen:
             raise ResUNetError("calibration set is empty")
-        ranges = calibrator.compute_data()
+        if method == "mse":
+            from export.ranges import mse_range
+
+            histograms = calibrator.collector.histogram_dict  # |x| histograms (symmetric percentile)
+            # (hist, edges, min, max) per tensor
+            amax = {name: np.float32(mse_range(h[0], h[1], max(abs(float(h[2])), abs(float(h[3])))))
+                    for name, h in histograms.items()}
+            ranges = TensorsData(_method_enum(method), {name: TensorData(lowest=-a, highest=a) for name, a in amax.items()})
+        else:
+            ranges = calibrator.compute_data()
     cache_path = Path(cache_path)
     save_tensors_data(ranges, cache_path)
     return cache_path

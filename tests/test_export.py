@@ -462,7 +462,7 @@ def test_node_scopes_trace_nodes_to_modules(fp32_graph):
         nodes_in_modules(scopes, ["decoder9"])
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_qdq_quantization_keeps_requested_modules_in_float(fp32_graph, tmp_path, method):
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((1, 3, SIZE, SIZE)).astype(np.float32) for _ in range(6)]
@@ -484,6 +484,29 @@ def test_qdq_quantization_keeps_requested_modules_in_float(fp32_graph, tmp_path,
     assert result.record()["recipe"]["method"] == method
     x = batches[0]
     assert np.isfinite(ort_predict_fn(result.path)(x)).all()
+
+
+def test_mse_ranges_clip_inside_the_largest_values(fp32_graph, tmp_path):
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from export.ranges import mse_range
+    from resunetpp.artifact import INPUT_NAME
+
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((1, 3, SIZE, SIZE)).astype(np.float32) for _ in range(4)]
+    full = load_tensors_data(calibrate_ranges(fp32_graph["path"], batches, tmp_path / "max.json", method="minmax"))
+    mse = load_tensors_data(calibrate_ranges(fp32_graph["path"], batches, tmp_path / "mse.json", method="mse"))
+    assert set(mse.keys()) == set(full.keys()) and len(mse.keys()) > 10
+    amax = {k: float(np.abs(full[k].range_value).max()) for k in full.keys()}
+    chosen = {k: float(mse[k].range_value[1]) for k in mse.keys()}
+    assert all(float(mse[k].range_value[0]) == -chosen[k] for k in chosen), "symmetric ranges"
+    assert all(0 < chosen[k] <= amax[k] * (1 + 1e-6) for k in chosen if amax[k] > 0)
+    # the image input (standard normal here): the range mse_range picks from its own |x| histogram,
+    # which clips the rarest values (near 4 sigma for 8 bits)
+    x = np.abs(np.concatenate([b.ravel() for b in batches]))
+    expected = mse_range(*np.histogram(x, bins=2048), float(x.max()))
+    assert chosen[INPUT_NAME] == pytest.approx(expected, rel=0.03)
+    assert 3.0 < chosen[INPUT_NAME] < 0.99 * amax[INPUT_NAME]
 
 
 @pytest.mark.parametrize("outputs", [False, True])
