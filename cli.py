@@ -661,6 +661,7 @@ def quantize_command(
         from export.report import print_summary
 
         qopts = QATOptions(epochs=qat_epochs, lr=qat_lr, batch_size=qat_batch_size, percentile=percentile,
+                           method=method.value,
                            keep_modules=tuple(qat_keep_float or ()), dice_weight=qat_dice_weight)
         try:
             report = qat_and_export(opts, qopts, qat_images, log=lambda m: console.print(m, highlight=False))

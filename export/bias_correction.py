@@ -29,12 +29,13 @@ DEFAULT_IMAGES = 32
 
 
 def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: int = DEFAULT_IMAGES, *,
-                 percentile: float = 99.99, keep_modules: Sequence[str] = (),
+                 percentile: float = 99.99, method: str = "percentile", keep_modules: Sequence[str] = (),
                  progress: Callable[[int], None] | None = None) -> dict:
     """Correct the biases of ``model``'s INT8 convolutions in place; returns a record.
 
-    ``calib_images`` (``(N, C, H, W)`` arrays) set the simulated activation ranges, the first
-    ``images`` of them the mean shifts. Convolutions under ``keep_modules`` stay float and
+    ``calib_images`` (``(N, C, H, W)`` arrays) set the simulated activation ranges (``method``
+    and ``percentile`` as :class:`export.qat.QuantSim` takes them), the first ``images`` of them
+    the mean shifts. Convolutions under ``keep_modules`` stay float and
     uncorrected. ``progress`` is called with the number of images after each pass.
     """
     import torch.nn.functional as F
@@ -49,7 +50,7 @@ def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: i
     for conv in model.modules():
         if isinstance(conv, nn.Conv2d) and conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
-    sim = QuantSim(model, keep_modules=keep_modules, percentile=percentile)
+    sim = QuantSim(model, keep_modules=keep_modules, percentile=percentile, method=method)
     raw: dict[str, torch.Tensor] = {}
     shift: dict[str, torch.Tensor] = {}
 
@@ -91,5 +92,5 @@ def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: i
             sim.convs[name].bias -= d
     worst = sorted(((k, float(v.abs().max())) for k, v in shift.items()), key=lambda kv: -kv[1])[:5]
     return {"method": "bias correction (per convolution, simulated INT8 vs float on the same input)",
-            "images": len(sample), "range_images": len(tensors), "convolutions": len(shift),
+            "simulated_ranges": method if method == "mse" else f"percentile {percentile:g}", "images": len(sample), "range_images": len(tensors), "convolutions": len(shift),
             "largest_shifts": {k: round(v, 5) for k, v in worst}}

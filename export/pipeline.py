@@ -524,11 +524,13 @@ class _Run:
             steps.append("equalized")
         if recipe.bias_correction_images:
             from export.bias_correction import bias_correct
+            from export.qat import sim_ranges
 
             n = min(recipe.bias_correction_images, len(self.calib))
             with self.r.task(f"correct INT8 biases ({n} images, simulated INT8)", total=n) as adv:
                 self.bias_correction_record = bias_correct(
-                    model, images, recipe.bias_correction_images, percentile=recipe.percentile, progress=adv)
+                    model, images, recipe.bias_correction_images, progress=adv,
+                    **sim_ranges(recipe.method, recipe.percentile))
             steps.append("bias-corrected")
         name = " and ".join(steps)
         with self.r.task(f"export the {name} model to ONNX"):

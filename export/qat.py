@@ -53,6 +53,18 @@ from resunetpp.errors import ResUNetError
 
 #: Signed INT8, symmetric: what ONNX Runtime's symmetric Q/DQ and TensorRT use (zero point 0).
 QMIN, QMAX = -127, 127
+#: Activation ranges the simulation reproduces: the export's ``percentile`` and ``mse`` methods
+#: (``minmax`` is the 100th percentile).
+SIM_METHODS = ("percentile", "mse")
+
+
+def sim_ranges(method: str, percentile: float) -> dict:
+    """:class:`QuantSim` range settings for the export's calibration ``method``: ``mse`` and
+    ``percentile`` as they are, ``minmax`` as the 100th percentile, ``entropy`` (not simulated)
+    approximated by the percentile."""
+    if method == "mse":
+        return {"method": "mse", "percentile": percentile}
+    return {"method": "percentile", "percentile": 100.0 if method == "minmax" else percentile}
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,8 @@ class QATOptions:
     lr: float = 2e-5
     batch_size: int = 4
     percentile: float = 99.99
+    #: The export's calibration method, simulated by :func:`sim_ranges`.
+    method: str = "percentile"
     keep_modules: tuple[str, ...] = ()
     seed: int = 0
     flips: bool = True
@@ -81,6 +95,10 @@ class QATOptions:
             problems.append(f"QAT batch size must be positive, got {self.batch_size}")
         if not 0 < self.percentile <= 100:
             problems.append(f"percentile must be in (0, 100], got {self.percentile}")
+        from export.quantize import CALIBRATION_METHODS
+
+        if self.method not in CALIBRATION_METHODS:
+            problems.append(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.method!r}")
         if not self.dice_weight >= 0:
             problems.append(f"Dice weight must be >= 0, got {self.dice_weight}")
         if problems:
@@ -132,16 +150,61 @@ class _TopK:
         return float(self.kept[min(k, self.kept.numel()) - 1])
 
 
+class _AbsHistogram:
+    """Histogram of |x| over a stream, for :func:`export.ranges.mse_range`: ``BINS`` bins up to the
+    first nonzero batch's largest value, extended with bins of the same width as larger values
+    come (as ONNX Runtime's percentile calibrator collects it)."""
+
+    BINS = 2048
+
+    def __init__(self) -> None:
+        self.hist = torch.zeros(0, dtype=torch.float64)
+        self.width = 0.0
+        self.largest = 0.0
+        self.zeros = 0  # values seen before any nonzero one (they belong to the first bin)
+
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().flatten().float()
+        m = float(a.max()) if a.numel() else 0.0
+        if m <= 0.0 and not self.width:
+            self.zeros += a.numel()
+            return
+        if not self.width:
+            self.width = m / self.BINS
+            self.hist = torch.zeros(self.BINS, dtype=torch.float64)
+            self.hist[0] += self.zeros
+        n = max(self.hist.numel(), math.ceil(m / self.width))
+        if n > self.hist.numel():
+            self.hist = torch.cat([self.hist, torch.zeros(n - self.hist.numel(), dtype=torch.float64)])
+        idx = (a / self.width).long().clamp_(max=n - 1)
+        self.hist += torch.bincount(idx, minlength=n).double()
+        self.largest = max(self.largest, m)
+
+    def value(self) -> float:
+        from export.ranges import mse_range
+
+        if not self.width:
+            if self.zeros:
+                return 0.0
+            raise ResUNetError("no calibration data reached this quantization point")
+        edges = np.arange(self.hist.numel() + 1, dtype=np.float64) * self.width
+        return mse_range(self.hist.numpy(), edges, self.largest)
+
+
 class QuantSim:
     """Fake quantization at every convolution of ``model`` outside ``keep_modules``.
 
-    ``observe()`` collects activation ranges; ``freeze()`` turns them into fixed scales;
+    ``observe()`` collects activation ranges (the ``percentile`` of |x|, or with ``method="mse"``
+    the range of :func:`export.ranges.mse_range`); ``freeze()`` turns them into fixed scales;
     ``remove()`` takes every hook and parametrization away, leaving the plain latent weights.
     """
 
     def __init__(self, model: nn.Module, keep_modules: Sequence[str] = (), percentile: float = 99.99,
-                 outputs: bool = False) -> None:
+                 outputs: bool = False, method: str = "percentile") -> None:
+        if method not in SIM_METHODS:
+            raise ResUNetError(f"simulated range method must be one of {', '.join(SIM_METHODS)}, got {method!r}")
         self.model = model
+        self.method = method
         self.percentile = percentile
         self.convs: dict[str, nn.Conv2d] = {}
         for name, m in model.named_modules():
@@ -167,7 +230,10 @@ class QuantSim:
     # -- activation points --
     def _fq(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if self.observers is not None:
-            self.observers.setdefault(key, _TopK(self.percentile, self.observe_images)).update(x)
+            if key not in self.observers:
+                self.observers[key] = (_AbsHistogram() if self.method == "mse"
+                                       else _TopK(self.percentile, self.observe_images))
+            self.observers[key].update(x)
             return x
         if key not in self.amax:
             return x  # not calibrated (yet): float
@@ -268,7 +334,8 @@ def qat_finetune(model: nn.Module, train_images: Sequence[np.ndarray], calib_ima
     student = copy.deepcopy(model).eval()  # eval: BatchNorm keeps its statistics, as deployed
     for p in student.parameters():
         p.requires_grad_(True)
-    sim = QuantSim(student, options.keep_modules, options.percentile, outputs=options.outputs)
+    sim = QuantSim(student, options.keep_modules, outputs=options.outputs,
+                   **sim_ranges(options.method, options.percentile))
     sim.observe(len(calib_images))
     with torch.no_grad():
         for x in _batches(calib_images, options.batch_size, random.Random(0), flips=False):

@@ -216,6 +216,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     from export.bias_correction import bias_correct
     from export.equalize import equalize
     from export.onnx import ShapeSpec, export_onnx
+    from export.qat import sim_ranges
     from export.quantize import CALIBRATION_METHODS, calibrate_ranges
     from resunetpp.atomic import write_json_atomic
     from resunetpp.checkpoint import load_checkpoint
@@ -242,7 +243,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
             equalize(net, images, o.equalize_alpha)
         if o.bias_correction_images:
             say(f"correcting INT8 biases on {min(o.bias_correction_images, len(calib))} images")
-            bias_correct(net, images, o.bias_correction_images, percentile=o.percentile)
+            bias_correct(net, images, o.bias_correction_images, **sim_ranges(o.method, o.percentile))
         say("exporting the FP32 ONNX")
         model = export_onnx(WithActivation(net),
                             ShapeSpec(ckpt.config.in_channels, ckpt.config.num_classes, pre.size))

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from cli import app
 from export.calibration import synthetic_images
 from export.pipeline import ExportOptions, run_export
-from export.qat import QATOptions, QuantSim, _TopK, distillation_loss, mask_dice_loss, qat_finetune
+from export.qat import QATOptions, QuantSim, _AbsHistogram, _TopK, distillation_loss, mask_dice_loss, qat_finetune, sim_ranges
+from export.ranges import mse_range
 from export.quantize import NNCFRecipe, QDQRecipe
 from resunetpp.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from resunetpp.errors import ResUNetError
@@ -46,6 +47,43 @@ def test_streaming_percentile_is_exact() -> None:
         for chunk in data.split(3):  # uneven batches
             t.update(chunk)
         assert t.value() == pytest.approx(float(np.percentile(data.abs().numpy(), pct, method="higher")))
+
+
+def test_streaming_histogram_gives_the_mse_range_of_all_values() -> None:
+    rng = np.random.default_rng(0)
+    chunks = [np.zeros(1000), rng.laplace(0, 1, 50_000), rng.laplace(0, 3, 50_000)]  # zeros first, then wider
+    h = _AbsHistogram()
+    for c in chunks:
+        h.update(torch.from_numpy(c))
+    x = np.abs(np.concatenate(chunks))
+    assert h.hist.sum() == x.size and h.largest == pytest.approx(x.max())
+    assert h.value() == pytest.approx(mse_range(*np.histogram(x, bins=4096), x.max()), rel=0.03)
+    empty = _AbsHistogram()
+    empty.update(torch.zeros(10))
+    assert empty.value() == 0.0
+    with pytest.raises(ResUNetError, match="no calibration data"):
+        _AbsHistogram().value()
+
+
+def test_simulated_ranges_follow_the_export_method() -> None:
+    model = _confident()
+    x = torch.from_numpy(np.stack(_inputs(2, 1)))
+    ranges = {}
+    for method in ("percentile", "mse", "minmax"):
+        sim = QuantSim(model, **sim_ranges(method, 99.0))
+        sim.observe(images=2)
+        with torch.no_grad():
+            model(x)
+        ranges[method] = sim.freeze()
+        sim.remove()
+    image = x.abs().numpy()
+    key = "stem.body.0:in"  # reads the image
+    assert ranges["minmax"][key] == pytest.approx(float(image.max()))
+    assert ranges["percentile"][key] == pytest.approx(float(np.percentile(image, 99.0, method="higher")))
+    assert ranges["mse"][key] == pytest.approx(mse_range(*np.histogram(image, bins=2048), image.max()), rel=0.03)
+    assert ranges["mse"] != ranges["percentile"]
+    with pytest.raises(ResUNetError, match="simulated range method"):
+        QuantSim(model, method="entropy")
 
 
 def test_fake_quant_sits_on_every_convolution_outside_the_kept_modules_and_comes_off() -> None:
@@ -122,6 +160,7 @@ def test_qat_brings_the_quantized_model_closer_to_the_teacher_on_held_out_images
     ({"lr": 0.0}, "QAT learning rate must be positive"),
     ({"percentile": 0.0}, "percentile must be in"),
     ({"dice_weight": -1.0}, "Dice weight must be >= 0"),
+    ({"method": "kl"}, "calibration method must be one of"),
 ])
 def test_bad_qat_options_are_refused(kw, message) -> None:
     with pytest.raises(ResUNetError, match=message):
