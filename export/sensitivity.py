@@ -238,12 +238,14 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
         work = Path(tmp)
         net = ckpt.build_model()
         images = [x[None] for x in calib.inputs(pre)]  # decoded once: equalization, bias correction, ranges
+        source: dict = {"equalization": None, "bias_correction": None}  # what the INT8 source went through
         if o.equalize_alpha is not None:
             say(f"equalizing activation ranges (alpha {o.equalize_alpha:g}) on {len(calib)} images")
-            equalize(net, images, o.equalize_alpha)
+            source["equalization"] = equalize(net, images, o.equalize_alpha).record()
         if o.bias_correction_images:
             say(f"correcting INT8 biases on {min(o.bias_correction_images, len(calib))} images")
-            bias_correct(net, images, o.bias_correction_images, **sim_ranges(o.method, o.percentile))
+            source["bias_correction"] = bias_correct(net, images, o.bias_correction_images,
+                                                     **sim_ranges(o.method, o.percentile))
         say("exporting the FP32 ONNX")
         model = export_onnx(WithActivation(net),
                             ShapeSpec(ckpt.config.in_channels, ckpt.config.num_classes, pre.size))
@@ -263,6 +265,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     record["checkpoint"] = {"path": str(o.checkpoint), "sha256": ckpt.sha256}
     record["calibration"] = calib.record()
     record["evaluation"] = evset.record()
+    record.update(source)
     write_json_atomic(out / "sensitivity.json", record)
     return report
 

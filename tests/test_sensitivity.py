@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cli import app
 from export.calibration import synthetic_images
 from export.onnx import ShapeSpec, export_onnx, node_scopes
-from export.quantize import QDQRecipe, calibrate_ranges
+from export.quantize import DEFAULT_EQUALIZE_ALPHA, QDQRecipe, calibrate_ranges
 from export.sensitivity import Evaluator, Goal, analyze, run_analysis
 from resunetpp.checkpoint import Checkpoint, save_checkpoint
 from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
@@ -108,6 +108,10 @@ def test_quantize_cli_writes_the_report(tmp_path, tiny):
     groups = {r["group"] for r in report["ranking"]}
     assert {"head", "stem.body", "decoder1.block"} <= groups
     assert report["calibration"] and report["evaluation"] and report["checkpoint"]["sha256"]
+    # the INT8 source's preparation, as the export's sidecars record it
+    assert report["base_recipe"]["equalize_alpha"] == report["equalization"]["alpha"] == DEFAULT_EQUALIZE_ALPHA
+    assert report["equalization"]["sites"] > 20
+    assert report["bias_correction"]["images"] == 4 and report["bias_correction"]["simulated_ranges"] == "percentile 100"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # work folder removed
 
 
