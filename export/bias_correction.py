@@ -35,8 +35,8 @@ def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: i
 
     ``calib_images`` (``(N, C, H, W)`` arrays) set the simulated activation ranges (``method``
     and ``percentile`` as :class:`export.qat.QuantSim` takes them), the first ``images`` of them
-    the mean shifts. Convolutions under ``keep_modules`` stay float and
-    uncorrected. ``progress`` is called with the number of images after each pass.
+    the mean shifts. Convolutions under ``keep_modules`` stay float and uncorrected. ``progress``
+    is called with the number of images after each pass.
     """
     import torch.nn.functional as F
 
@@ -92,5 +92,6 @@ def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: i
             sim.convs[name].bias -= d
     worst = sorted(((k, float(v.abs().max())) for k, v in shift.items()), key=lambda kv: -kv[1])[:5]
     return {"method": "bias correction (per convolution, simulated INT8 vs float on the same input)",
-            "simulated_ranges": method if method == "mse" else f"percentile {percentile:g}", "images": len(sample), "range_images": len(tensors), "convolutions": len(shift),
+            "simulated_ranges": method if method == "mse" else f"percentile {percentile:g}",
+            "images": len(sample), "range_images": len(tensors), "convolutions": len(shift),
             "largest_shifts": {k: round(v, 5) for k, v in worst}}

@@ -255,7 +255,8 @@ def calibrate_ranges(fp32_onnx: str | Path, batches: Iterable[np.ndarray], cache
             # (hist, edges, min, max) per tensor
             amax = {name: np.float32(mse_range(h[0], h[1], max(abs(float(h[2])), abs(float(h[3])))))
                     for name, h in histograms.items()}
-            ranges = TensorsData(_method_enum(method), {name: TensorData(lowest=-a, highest=a) for name, a in amax.items()})
+            ranges = TensorsData(_method_enum(method),
+                                 {name: TensorData(lowest=-a, highest=a) for name, a in amax.items()})
         else:
             ranges = calibrator.compute_data()
     cache_path = Path(cache_path)

@@ -12,11 +12,12 @@ the calibration images (rounding error averaged over points spread within each b
 exact zeros after a ReLU count as exact), over a geometric grid of candidate ranges up to the
 largest value seen. R. Banner, Y. Nahshan, D. Soudry, "Post training 4-bit quantization of
 convolutional networks for rapid-deployment", NeurIPS 2019 (ACIQ) derives the same trade-off
-analytically; OpenVINO's POT and AIMET ("TF-enhanced") search it numerically, as here.
+analytically for known distributions; AIMET's "TF-enhanced" scheme searches a similar cost over a
+histogram numerically, as here.
 
-On the shipped Kvasir-SEG model (equalized, bias-corrected) the MSE ranges are 0.95-1.9x the
-99.99th percentile and cut the INT8 logit error on held-out training images by about a tenth
-(benchmarks/INT8.md, section 9).
+On the shipped Kvasir-SEG model (equalized, bias-corrected) the MSE ranges are 1.0-1.9x the
+99.99th percentile and cut the INT8 logit error on held-out training images by about a tenth,
+but not on the validation images (benchmarks/INT8.md, section 9): the percentile stays the default.
 """
 
 from __future__ import annotations
