@@ -70,8 +70,8 @@ def blob_pair(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.
 
 
 def make_dataset(root: Path, n: int = 8, size: int = 32, seed: int = 0,
-                 splits: dict[str, list[int]] | None = None) -> Path:
-    """Write ``n`` blob images/masks (PNG) in the Kvasir-SEG layout under ``root``.
+                 splits: dict[str, list[int]] | None = None, prefix: str = "img") -> Path:
+    """Write ``n`` blob images/masks (PNG) named ``<prefix><i:03d>`` in the Kvasir-SEG layout under ``root``.
 
     ``splits`` maps a split name to image indices, written as ``root/NAME.txt``.
     """
@@ -80,10 +80,10 @@ def make_dataset(root: Path, n: int = 8, size: int = 32, seed: int = 0,
     (root / "masks").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         img, mask = blob_pair(rng, size)
-        Image.fromarray(img).save(root / "images" / f"img{i:03d}.png")
-        Image.fromarray(mask).save(root / "masks" / f"img{i:03d}.png")
+        Image.fromarray(img).save(root / "images" / f"{prefix}{i:03d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{prefix}{i:03d}.png")
     for name, idx in (splits or {}).items():
-        (root / f"{name}.txt").write_text("".join(f"img{i:03d}\n" for i in idx))
+        (root / f"{name}.txt").write_text("".join(f"{prefix}{i:03d}\n" for i in idx))
     return root
 
 

@@ -27,7 +27,7 @@ from benchmarks.harness import (MATRIX, NONFINITE, BenchOptions, BenchRow, EvalD
                                 plan_targets, run_bench)
 from benchmarks.report import write_json, write_markdown, write_plot
 from cli import app
-from conftest import blob_pair, tiny_checkpoint
+from conftest import make_dataset, tiny_checkpoint
 from engines.base import Engine
 from export import calibration as cal
 from resunetpp.checkpoint import load_checkpoint
@@ -46,27 +46,13 @@ EXTRA = {"mean_abs_diff": float, "iou_vs_gt": float, "dice_drop": float, "load_s
          "gflops_per_s": float}
 
 
-def make_images(root: Path, prefix: str, n: int, size: int = 32, seed: int = 0, split: str | None = None) -> Path:
-    """``n`` blob images + masks named ``<prefix><i>`` in the Kvasir-SEG layout (optional split file)."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        img, mask = blob_pair(rng, size)
-        Image.fromarray(img).save(root / "images" / f"{prefix}{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{prefix}{i}.png")
-    if split:
-        (root / f"{split}.txt").write_text("".join(f"{prefix}{i}\n" for i in range(n)))
-    return root
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> dict:
     """A tiny checkpoint, 4 evaluation and 4 calibration images, and one full benchmark run."""
     root = tmp_path_factory.mktemp("bench")
     ckpt = tiny_checkpoint(root / "tiny.safetensors", size=32)
-    data = make_images(root / "eval", "ev", 4, seed=1)
-    calib = make_images(root / "calib", "ca", 4, seed=2)
+    data = make_dataset(root / "eval", 4, seed=1, prefix="ev")
+    calib = make_dataset(root / "calib", 4, seed=2, prefix="ca")
     torch_threads = torch.get_num_threads()
     result = run_bench(BenchOptions(model=ckpt, data=data, calib=calib, artifacts=root / "art", batch_sizes=(1, 2),
                                     threads=1, **FAST))
@@ -326,7 +312,7 @@ def _fake_engine(tmp_path: Path, pre: Preprocessing, mode: str) -> FakeEngine:
 
 @pytest.fixture
 def fake_data(tmp_path) -> EvalData:
-    root = make_images(tmp_path / "data", "im", 3, size=32, seed=3)
+    root = make_dataset(tmp_path / "data", 3, seed=3, prefix="im")
     return EvalData.load(cal.select_images(root, None, None, role="evaluation"), Preprocessing(size=(32, 32)), 1)
 
 
@@ -401,13 +387,13 @@ def test_plan_targets_explains_every_combination():
 
 
 def test_plan_images_splits_the_shipped_samples(tmp_path):
-    samples = make_images(tmp_path / "samples", "s", 6, split="val")
+    samples = make_dataset(tmp_path / "samples", 6, splits={"val": list(range(6))}, prefix="s")
     plan = plan_images(samples, None, None, True, samples)
-    assert plan.evaluation.stems == ["s0", "s1", "s2"] and plan.calibration.stems == ["s3", "s4", "s5"]
+    assert plan.evaluation.stems == ["s000", "s001", "s002"] and plan.calibration.stems == ["s003", "s004", "s005"]
     assert plan.calib_missing is None and "first 3 are evaluated" in plan.notes[0]
-    other = make_images(tmp_path / "other", "o", 2)
+    other = make_dataset(tmp_path / "other", 2, prefix="o")
     plan = plan_images(other, None, None, True, samples)
-    assert plan.evaluation.stems == ["o0", "o1"] and plan.calibration.stems == ["s3", "s4", "s5"]
+    assert plan.evaluation.stems == ["o000", "o001"] and plan.calibration.stems == ["s003", "s004", "s005"]
     plan = plan_images(other, None, None, False, samples)
     assert plan.calibration is None and "--calib" in plan.calib_missing
     with pytest.raises(ResUNetError, match="overlap"):

@@ -55,8 +55,11 @@ class Run:
         self.out_path, self.err_path = logs / "stdout.txt", logs / "stderr.txt"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "RESUNETPP_LOG_EPOCHS": "1", "COLUMNS": "200"}
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            # SIGINT back to its default: a suite started in the background (``cmd &``) hands its
+            # children an ignored SIGINT, and Python then keeps it ignored.
             self.proc = subprocess.Popen([sys.executable, str(CLI), *map(str, args)], cwd=REPO, stdout=out,
-                                         stderr=err, env=env, stdin=subprocess.DEVNULL)
+                                         stderr=err, env=env, stdin=subprocess.DEVNULL,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     @property
     def stderr(self) -> str:
