@@ -321,67 +321,6 @@ def measure_latency(engine_call: PredictFn, runtime_call: Callable[[np.ndarray],
             "source": "runtime"}
 
 
-def runtime_call(engine: Any) -> Callable[[np.ndarray], Any] | None:
-    """The backend's own call on a loaded engine, without the toolkit's checks and conversions.
-
-    ONNX Runtime: ``session.run`` (CPU) / the backend call with I/O binding (GPU); OpenVINO: the
-    engine's infer request; torch: the module's forward under ``inference_mode`` (and autocast);
-    other backends (TensorRT): the backend hook ``_infer_impl``. ``None`` when none is reachable.
-    """
-    backend = getattr(engine, "backend", None)
-    builder = _RUNTIME_CALLS.get(backend)
-    call = builder(engine) if builder is not None else None
-    return call if call is not None else getattr(engine, "_infer_impl", None)
-
-
-def _ort_call(engine: Any) -> Callable[[np.ndarray], Any] | None:
-    session = getattr(engine, "_session", None)
-    if session is None or getattr(engine, "_binding", None) is not None:
-        return None
-    name_in = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]
-    name_out = "probs" if "probs" in outputs else outputs[0]
-    return lambda x: session.run([name_out], {name_in: x})
-
-
-def _openvino_call(engine: Any) -> Callable[[np.ndarray], Any] | None:
-    request = getattr(engine, "_request", None)
-    if request is None:
-        return None
-    return lambda x: request.infer({0: x}, share_inputs=True)
-
-
-def _torch_call(engine: Any) -> Callable[[np.ndarray], Any] | None:
-    import torch
-
-    model = getattr(engine, "_model", None)
-    if model is None:
-        return None
-    device = str(engine.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.precision)
-    channels_last = bool(getattr(engine, "_channels_last", False))
-    cuda = device.startswith("cuda")
-
-    def call(x: np.ndarray) -> Any:
-        t = torch.from_numpy(x)
-        if cuda:
-            t = t.to(device)
-        if channels_last:
-            t = t.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast("cuda" if cuda else "cpu", dtype=dtype or torch.float32,
-                                                    enabled=dtype is not None):
-            out = model(t)
-        if cuda:
-            torch.cuda.synchronize()
-        return out
-
-    return call
-
-
-_RUNTIME_CALLS: dict[str, Callable[[Any], Callable[[np.ndarray], Any] | None]] = {
-    "onnxruntime": _ort_call, "openvino": _openvino_call, "torch": _torch_call}
-
-
 def openvino_throughput(engine: Any, x: np.ndarray, warmup_s: float, duration_s: float) -> dict:
     """Images/s of an OpenVINO engine compiled with the THROUGHPUT hint, through ``AsyncInferQueue``.
 
@@ -519,7 +458,7 @@ def _speed(engine: Any, row: BenchRow, data: EvalData, settings: Settings,
     b = row.batch_size
     x = data.batch(b)
     with other_processes_cpu() as busy:
-        lat = measure_latency(engine.infer, runtime_call(engine), x, settings.warmup_s, settings.duration_s)
+        lat = measure_latency(engine.infer, engine.runtime_call(), x, settings.warmup_s, settings.duration_s)
         model_only = b * 1e3 / lat["engine"]["mean"]
         throughput, mode = b * 1e3 / lat["latency"]["mean"], f"sync: batch {b} / mean latency"
         if throughput_engine is not None:
@@ -861,4 +800,4 @@ def _evaluation_record(setup: _Setup, data: EvalData) -> dict:
 __all__ = ["BACKENDS", "MATRIX", "PRECISIONS", "REFERENCE", "BenchOptions", "BenchResult", "BenchRow", "EvalData",
            "NonFiniteResult", "Settings", "Target", "bench_engine", "end_to_end_rate", "gate_failures",
            "measure_accuracy", "measure_latency", "openvino_throughput", "plan_images", "plan_targets",
-           "run_bench", "runtime_call"]
+           "run_bench"]

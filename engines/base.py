@@ -14,6 +14,7 @@ returning it. Subclasses implement only ``_load_impl``, ``_infer_impl`` and ``_c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -234,6 +235,13 @@ class Engine:
         out = self._infer_impl(batch)
         return self.check_output(out, batch.shape)
 
+    def runtime_call(self) -> Callable[[np.ndarray], Any]:
+        """The backend's own inference call on the loaded engine (loads it): the runtime's call with
+        none of :meth:`infer`'s checks and conversions, for measuring what they cost (``resunetpp
+        bench``'s ``overhead_pct``). The default is the ``_infer_impl`` hook itself."""
+        self.load()
+        return self._runtime_call_impl() or self._infer_impl
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """:meth:`infer` for any batch size: split to the engine's largest batch, pad a fixed one."""
         self.load()
@@ -308,6 +316,10 @@ class Engine:
 
     def _close_impl(self) -> None:
         raise NotImplementedError
+
+    def _runtime_call_impl(self) -> Callable[[np.ndarray], Any] | None:
+        """The runtime's bare call for :meth:`runtime_call`; ``None``: use ``_infer_impl``."""
+        return None
 
     def _details(self) -> dict:
         return {}

@@ -186,6 +186,10 @@ class OpenVINOEngine(Engine):
         self.load()
         return execution_kernels(self._compiled)
 
+    def _runtime_call_impl(self):
+        request = self._request
+        return lambda x: request.infer({0: x}, share_inputs=True)
+
     def _close_impl(self) -> None:
         self._request = None
         self._compiled = None

@@ -128,6 +128,27 @@ class TorchEngine(Engine):
             out = out.float().contiguous()
         return out.cpu().numpy() if self.device != "cpu" else out.numpy()
 
+    def _runtime_call_impl(self):
+        torch = _torch()
+        model, device, channels_last = self._model, self.device, self._channels_last
+        cuda = device.startswith("cuda")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self._dtype)
+
+        def call(x: np.ndarray) -> Any:  # the module's forward, as a torch user would call it
+            t = torch.from_numpy(x)
+            if cuda:
+                t = t.to(device)
+            if channels_last:
+                t = t.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast("cuda" if cuda else "cpu", dtype=dtype or torch.float32,
+                                                        enabled=dtype is not None):
+                out = model(t)
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+
+        return call
+
     def _close_impl(self) -> None:
         self._model = None
         torch = _torch()

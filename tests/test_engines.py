@@ -265,6 +265,27 @@ def test_close_and_reload(backend: str, binary: dict) -> None:
     engine.close()
 
 
+def test_runtime_call_is_the_bare_backend_call(backend: str, binary: dict) -> None:
+    """What `bench` measures infer()'s overhead against: the runtime's own call, same answer."""
+    x = _batch(1)
+    with open_engine(backend, binary) as engine:
+        call = engine.runtime_call()
+        raw = call(x)
+        want = engine.infer(x)
+    if backend == "onnxruntime":
+        assert isinstance(raw, list)  # InferenceSession.run's own result
+        raw = raw[0]
+    elif backend == "openvino":
+        raw = raw[0]  # the infer request's OVDict
+    elif backend == "torch":
+        import torch
+
+        assert isinstance(raw, torch.Tensor)
+        raw = raw.float().cpu().numpy()
+    np.testing.assert_allclose(np.asarray(raw), want, atol=1e-5)
+    assert call != engine._infer_impl or backend == "tensorrt"
+
+
 # ---- backend specifics ---------------------------------------------------------------------------------
 class NaNEngine(Engine):
     """A backend that answers NaN for the second image: the base must refuse it."""
