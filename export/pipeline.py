@@ -529,7 +529,7 @@ class _Run:
             n = min(recipe.bias_correction_images, len(self.calib))
             with self.r.task(f"correct INT8 biases ({n} images, simulated INT8)", total=n) as adv:
                 self.bias_correction_record = bias_correct(
-                    model, images, recipe.bias_correction_images, progress=adv,
+                    model, images, recipe.bias_correction_images, progress=adv, keep_modules=recipe.keep_modules,
                     **sim_ranges(recipe.method, recipe.percentile))
             steps.append("bias-corrected")
         name = " and ".join(steps)

@@ -129,6 +129,14 @@ def test_bias_correction_removes_the_int8_mean_shift():
     assert after < 0.5 * before, (before, after)
     with pytest.raises(ValueError, match="images must be >= 1"):
         bias_correct(copy.deepcopy(ref), batches, images=0)
+    # convolutions kept in float are simulated in float and keep their biases
+    kept = ("stem.body.0", "stem.shortcut.0")
+    partial = copy.deepcopy(ref)
+    record = bias_correct(partial, batches, images=2, keep_modules=kept)
+    assert record["convolutions"] == sum(isinstance(m, torch.nn.Conv2d) for m in ref.modules()) - 2
+    for name in kept:
+        before, after = ref.get_submodule(name).bias, partial.get_submodule(name).bias.detach()
+        assert torch.equal(after, torch.zeros_like(after) if before is None else before.detach()), name
 
 
 def test_a_site_that_is_all_zero_keeps_its_scale_and_the_function():

@@ -260,6 +260,7 @@ def test_metadata_present_and_complete(exported):
             assert c["split"] == "train" and c["held_out_evaluation"]["split"] == "val"
             assert not set(c["images"]) & set(c["held_out_evaluation"]["images"])
             assert a["quantization"]["excluded_nodes"], "the output activation stays float"
+            assert {"stem.body.0", "stem.shortcut.0"} <= set(a["quantization"]["excluded_modules"])  # read the image
             eq = a["quantization"]["equalization"]  # default recipe: equalized, checked against FP32
             assert eq["alpha"] == DEFAULT_EQUALIZE_ALPHA and eq["sites"] == 33 and eq["fp32_max_abs_difference"] <= 1e-4
             assert a["quantization"]["recipe"]["equalize_alpha"] == DEFAULT_EQUALIZE_ALPHA
