@@ -306,7 +306,8 @@ def export_command(
         "--per-channel/--per-tensor", help="INT8 weight scales per output channel.")] = True,
     keep_float: Annotated[list[str] | None, typer.Option(
         help="Repeatable module path kept in float in INT8 artifacts, e.g. decoder1.attention, head "
-             "(default: none, every convolution INT8; 'none': keep nothing).")] = None,
+             "(default: stem.body.0 and stem.shortcut.0, the convolutions reading the image; "
+             "'none': keep nothing).")] = None,
     int8_ops: Annotated[str, typer.Option(
         help="INT8: 'conv' quantizes convolutions only (default), 'all' every quantizable op.")] = "conv",
     int8_outputs: Annotated[bool, typer.Option(
