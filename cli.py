@@ -631,6 +631,8 @@ def quantize_command(
     target_dice: Annotated[float, typer.Option(help="Goal: mean Dice vs the FP32 reference masks.")] = 0.98,
     target_min_dice: Annotated[float, typer.Option(help="Goal: no image below this Dice vs reference.")] = 0.90,
     max_keep: Annotated[int, typer.Option(min=0, help="Most module groups the search keeps in float.")] = 6,
+    max_float_flops: Annotated[Optional[float], typer.Option(min=0.0, max=100.0, help="Budget: the search skips a group that would keep more than this % of the model's FLOPs in float (float work is what costs INT8 its speed). Default: no budget.")] = None,
+    depth: Annotated[int, typer.Option(min=1, help="Group granularity: module path depth (2: decoder1.attention; 3-4: single convolutions such as decoder3.attention.out_conv.2).")] = 2,
     equalize: EqualizeOption = True,
     equalize_alpha: EqualizeAlphaOption = None,
     bias_correction: BiasCorrectionOption = None,
@@ -645,7 +647,7 @@ def quantize_command(
 
     Quantizes one module group at a time (the rest in float) and ranks the groups by Dice drop
     against the FP32 reference, then keeps the most sensitive groups in float until the goal
-    holds. With --qat-epochs, fine-tunes through simulated INT8 instead (distillation from
+    holds (within --max-float-flops of the model's work, when given). With --qat-epochs, fine-tunes through simulated INT8 instead (distillation from
     CHECKPOINT) and exports the result. Exit code 1 when the goal is not met.
     """
     from rich.console import Console
@@ -656,7 +658,8 @@ def quantize_command(
     opts = QuantizeOptions(checkpoint, calib, eval_, out, calib_split, eval_split, calib_count, eval_count,
                            method.value, percentile, ops.value, Goal(target_dice, target_min_dice), max_keep,
                            equalize_alpha=_equalize_alpha(equalize, equalize_alpha),
-                           **_bias_correction(bias_correction))
+                           **_bias_correction(bias_correction), depth=depth,
+                           max_float_share=None if max_float_flops is None else max_float_flops / 100.0)
     if qat_epochs:
         from export.qat import QATOptions, qat_and_export
         from export.report import print_summary
@@ -687,7 +690,9 @@ def quantize_command(
         out_console.print(table)
     verdict = "met" if report.goal_met else "NOT met"
     kept = ", ".join(report.chosen) or "nothing"
-    out_console.print(f"goal {verdict}; keep in float: {kept}; report: {out / 'sensitivity.json'}")
+    share = report.steps[-1].float_flops_share
+    cost = "" if share is None else f" ({100 * share:.1f}% of the FLOPs)"
+    out_console.print(f"goal {verdict}; keep in float: {kept}{cost}; report: {out / 'sensitivity.json'}")
     if not report.goal_met:
         raise typer.Exit(1)
 

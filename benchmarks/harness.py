@@ -625,14 +625,10 @@ def bench_target(target: Target, setup: _Setup, artifacts: ArtifactSet | None, d
 
 def model_flops(ckpt: Checkpoint, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward pass on one ``(C, H, W)`` input (convolutions and matmuls, 2 per
-    multiply-add), counted by :class:`torch.utils.flop_counter.FlopCounterMode`."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    multiply-add; :func:`resunetpp.flops.count_flops`)."""
+    from resunetpp.flops import count_flops
 
-    model = ckpt.build_model("cpu")
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros((1, *input_shape), dtype=torch.float32))
-    return int(counter.get_total_flops())
+    return count_flops(ckpt.build_model("cpu"), tuple(input_shape)).total
 
 
 def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None,

@@ -12,6 +12,9 @@ The method (``resunetpp quantize``):
    most sensitive group in float, then the next, ... until the goal holds (mean Dice vs
    reference >= ``target_mean`` and no image below ``target_min``) or ``max_keep`` groups are
    kept. Each step is measured, so the history shows what every kept group bought.
+   With a FLOP budget (``max_float_share``) a group whose FLOPs would take the float part past
+   it is skipped: float work is what costs the speed (``resunetpp.flops``), so the budget keeps
+   the result within a speed target.
 
 Calibrating once and re-quantizing from the cached ranges makes each measurement cost one
 graph rewrite plus one ONNX Runtime pass over the evaluation images.
@@ -30,6 +33,7 @@ from export.onnx import module_groups, node_scopes, ort_predict_fn
 from export.quantize import DEFAULT_BIAS_CORRECTION_IMAGES, DEFAULT_EQUALIZE_ALPHA, QDQRecipe, quantize_qdq
 from export.verify import compare_outputs, predict_batched
 from resunetpp.errors import ResUNetError
+from resunetpp.flops import FlopCount
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class GroupSensitivity:
     dice_min: float | None
     abs_error_mean: float | None
     note: str = ""
+    #: the group's share of the model's FLOPs (what keeping it in float costs); None: not counted
+    flops_share: float | None = None
 
     @property
     def drop(self) -> float:
@@ -66,6 +72,8 @@ class SearchStep:
     dice_min: float
     abs_error_mean: float
     goal_met: bool
+    #: share of the model's FLOPs left in float by this step (None: not counted)
+    float_flops_share: float | None = None
 
 
 @dataclass
@@ -77,6 +85,10 @@ class SensitivityReport:
     goal: Goal = field(default_factory=Goal)
     goal_met: bool = False
     base_recipe: dict = field(default_factory=dict)
+    #: largest share of the FLOPs the search was allowed to keep in float (None: no budget)
+    max_float_share: float | None = None
+    #: groups skipped because they would have exceeded ``max_float_share``
+    over_budget: list[str] = field(default_factory=list)
 
     def ranking(self) -> list[GroupSensitivity]:
         return sorted(self.groups, key=lambda g: (-g.drop, g.group))
@@ -90,6 +102,8 @@ class SensitivityReport:
             "search": [asdict(s) for s in self.steps],
             "kept_in_float": self.chosen,
             "goal_met": self.goal_met,
+            "max_float_flops_share": self.max_float_share,
+            "skipped_over_budget": self.over_budget,
         }
 
 
@@ -132,10 +146,14 @@ class Evaluator:
 
 
 def analyze(ev: Evaluator, base: QDQRecipe, depth: int = 2,
-            progress: Callable[[str], None] | None = None) -> list[GroupSensitivity]:
-    """Quantize one module group at a time (the rest in float) and measure its Dice vs reference."""
+            progress: Callable[[str], None] | None = None, flops: FlopCount | None = None) -> list[GroupSensitivity]:
+    """Quantize one module group at a time (the rest in float) and measure its Dice vs reference.
+    With ``flops``, each row also carries the share of the model's FLOPs in the group's own nodes
+    (a parent module's row, e.g. ``decoder1`` at depth 2, holds only the ops run directly in it)."""
     rows = []
+    own = flops.groups(depth) if flops is not None else None
     for group, nodes in ev.groups(depth).items():
+        share = None if own is None else own.get(group, 0) / flops.total
         if progress:
             progress(group)
         others = tuple(n for n in ev.all_nodes if n not in set(nodes))
@@ -143,19 +161,34 @@ def analyze(ev: Evaluator, base: QDQRecipe, depth: int = 2,
         try:
             m = ev.score(recipe)
         except ResUNetError as e:  # e.g. the group has nothing the recipe quantizes
-            rows.append(GroupSensitivity(group, len(nodes), None, None, None, note=str(e)))
+            rows.append(GroupSensitivity(group, len(nodes), None, None, None, note=str(e), flops_share=share))
             continue
         rows.append(GroupSensitivity(group, len(nodes), m["dice_vs_reference_mean"], m["dice_vs_reference_min"],
-                                     m["abs_error_mean"]))
+                                     m["abs_error_mean"], flops_share=share))
     return rows
 
 
 def search(ev: Evaluator, base: QDQRecipe, ranking: Sequence[GroupSensitivity], goal: Goal,
-           max_keep: int = 6, progress: Callable[[str], None] | None = None) -> tuple[list[SearchStep], list[str]]:
-    """Keep the most sensitive groups in float, one more per step, until ``goal`` holds."""
+           max_keep: int = 6, progress: Callable[[str], None] | None = None, flops: FlopCount | None = None,
+           max_float_share: float | None = None) -> tuple[list[SearchStep], list[str], list[str]]:
+    """Keep the most sensitive groups in float, one more per step, until ``goal`` holds.
+
+    With ``max_float_share`` (needs ``flops``), a group that would take the float share of the
+    FLOPs (the base recipe's kept modules included) past it is skipped. A kept group is kept as
+    ``export --keep-float`` keeps it, with every module below it, and costs accordingly. Returns the steps, the
+    groups kept and the groups skipped for the budget.
+    """
+    if max_float_share is not None and flops is None:
+        raise ValueError("a FLOP budget (max_float_share) needs the model's FLOP count")
     candidates = [g.group for g in ranking if g.dice_mean is not None and g.drop > 0]
+
+    def float_share(groups: Sequence[str]) -> float | None:
+        return None if flops is None else flops.share([*base.keep_modules, *groups])
+
     kept: list[str] = []
+    skipped: list[str] = []
     steps: list[SearchStep] = []
+    queue = iter(candidates)
     while True:
         recipe = replace(base, keep_modules=tuple(sorted(set(base.keep_modules) | set(kept))))
         if progress:
@@ -163,17 +196,26 @@ def search(ev: Evaluator, base: QDQRecipe, ranking: Sequence[GroupSensitivity], 
         m = ev.score(recipe)
         ok = goal.met(m)
         steps.append(SearchStep(list(kept), m["dice_vs_reference_mean"], m["dice_vs_reference_min"],
-                                m["abs_error_mean"], ok))
-        if ok or len(kept) >= max_keep or len(kept) >= len(candidates):
-            return steps, kept
-        kept.append(candidates[len(kept)])
+                                m["abs_error_mean"], ok, float_share(kept)))
+        if ok or len(kept) >= max_keep:
+            return steps, kept, skipped
+        for group in queue:
+            if max_float_share is not None and float_share([*kept, group]) > max_float_share:
+                skipped.append(group)
+                continue
+            kept.append(group)
+            break
+        else:  # no candidate left that fits
+            return steps, kept, skipped
 
 
 def run_analysis(ev: Evaluator, base: QDQRecipe, goal: Goal = Goal(), max_keep: int = 6, depth: int = 2,
-                 progress: Callable[[str], None] | None = None) -> SensitivityReport:
-    report = SensitivityReport(goal=goal, base_recipe=base.to_dict())
-    report.groups = analyze(ev, base, depth, progress)
-    report.steps, report.chosen = search(ev, base, report.ranking(), goal, max_keep, progress)
+                 progress: Callable[[str], None] | None = None, flops: FlopCount | None = None,
+                 max_float_share: float | None = None) -> SensitivityReport:
+    report = SensitivityReport(goal=goal, base_recipe=base.to_dict(), max_float_share=max_float_share)
+    report.groups = analyze(ev, base, depth, progress, flops)
+    report.steps, report.chosen, report.over_budget = search(ev, base, report.ranking(), goal, max_keep, progress,
+                                                             flops, max_float_share)
     first = report.steps[0]
     report.full_int8 = {"dice_mean": first.dice_mean, "dice_min": first.dice_min,
                         "abs_error_mean": first.abs_error_mean}
@@ -202,13 +244,17 @@ class QuantizeOptions:
     equalize_alpha: float | None = DEFAULT_EQUALIZE_ALPHA
     #: Bias correction images (``QDQRecipe.bias_correction_images``); 0: off.
     bias_correction_images: int = DEFAULT_BIAS_CORRECTION_IMAGES
+    #: Module path depth of the groups (2: ``decoder1.attention``; deeper: single convolutions).
+    depth: int = 2
+    #: Largest share (0-1) of the model's FLOPs the search may keep in float; None: no budget.
+    max_float_share: float | None = None
 
 
 def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | None = None) -> SensitivityReport:
     """Sensitivity analysis and mixed-precision search for one checkpoint; see the module docstring.
 
     Writes ``sensitivity.json`` into ``o.out`` and returns the report; the recipe it finds is
-    what ``resunetpp export --int8-keep`` applies.
+    what ``resunetpp export --keep-float`` applies.
     """
     import onnx
 
@@ -220,12 +266,17 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     from export.quantize import CALIBRATION_METHODS, calibrate_ranges
     from resunetpp.atomic import write_json_atomic
     from resunetpp.checkpoint import load_checkpoint
+    from resunetpp.flops import count_flops
     from resunetpp.model import WithActivation
 
     if o.method not in CALIBRATION_METHODS:
         raise ResUNetError(f"--method must be one of {', '.join(CALIBRATION_METHODS)}, got {o.method!r}")
     if o.ops not in ("conv", "all"):
         raise ResUNetError(f"--ops must be 'conv' or 'all', got {o.ops!r}")
+    if o.depth < 1:
+        raise ResUNetError(f"--depth must be at least 1, got {o.depth}")
+    if o.max_float_share is not None and not 0.0 <= o.max_float_share <= 1.0:
+        raise ResUNetError(f"--max-float-flops must be a percentage in [0, 100], got {100 * o.max_float_share:g}")
     say = progress or (lambda _m: None)
     ckpt = load_checkpoint(o.checkpoint)
     pre = ckpt.preprocessing if o.image_size is None else ckpt.preprocessing.with_size(o.image_size)
@@ -237,6 +288,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     with tempfile.TemporaryDirectory(prefix=".quantize-work-", dir=out) as tmp:
         work = Path(tmp)
         net = ckpt.build_model()
+        flops = count_flops(net, (ckpt.config.in_channels, *pre.size))
         images = [x[None] for x in calib.inputs(pre)]  # decoded once: equalization, bias correction, ranges
         source: dict = {"equalization": None, "bias_correction": None}  # what the INT8 source went through
         if o.equalize_alpha is not None:
@@ -258,11 +310,13 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
                          equalize_alpha=o.equalize_alpha, bias_correction_images=o.bias_correction_images)
         ev = Evaluator(fp32, cache, list(evset.inputs(pre)), work=work, num_classes=ckpt.config.num_classes)
         try:
-            report = run_analysis(ev, base, o.goal, o.max_keep, progress=lambda g: say(f"measuring {g}"))
+            report = run_analysis(ev, base, o.goal, o.max_keep, o.depth, progress=lambda g: say(f"measuring {g}"),
+                                  flops=flops, max_float_share=o.max_float_share)
         finally:
             ev.close()
     record = report.as_dict()
     record["checkpoint"] = {"path": str(o.checkpoint), "sha256": ckpt.sha256}
+    record["gflop_per_image"] = flops.total / 1e9
     record["calibration"] = calib.record()
     record["evaluation"] = evset.record()
     record.update(source)
@@ -274,18 +328,25 @@ def render(report: SensitivityReport):
     """Rich renderables: the ranked sensitivity table and the search steps."""
     from rich.table import Table
 
+    def pct(share: float | None) -> str:
+        return "-" if share is None else f"{100 * share:.1f}"
+
     t = Table(title="INT8 sensitivity: only this group quantized (rest in float)")
-    for col in ("rank", "group", "nodes", "Dice vs ref (mean)", "Dice vs ref (min)", "drop"):
+    for col in ("rank", "group", "nodes", "FLOPs %", "Dice vs ref (mean)", "Dice vs ref (min)", "drop"):
         t.add_column(col, justify="right" if col not in ("group",) else "left")
     for i, g in enumerate(report.ranking(), 1):
         if g.dice_mean is None:
-            t.add_row(str(i), g.group, str(g.nodes), "-", "-", g.note[:40] or "-")
+            t.add_row(str(i), g.group, str(g.nodes), pct(g.flops_share), "-", "-", g.note[:40] or "-")
         else:
-            t.add_row(str(i), g.group, str(g.nodes), f"{g.dice_mean:.4f}", f"{g.dice_min:.4f}", f"{g.drop:.4f}")
-    s = Table(title=f"Mixed precision search (goal: mean >= {report.goal.mean_dice}, min >= {report.goal.min_dice})")
-    for col in ("kept in float", "Dice vs ref (mean)", "Dice vs ref (min)", "mean |dp|", "goal"):
+            t.add_row(str(i), g.group, str(g.nodes), pct(g.flops_share), f"{g.dice_mean:.4f}", f"{g.dice_min:.4f}",
+                      f"{g.drop:.4f}")
+    budget = ("" if report.max_float_share is None
+              else f", float budget {100 * report.max_float_share:g}% of the FLOPs")
+    s = Table(title=f"Mixed precision search (goal: mean >= {report.goal.mean_dice}, "
+                    f"min >= {report.goal.min_dice}{budget})")
+    for col in ("kept in float", "float FLOPs %", "Dice vs ref (mean)", "Dice vs ref (min)", "mean |dp|", "goal"):
         s.add_column(col)
     for st in report.steps:
-        s.add_row(", ".join(st.kept_in_float) or "(none)", f"{st.dice_mean:.4f}", f"{st.dice_min:.4f}",
-                  f"{st.abs_error_mean:.4f}", "met" if st.goal_met else "-")
+        s.add_row(", ".join(st.kept_in_float) or "(none)", pct(st.float_flops_share), f"{st.dice_mean:.4f}",
+                  f"{st.dice_min:.4f}", f"{st.abs_error_mean:.4f}", "met" if st.goal_met else "-")
     return t, s

@@ -14,8 +14,9 @@ from cli import app
 from export.calibration import synthetic_images
 from export.onnx import ShapeSpec, export_onnx, node_scopes
 from export.quantize import DEFAULT_EQUALIZE_ALPHA, QDQRecipe, calibrate_ranges
-from export.sensitivity import Evaluator, Goal, analyze, run_analysis
+from export.sensitivity import Evaluator, Goal, analyze, run_analysis, search
 from resunetpp.checkpoint import Checkpoint, save_checkpoint
+from resunetpp.flops import count_flops
 from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
 from resunetpp.preprocess import Preprocessing
 
@@ -89,6 +90,33 @@ def test_search_keeps_the_broken_layer_in_float_and_meets_the_goal(tiny):
     assert d["kept_in_float"] == report.chosen and d["ranking"][0]["group"] == "head"
 
 
+def test_search_respects_a_flop_budget(tiny):
+    """The broken head is tiny in FLOPs: a budget below its share skips it (and anything larger),
+    one above it lets the search keep it; each step records the float share it leaves."""
+    flops = count_flops(tiny["model"], (3, *PRE.size))
+    head = flops.share(["head"])
+    assert 0 < head < 0.01
+    ev = Evaluator(tiny["fp32"], _break_head_range(tiny), tiny["eval"])
+    try:
+        base = QDQRecipe(method="minmax", keep_modules=())
+        tight = run_analysis(ev, base, Goal(0.9, 0.5), max_keep=3, flops=flops, max_float_share=head / 2)
+        loose = run_analysis(ev, base, Goal(0.9, 0.5), max_keep=3, flops=flops, max_float_share=2 * head)
+    finally:
+        ev.close()
+    assert "head" in tight.over_budget and "head" not in tight.chosen and not tight.goal_met
+    assert all(flops.share([g]) > head / 2 for g in tight.over_budget)
+    assert all(st.float_flops_share <= head / 2 for st in tight.steps)
+    assert loose.chosen[0] == "head" and loose.goal_met
+    assert loose.steps[-1].float_flops_share == pytest.approx(flops.share(loose.chosen))
+    rows = {g.group: g.flops_share for g in loose.groups}
+    assert rows["head"] == pytest.approx(head)
+    assert sum(v for v in rows.values() if v is not None) == pytest.approx(1.0)  # the groups tile the model
+    d = loose.as_dict()
+    assert d["max_float_flops_share"] == 2 * head and d["ranking"][0]["flops_share"] == pytest.approx(head)
+    with pytest.raises(ValueError, match="FLOP count"):
+        search(ev, base, loose.ranking(), Goal(), max_float_share=0.1)
+
+
 def test_quantize_cli_writes_the_report(tmp_path, tiny):
     ckpt = tmp_path / "tiny.safetensors"
     sd = {k: v.clone() for k, v in tiny["model"].state_dict().items()}
@@ -101,12 +129,17 @@ def test_quantize_cli_writes_the_report(tmp_path, tiny):
     out = tmp_path / "q"
     result = CliRunner().invoke(app, ["quantize", str(ckpt), "--calib", str(tmp_path / "calib"), "--eval",
                                       str(tmp_path / "eval"), "--out", str(out), "--method", "minmax",
-                                      "--target-dice", "0.5", "--target-min-dice", "0.0", "--max-keep", "1"])
+                                      "--target-dice", "0.5", "--target-min-dice", "0.0", "--max-keep", "1",
+                                      "--depth", "3", "--max-float-flops", "5"])
     assert result.exit_code == 0, result.output
+    assert "% of the FLOPs)" in " ".join(result.output.split())  # the verdict line names the float cost
     report = json.loads((out / "sensitivity.json").read_text())
-    assert report["goal_met"] is True
+    assert report["goal_met"] is True and report["max_float_flops_share"] == 0.05
     groups = {r["group"] for r in report["ranking"]}
-    assert {"head", "stem.body", "decoder1.block"} <= groups
+    assert {"head", "stem.body.0", "decoder1.attention.out_conv"} <= groups  # depth 3: single convolutions
+    assert sum(r["flops_share"] for r in report["ranking"]) == pytest.approx(1.0)  # the groups tile the model
+    assert all(s["float_flops_share"] <= 0.05 for s in report["search"])
+    assert report["gflop_per_image"] == pytest.approx(count_flops(tiny["model"], (3, *PRE.size)).total / 1e9)
     assert report["calibration"] and report["evaluation"] and report["checkpoint"]["sha256"]
     # the INT8 source's preparation, as the export's sidecars record it
     assert report["base_recipe"]["equalize_alpha"] == report["equalization"]["alpha"] == DEFAULT_EQUALIZE_ALPHA
