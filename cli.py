@@ -306,7 +306,8 @@ def export_command(
         "--per-channel/--per-tensor", help="INT8 weight scales per output channel.")] = True,
     keep_float: Annotated[list[str] | None, typer.Option(
         help="Repeatable module path kept in float in INT8 artifacts, e.g. decoder1.attention, head "
-             "(default: stem.body.0 and stem.shortcut.0, the convolutions reading the image; "
+             "(default: the 10 convolutions export.quantize.DEFAULT_INT8_KEEP_MODULES lists, 7.7% of the "
+             "FLOPs: those that buy the most accuracy per unit of float work, benchmarks/INT8.md section 11; "
              "'none': keep nothing).")] = None,
     int8_ops: Annotated[str, typer.Option(
         help="INT8: 'conv' quantizes convolutions only (default), 'all' every quantizable op.")] = "conv",

@@ -29,7 +29,7 @@ from export.fp16 import FP16Recipe, activation_ranges, build_fp16, convert_to_fp
 from export.onnx import ShapeSpec, node_scopes, nodes_in_modules, ort_predict_fn
 from export.openvino import ov_predict_fn
 from export.pipeline import ExportOptions, artifact_name, run_export
-from export.quantize import DEFAULT_EQUALIZE_ALPHA, QDQRecipe, calibrate_ranges, quantize_qdq
+from export.quantize import DEFAULT_EQUALIZE_ALPHA, DEFAULT_INT8_KEEP_MODULES, QDQRecipe, calibrate_ranges, quantize_qdq
 from export.tensorrt import tensorrt_status
 from export.verify import FP32_MAX_ABS_ERROR, INT8_MIN_DICE, compare_to_reference, gate_for
 from resunetpp.artifact import ONNX_METADATA_KEY, read_record
@@ -260,7 +260,11 @@ def test_metadata_present_and_complete(exported):
             assert c["split"] == "train" and c["held_out_evaluation"]["split"] == "val"
             assert not set(c["images"]) & set(c["held_out_evaluation"]["images"])
             assert a["quantization"]["excluded_nodes"], "the output activation stays float"
-            assert {"stem.body.0", "stem.shortcut.0"} <= set(a["quantization"]["excluded_modules"])  # read the image
+            # the default float set: the image-reading convolutions, the mask-writing head, ...
+            excluded = set(a["quantization"]["excluded_modules"])  # scopes of every node left in float
+            assert set(DEFAULT_INT8_KEEP_MODULES) <= excluded and "decoder2.block.body.2" not in excluded
+            assert set(a["quantization"]["recipe"]["keep_modules"]) == set(DEFAULT_INT8_KEEP_MODULES)
+            assert {"stem.body.0", "stem.shortcut.0", "head"} <= set(DEFAULT_INT8_KEEP_MODULES)
             eq = a["quantization"]["equalization"]  # default recipe: equalized, checked against FP32
             assert eq["alpha"] == DEFAULT_EQUALIZE_ALPHA and eq["sites"] == 33 and eq["fp32_max_abs_difference"] <= 1e-4
             assert a["quantization"]["recipe"]["equalize_alpha"] == DEFAULT_EQUALIZE_ALPHA
