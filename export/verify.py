@@ -12,7 +12,8 @@ artifact's ``predict`` and the reference's on the same images and reports
 The gates (named constants, raised by the INT8-accuracy work): FP32 artifacts must match
 PyTorch within :data:`FP32_MAX_ABS_ERROR`; FP16 artifacts must be finite with Dice vs reference
 >= :data:`FP16_MIN_DICE`; INT8 artifacts need Dice vs reference >= :data:`INT8_MIN_DICE` on
-held-out images.
+held-out images, no image below :data:`INT8_MIN_IMAGE_DICE`, and -- where the held-out images have
+ground-truth masks -- a Dice vs ground truth at most :data:`INT8_MAX_GT_DROP` below the FP32 model's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ FP16_MIN_DICE = 0.99
 INT8_MIN_DICE = 0.98
 #: INT8 artifacts: no held-out image's Dice vs the FP32 reference mask below this.
 INT8_MIN_IMAGE_DICE = 0.90
+#: INT8 artifacts: largest drop of mean Dice vs ground truth below the FP32 model's (when masks exist).
+INT8_MAX_GT_DROP = 0.01
 THRESHOLD = 0.5
 
 
@@ -182,6 +185,12 @@ def gate_for(precision: str, metrics: dict) -> Gate:
         return Gate("int8-dice", "dice_vs_reference_min", INT8_MIN_IMAGE_DICE, w, False,
                     f"mean Dice vs the FP32 reference mask {v:.4f} but {below} image{'s' if below > 1 else ''} "
                     f"below {INT8_MIN_IMAGE_DICE:g} (worst {w:.4f}) on {n} images")
+    drop = metrics.get("dice_vs_gt_drop")
+    if precision == "int8" and ok and drop is not None and drop > INT8_MAX_GT_DROP:
+        return Gate("int8-gt", "dice_vs_gt_drop", INT8_MAX_GT_DROP, drop, False,
+                    f"mean Dice vs the FP32 reference mask {v:.4f} but Dice vs ground truth "
+                    f"{metrics['dice_vs_gt_mean']:.4f}, {drop:.4f} below the FP32 model's "
+                    f"{metrics['reference_dice_vs_gt_mean']:.4f} (limit {INT8_MAX_GT_DROP:g}) on {n} images")
     return Gate(f"{precision}-dice", "dice_vs_reference_mean", threshold, v, ok,
                 f"mean Dice vs the FP32 reference mask {v:.4f} {'>=' if ok else '<'} {threshold:g} "
                 f"(min {metrics['dice_vs_reference_min']:.4f}) on {n} images")

@@ -606,6 +606,15 @@ def test_compare_to_reference_and_gates():
     gate = gate_for("int8", mixed)
     assert not gate.passed and gate.value == 0.5
     assert "but 2 images below 0.9 (worst 0.5000) on 40 images" in gate.reason
+    # close to the reference but worse against ground truth than FP32 by more than 0.01: refused
+    worse = {**same, "dice_vs_reference_mean": 0.99, "dice_vs_reference_min": 0.95,
+             "dice_vs_gt_mean": 0.87, "reference_dice_vs_gt_mean": 0.885, "dice_vs_gt_drop": 0.015}
+    gate = gate_for("int8", worse)
+    assert not gate.passed and gate.metric == "dice_vs_gt_drop" and gate.value == 0.015
+    assert "0.0150 below the FP32 model's 0.8850 (limit 0.01)" in gate.reason
+    assert gate_for("int8", {**worse, "dice_vs_gt_drop": 0.009}).passed
+    assert gate_for("int8", {**worse, "dice_vs_gt_drop": None}).passed  # no masks: not applicable
+    assert gate_for("fp16", worse).passed  # FP16's goal is Dice vs reference only
     nan = compare_to_reference(lambda x: np.where(x[:, :1] > 2.5, np.nan, ref(x)), ref, images)
     assert nan["nonfinite_images"] >= 1 and not gate_for("fp16", nan).passed
     off = compare_to_reference(lambda x: ref(x) + 2e-4, ref, images)
