@@ -77,7 +77,7 @@ class Study:
     def __init__(self, data: Path, checkpoint: Path, calib_count: int, heldout: int, seed: int) -> None:
         import torch
 
-        from export.calibration import select_images
+        from export.calibration import check_disjoint, select_images
         from resunetpp.checkpoint import load_checkpoint
 
         torch.set_grad_enabled(False)
@@ -93,9 +93,11 @@ class Study:
         self.heldout_stems = pick
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write("\n".join(pick) + "\n")
-        held = select_images(data, f.name, None, role="evaluation")
-        Path(f.name).unlink()
-        assert not set(held.stems) & set(calib.stems)
+        try:
+            held = select_images(data, f.name, None, role="evaluation")
+        finally:
+            Path(f.name).unlink()
+        check_disjoint(calib, held)
         self.heldout = [x[None] for x in held.inputs(pre)]
         self.reference = self.logits(self.ckpt.build_model().eval(), self.heldout)
 
