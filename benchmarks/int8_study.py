@@ -44,10 +44,12 @@ CkptOpt = Annotated[Path, typer.Option(exists=True, dir_okay=False, help="FP32 c
 DEFAULT_CKPT = Path("resunetpp/weights/resunetpp_kvasir.safetensors")
 
 
+#: logits of the probabilities 1e-3 and 1 - 1e-3: beyond them both models are equally sure
+LOGIT_CLIP = float(np.log(999.0))
+
+
 def clipped_logit(x: np.ndarray) -> np.ndarray:
-    p = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
-    p = np.clip(p, 1e-3, 1 - 1e-3)
-    return np.log(p / (1 - p))
+    return np.clip(x.astype(np.float64), -LOGIT_CLIP, LOGIT_CLIP)
 
 
 def score(logits: list[np.ndarray], reference: list[np.ndarray]) -> dict:
@@ -79,6 +81,7 @@ class Study:
 
         from export.calibration import check_disjoint, select_images
         from resunetpp.checkpoint import load_checkpoint
+        from resunetpp.flops import count_flops
 
         torch.set_grad_enabled(False)
         self.ckpt = load_checkpoint(checkpoint)
@@ -99,7 +102,9 @@ class Study:
             Path(f.name).unlink()
         check_disjoint(calib, held)
         self.heldout = [x[None] for x in held.inputs(pre)]
-        self.reference = self.logits(self.ckpt.build_model().eval(), self.heldout)
+        fp32 = self.ckpt.build_model().eval()
+        self.reference = self.logits(fp32, self.heldout)
+        self.flops = count_flops(fp32, tuple(self.calib[0].shape[1:]))
 
     @staticmethod
     def logits(model, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -136,12 +141,10 @@ def leave_one_out(
     keep_float: Annotated[Optional[list[str]], typer.Option(help="Kept in float throughout (default: the export's default).")] = None,
 ) -> None:
     """Each convolution of the default INT8 simulation back in float, one at a time."""
-    from resunetpp.flops import count_flops
-
     t0 = time.time()
     keep = tuple(keep_float) if keep_float is not None else DEFAULT_INT8_KEEP_MODULES
     st = Study(data, checkpoint, calib_count, heldout, seed)
-    flops = count_flops(st.ckpt.build_model(), tuple(st.calib[0].shape[1:]))
+    flops = st.flops
     m, sim, amax = st.prepared(keep, DEFAULT_EQUALIZE_ALPHA, DEFAULT_BIAS_CORRECTION_IMAGES)
     fq = dict(zip(sim.convs, sim.weight_fq))
     res = {"keep_float": list(keep), "heldout": st.heldout_stems, "gflop": flops.total / 1e9}
@@ -175,17 +178,14 @@ def simulate(
     out: Annotated[Optional[Path], typer.Option(help="JSON results.")] = None,
 ) -> None:
     """The default INT8 simulation with given modules in float (bias correction redone for each set)."""
-    from resunetpp.flops import count_flops
-
     sets = [DEFAULT_INT8_KEEP_MODULES] if not keep_set else [
         tuple(k.strip() for k in ks.split(",") if k.strip() and k.strip().lower() != "none") for ks in keep_set]
     st = Study(data, checkpoint, calib_count, heldout, seed)
-    flops = count_flops(st.ckpt.build_model(), tuple(st.calib[0].shape[1:]))
     res = []
     for keep in sets:
         m, _sim, _ = st.prepared(keep, DEFAULT_EQUALIZE_ALPHA, DEFAULT_BIAS_CORRECTION_IMAGES)
         s = score(st.logits(m, st.heldout), st.reference)
-        s.update(keep_float=list(keep), flops_share=flops.share(keep))
+        s.update(keep_float=list(keep), flops_share=st.flops.share(keep))
         res.append(s)
         print(line(f"{len(keep)} modules in float, {100 * s['flops_share']:.1f}% of the FLOPs", s), flush=True)
         if out is not None:
@@ -202,6 +202,8 @@ def artifacts(
     import torch
 
     from export.calibration import select_images
+    from export.onnx import ort_predict_fn
+    from export.openvino import ov_predict_fn
     from resunetpp.checkpoint import load_checkpoint
 
     torch.set_grad_enabled(False)
@@ -210,27 +212,12 @@ def artifacts(
     x = [a[None] for a in ims.inputs(ckpt.preprocessing)]
     ref = Study.logits(ckpt.build_model().eval(), x)
     for f in files:
-        run = _runner(f)
+        run = ort_predict_fn(f) if f.suffix == ".onnx" else ov_predict_fn(f)  # as the export verifies them
         probs = [run(a) for a in x]
         lg = [np.log(np.clip(p, 1e-7, 1 - 1e-7) / np.clip(1 - p, 1e-7, 1)) for p in probs]
         s = score(lg, ref)
         worst = sorted(zip(s["dices"], ims.stems))[:3]
         print(line(str(f), s), "worst", ", ".join(f"{n[:8]} {d:.3f}" for d, n in worst), flush=True)
-
-
-def _runner(path: Path):
-    if path.suffix == ".onnx":
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 2
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        return lambda a: sess.run(None, {name: a})[0]
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return lambda a: compiled({0: a})[0]
 
 
 if __name__ == "__main__":
