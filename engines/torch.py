@@ -110,7 +110,9 @@ class TorchEngine(Engine):
             model = model.to(memory_format=torch.channels_last)
         self._model = model
 
-    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+    def _forward(self, batch: np.ndarray):
+        """The module's forward on ``batch`` as a torch user would call it: moved to the device,
+        channels-last if set, autocast for bf16/fp16, under ``inference_mode``; a torch tensor."""
         torch = _torch()
         x = torch.from_numpy(batch)  # shares memory with the batch: no copy on CPU
         if self.device != "cpu":
@@ -118,31 +120,22 @@ class TorchEngine(Engine):
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        with torch.inference_mode():
-            if self._dtype == "fp32":
-                out = self._model(x)
-            else:
-                dtype = torch.bfloat16 if self._dtype == "bf16" else torch.float16
-                with torch.autocast(device_type=device_type, dtype=dtype):
-                    out = self._model(x)
-            out = out.float().contiguous()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self._dtype)
+        with torch.inference_mode(), torch.autocast(device_type=device_type, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
+            return self._model(x)
+
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        with _torch().inference_mode():
+            out = self._forward(batch).float().contiguous()
         return out.cpu().numpy() if self.device != "cpu" else out.numpy()
 
     def _runtime_call_impl(self):
         torch = _torch()
-        model, device, channels_last = self._model, self.device, self._channels_last
-        cuda = device.startswith("cuda")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self._dtype)
+        cuda = self.device.startswith("cuda")
 
-        def call(x: np.ndarray) -> Any:  # the module's forward, as a torch user would call it
-            t = torch.from_numpy(x)
-            if cuda:
-                t = t.to(device)
-            if channels_last:
-                t = t.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast("cuda" if cuda else "cpu", dtype=dtype or torch.float32,
-                                                        enabled=dtype is not None):
-                out = model(t)
+        def call(x: np.ndarray) -> Any:  # the forward alone, synchronized so its time is measured
+            out = self._forward(x)
             if cuda:
                 torch.cuda.synchronize()
             return out
