@@ -4,3 +4,10 @@ Runs each engine of :mod:`engines` under the same inputs (warm-up, timed iterati
 percentiles) and scores it on a dataset, so speed and accuracy are reported side by side;
 ``resunetpp bench`` is its command line.
 """
+
+if __name__ != "resunetpp.bench":  # the folder `benchmarks/` installs as `resunetpp.bench`; never as a second, bare copy
+    raise ImportError(f"import resunetpp.bench, not {__name__}: this folder is installed as resunetpp.bench "
+                      "(pip install -e . or pip install resunetpp)")
+
+
+

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from export import calibration as cal
-from export.report import Reporter
+from resunetpp.export import calibration as cal
+from resunetpp.export.report import Reporter
 from resunetpp.atomic import write_json_atomic, write_text_atomic
 from resunetpp.checkpoint import Checkpoint
 from resunetpp.errors import ResUNetError
@@ -115,8 +115,8 @@ def artifact_key(ckpt: Checkpoint, pre: Preprocessing, calibration: cal.ImageSet
     recipes (INT8 exclusions and ranges, FP16 block list), tool versions."""
     from dataclasses import asdict
 
-    from export.onnx import DEFAULT_OPSET
-    from export.pipeline import ExportOptions
+    from resunetpp.export.onnx_format import DEFAULT_OPSET
+    from resunetpp.export.pipeline import ExportOptions
     from resunetpp import __version__
     from resunetpp.info import library_version
 
@@ -179,7 +179,7 @@ def ensure_artifacts(ckpt_path: Path, folder: Path, key: str, key_fields: dict, 
     """Reuse the artifacts in ``folder`` made under ``key``; export the missing ones with
     :func:`export.pipeline.run_export` (accuracy gates reported, not enforced: the benchmark shows
     the drop and ``--max-dice-drop`` gates it). The marker file is written last."""
-    from export.pipeline import artifact_name, run_export
+    from resunetpp.export.pipeline import artifact_name, run_export
 
     folder.mkdir(parents=True, exist_ok=True)
     listed = _read_marker(folder, key)
@@ -222,7 +222,7 @@ def _split_file(folder: Path, name: str, images: cal.ImageSet) -> Path:
 
 def _export_options(ckpt_path: Path, folder: Path, missing: set[tuple[str, str]], images: ImagePlan,
                     image_size: int | None):
-    from export.pipeline import ExportOptions
+    from resunetpp.export.pipeline import ExportOptions
 
     ev = images.evaluation
     calib = images.calibration

@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.artifacts import ArtifactSet, ImagePlan, artifact_key, artifact_size_mb, default_cache_root, \
+from resunetpp.bench.artifacts import ArtifactSet, ImagePlan, artifact_key, artifact_size_mb, default_cache_root, \
     ensure_artifacts, plan_images
-from benchmarks.env import collect_environment, cpu_bf16_problem, other_processes_cpu, torch_threads
-from export import calibration as cal
-from export.report import NullReporter, Reporter
-from export.verify import compare_outputs, predict_batched
+from resunetpp.bench.env import collect_environment, cpu_bf16_problem, other_processes_cpu, torch_threads
+from resunetpp.export import calibration as cal
+from resunetpp.export.report import NullReporter, Reporter
+from resunetpp.export.verify import compare_outputs, predict_batched
 from resunetpp.checkpoint import Checkpoint, load_checkpoint
 from resunetpp.errors import ResUNetError
 from resunetpp.metrics import scores
@@ -251,7 +251,7 @@ def measure_accuracy(predict: PredictFn | None, data: EvalData, reference: Seque
     ``outputs``, when given, are ``predict``'s answers already computed (the reference row's own).
     Raises :class:`NonFiniteResult` when any output holds NaN or Inf.
     """
-    from engines.base import NonFiniteOutputError
+    from resunetpp.engines.base import NonFiniteOutputError
 
     if outputs is None:
         try:
@@ -324,7 +324,7 @@ def measure_latency(engine_call: PredictFn, runtime_call: Callable[[np.ndarray],
 def openvino_throughput(engine: Any, x: np.ndarray, warmup_s: float, duration_s: float) -> dict:
     """Images/s of an OpenVINO engine compiled with the THROUGHPUT hint, through ``AsyncInferQueue``.
 
-    Batches go through :meth:`engines.openvino.OpenVINOEngine.infer_async_many` in chunks of
+    Batches go through :meth:`engines.openvino_engine.OpenVINOEngine.infer_async_many` in chunks of
     twice the device's optimal number of requests, for ``duration_s`` after ``warmup_s``.
     """
     engine.load()
@@ -387,7 +387,7 @@ class Settings:
 
 
 def _failure(base: BenchRow, error: BaseException) -> BenchRow:
-    from engines.base import NonFiniteOutputError
+    from resunetpp.engines.base import NonFiniteOutputError
 
     if isinstance(error, (NonFiniteResult, NonFiniteOutputError)):
         return dataclasses.replace(base, status=NONFINITE, reason=_one_line(error))
@@ -586,7 +586,7 @@ def _setup(options: BenchOptions) -> _Setup:
 
 
 def _open(target: Target, setup: _Setup, artifacts: ArtifactSet | None, **extra: Any):
-    import engines
+    from resunetpp import engines
 
     if target.artifact is None:
         return engines.open(setup.ckpt, backend="torch", device=target.device, **target.options, **extra)
@@ -669,7 +669,7 @@ def measure_peaks(rows: Sequence[BenchRow], threads: int | None, cpu_flags: dict
     wanted = {arithmetic_precision(r) for r in rows if r.ok} - {None}
     if not wanted or importlib.util.find_spec("openvino") is None:
         return None
-    from benchmarks.peak import cpu_peaks
+    from resunetpp.bench.peak import cpu_peaks
 
     try:
         peaks = cpu_peaks(threads, bf16="bf16" in wanted and cpu_bf16_problem(cpu_flags) is None, seconds=seconds)
@@ -700,7 +700,7 @@ def gate_failures(rows: Sequence[BenchRow], max_dice_drop: float) -> list[str]:
 
 def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
     """Run the whole benchmark (see the module docstring) and return its result."""
-    import engines
+    from resunetpp import engines
 
     options.validate()
     reporter = reporter or NullReporter()

@@ -8,7 +8,7 @@ Every score is against the *original* FP32 model's logits, per image at the netw
   |logit| < 2, where a mask can flip;
 * Dice of the binarised masks (threshold 0.5) vs the FP32 masks, mean / min / images < 0.90.
 
-Subcommands (``python -m benchmarks.int8_study --help``):
+Subcommands (``python -m resunetpp.bench.int8_study --help``):
 
 ``leave-one-out``
     PyTorch simulation of the default INT8 recipe (``export.qat.QuantSim``: equalization, bias
@@ -35,7 +35,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from export.quantize import DEFAULT_BIAS_CORRECTION_IMAGES, DEFAULT_EQUALIZE_ALPHA, DEFAULT_INT8_KEEP_MODULES
+from resunetpp.export.quantize import DEFAULT_BIAS_CORRECTION_IMAGES, DEFAULT_EQUALIZE_ALPHA, DEFAULT_INT8_KEEP_MODULES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -79,7 +79,7 @@ class Study:
     def __init__(self, data: Path, checkpoint: Path, calib_count: int, heldout: int, seed: int) -> None:
         import torch
 
-        from export.calibration import check_disjoint, select_images
+        from resunetpp.export.calibration import check_disjoint, select_images
         from resunetpp.checkpoint import load_checkpoint
         from resunetpp.flops import count_flops
 
@@ -116,9 +116,9 @@ class Study:
         """The default recipe's INT8 simulation with ``keep`` in float: (model, sim, ranges)."""
         import torch
 
-        from export.bias_correction import bias_correct
-        from export.equalize import equalize
-        from export.qat import QuantSim
+        from resunetpp.export.bias_correction import bias_correct
+        from resunetpp.export.equalize import equalize
+        from resunetpp.export.qat import QuantSim
 
         m = self.ckpt.build_model().eval()
         if alpha is not None:
@@ -201,9 +201,9 @@ def artifacts(
     """Written artifacts against the FP32 model on a split."""
     import torch
 
-    from export.calibration import select_images
-    from export.onnx import ort_predict_fn
-    from export.openvino import ov_predict_fn
+    from resunetpp.export.calibration import select_images
+    from resunetpp.export.onnx_format import ort_predict_fn
+    from resunetpp.export.openvino_format import ov_predict_fn
     from resunetpp.checkpoint import load_checkpoint
 
     torch.set_grad_enabled(False)

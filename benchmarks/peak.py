@@ -55,7 +55,7 @@ def conv_peak(precision: str = "f32", threads: int | None = None, seconds: float
     ``seconds / 5``; with the kernel OpenVINO picked (``brgconv_avx512_f32`` ...)."""
     import openvino as ov
 
-    from engines.openvino import execution_kernels
+    from resunetpp.engines.openvino_engine import execution_kernels
 
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
     if threads:
@@ -89,7 +89,7 @@ def cpu_peaks(threads: int | None = None, bf16: bool = True, seconds: float = 3.
 
 
 def main() -> None:
-    """``python -m benchmarks.peak [THREADS]``: print the measured peaks."""
+    """``python -m resunetpp.bench.peak [THREADS]``: print the measured peaks."""
     import sys
 
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else None

@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks.harness import REFERENCE
+from resunetpp.bench.harness import REFERENCE
 from resunetpp.atomic import atomic_path, write_json_atomic, write_text_atomic
 from resunetpp.errors import ResUNetError
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from benchmarks.harness import BenchResult, BenchRow
+    from resunetpp.bench.harness import BenchResult, BenchRow
 
 #: (header, cell) of the main table, shared by the terminal and Markdown.
 Column = tuple[str, Callable[["BenchRow"], str]]

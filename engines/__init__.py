@@ -5,7 +5,7 @@ OpenVINO IR, TensorRT engine), reads its metadata record (:mod:`resunetpp.artifa
 exposes the preprocessing, classes and activation stored there, so every backend sees the
 same tensors and returns the same probabilities::
 
-    import engines
+    from resunetpp import engines
 
     with engines.open("model.onnx") as engine:          # backend picked from the suffix
         x = engine.preprocessing.apply(image)[None]      # (1, C, H, W) float32
@@ -16,14 +16,20 @@ Heavy runtimes are imported only when an engine of that backend is created, so
 ``resunetpp evaluate`` run through here.
 """
 
+
+
 from __future__ import annotations
+
+if __name__ != "resunetpp.engines":  # the folder `engines/` installs as `resunetpp.engines`; never as a second, bare copy
+    raise ImportError(f"import resunetpp.engines, not {__name__}: this folder is installed as resunetpp.engines "
+                      "(pip install -e . or pip install resunetpp)")
 
 import importlib
 import importlib.util
 from pathlib import Path
 from typing import Any
 
-from engines.base import (
+from resunetpp.engines.base import (
     BackendUnavailableError,
     Engine,
     EngineError,
@@ -59,6 +65,8 @@ BACKEND_SUFFIXES = {
 }
 
 _MODULES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+_ENGINE_MODULES = {"torch": "torch_engine", "onnxruntime": "onnxrt_engine", "openvino": "openvino_engine",
+                   "tensorrt": "tensorrt_engine"}
 _CLASSES = {"torch": "TorchEngine", "onnxruntime": "OnnxRuntimeEngine", "openvino": "OpenVINOEngine",
             "tensorrt": "TensorRTEngine"}
 _INSTALL_HINTS = {
@@ -112,7 +120,7 @@ def engine_class(backend: str) -> type[Engine]:
     """The engine class of ``backend`` (imports its module, not its runtime)."""
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
-    module = importlib.import_module(f"engines.{backend}")
+    module = importlib.import_module(f"resunetpp.engines.{_ENGINE_MODULES[backend]}")
     return getattr(module, _CLASSES[backend])
 
 

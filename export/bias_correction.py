@@ -40,7 +40,7 @@ def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: i
     """
     import torch.nn.functional as F
 
-    from export.qat import QuantSim
+    from resunetpp.export.qat import QuantSim
 
     if images < 1:
         raise ValueError(f"images must be >= 1, got {images}")

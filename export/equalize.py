@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.quantize import DEFAULT_EQUALIZE_ALPHA as DEFAULT_ALPHA
+from resunetpp.export.quantize import DEFAULT_EQUALIZE_ALPHA as DEFAULT_ALPHA
 
 
 @dataclass(frozen=True)

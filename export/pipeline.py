@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from export import calibration as cal
-from export.fp16 import FP16Recipe, FP16Result
-from export.onnx import DEFAULT_OPSET, ShapeSpec
-from export.quantize import NNCFRecipe, QDQRecipe
-from export.report import NullReporter, Reporter
-from export.tensorrt import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_MIB
-from export.verify import FP32_MAX_ABS_ERROR, Gate, compare_outputs, gate_for, predict_batched
+from resunetpp.export import calibration as cal
+from resunetpp.export.fp16 import FP16Recipe, FP16Result
+from resunetpp.export.onnx_format import DEFAULT_OPSET, ShapeSpec
+from resunetpp.export.quantize import NNCFRecipe, QDQRecipe
+from resunetpp.export.report import NullReporter, Reporter
+from resunetpp.export.tensorrt_format import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_MIB
+from resunetpp.export.verify import FP32_MAX_ABS_ERROR, Gate, compare_outputs, gate_for, predict_batched
 from resunetpp.artifact import write_sidecar
 from resunetpp.atomic import atomic_path, write_json_atomic
 from resunetpp.checkpoint import Checkpoint, load_checkpoint
@@ -311,7 +311,7 @@ class _Run:
         self.r.warn(message)
 
     def record(self, fmt: str, precision: str, path: Path, accuracy: dict, **extra: object) -> dict:
-        from export.metadata import artifact_record
+        from resunetpp.export.metadata import artifact_record
 
         calib = extra.pop("calibration", None)
         return artifact_record(self.ckpt, self.pre, fmt=fmt, precision=precision, file=path,
@@ -373,7 +373,7 @@ class _Run:
     def onnx_fp32(self, write: bool) -> None:
         import onnx
 
-        from export.onnx import export_onnx, ort_predict_fn, write_onnx_artifact
+        from resunetpp.export.onnx_format import export_onnx, ort_predict_fn, write_onnx_artifact
         from resunetpp.model import WithActivation
 
         with self.r.task(f"export ONNX (opset {self.o.opset}, torch dynamo exporter)"):
@@ -434,8 +434,8 @@ class _Run:
     def onnx_fp16(self, write: bool) -> None:
         import onnx
 
-        from export.fp16 import build_fp16
-        from export.onnx import ort_predict_fn, write_onnx_artifact
+        from resunetpp.export.fp16 import build_fp16
+        from resunetpp.export.onnx_format import ort_predict_fn, write_onnx_artifact
 
         probe = self._probe_inputs()
         with self.r.task(f"FP16 ONNX (range probe on {len(probe)} images)"):
@@ -494,7 +494,7 @@ class _Run:
         import onnx
         import torch
 
-        from export.onnx import export_onnx
+        from resunetpp.export.onnx_format import export_onnx
         from resunetpp.model import WithActivation
 
         model = self.ckpt.build_model()
@@ -505,7 +505,7 @@ class _Run:
                 adv(1)
         steps = []
         if recipe.equalize_alpha is not None:
-            from export.equalize import equalize
+            from resunetpp.export.equalize import equalize
 
             alpha = recipe.equalize_alpha
             with self.r.task(f"equalize activation ranges (alpha {alpha:g}, PyTorch)"):
@@ -523,8 +523,8 @@ class _Run:
                                         "checked_on_images": min(EQUALIZATION_CHECK_IMAGES, len(self.vset.inputs))}
             steps.append("equalized")
         if recipe.bias_correction_images:
-            from export.bias_correction import bias_correct
-            from export.qat import sim_ranges
+            from resunetpp.export.bias_correction import bias_correct
+            from resunetpp.export.qat import sim_ranges
 
             n = min(recipe.bias_correction_images, len(self.calib))
             with self.r.task(f"correct INT8 biases ({n} images, simulated INT8)", total=n) as adv:
@@ -543,8 +543,8 @@ class _Run:
     def onnx_int8(self, write: bool) -> None:
         import onnx
 
-        from export.onnx import ort_predict_fn, write_onnx_artifact
-        from export.quantize import calibrate_ranges, quantize_qdq
+        from resunetpp.export.onnx_format import ort_predict_fn, write_onnx_artifact
+        from resunetpp.export.quantize import calibrate_ranges, quantize_qdq
 
         recipe = self.o.qdq
         source, _ = self.int8_source()
@@ -572,7 +572,7 @@ class _Run:
         self.add("onnx", "int8", final, keep, metrics, gate)
 
     def openvino(self, precision: str) -> None:
-        from export import openvino as ovx
+        from resunetpp.export import openvino_format as ovx
 
         final = self.final("openvino", precision)
         extra: dict = {}
@@ -601,7 +601,7 @@ class _Run:
     def _from_qdq(self):
         """The INT8 IR converted from the Q/DQ ONNX: OpenVINO turns each Q/DQ pair into a
         FakeQuantize and runs the convolutions in INT8 (low-precision transformations)."""
-        from export import openvino as ovx
+        from resunetpp.export import openvino_format as ovx
 
         self._ensure_source("int8_qdq")
         with self.r.task("convert the INT8 Q/DQ ONNX to OpenVINO IR"):
@@ -613,7 +613,7 @@ class _Run:
                                            "fake_quantize_ops": fq}}
 
     def _nncf(self, ov_model):
-        from export.quantize import quantize_openvino
+        from resunetpp.export.quantize import quantize_openvino
         from resunetpp.imageio import read_image
 
         pre = self.pre
@@ -633,7 +633,7 @@ class _Run:
         return result.model, {"calibration": calib, "quantization": {**result.record(), **self._source_record()}}
 
     def tensorrt(self, precisions: list[str], trt_version: str) -> None:
-        from export import tensorrt as trtx
+        from resunetpp.export import tensorrt_format as trtx
 
         t = self.o.tensorrt
         shapes = trtx.profile_shapes(self.spec, max_batch=t.max_batch, opt_batch=t.opt_batch)
@@ -694,7 +694,7 @@ class _Run:
 
     def trtexec_hints(self, precisions: list[str]) -> None:
         """Without TensorRT here: the trtexec lines that build the engines from the written ONNX files."""
-        from export import tensorrt as trtx
+        from resunetpp.export import tensorrt_format as trtx
 
         t = self.o.tensorrt
         shapes = trtx.profile_shapes(self.spec, max_batch=t.max_batch, opt_batch=t.opt_batch)
@@ -781,7 +781,7 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
     Returns the report; call :meth:`ExportReport.raise_for_gate` to turn refused artifacts into an
     error (the CLI does, after printing the summary).
     """
-    from export.tensorrt import tensorrt_status
+    from resunetpp.export.tensorrt_format import tensorrt_status
 
     reporter = reporter or NullReporter()
     out = Path(options.out)

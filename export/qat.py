@@ -95,7 +95,7 @@ class QATOptions:
             problems.append(f"QAT batch size must be positive, got {self.batch_size}")
         if not 0 < self.percentile <= 100:
             problems.append(f"percentile must be in (0, 100], got {self.percentile}")
-        from export.quantize import CALIBRATION_METHODS
+        from resunetpp.export.quantize import CALIBRATION_METHODS
 
         if self.method not in CALIBRATION_METHODS:
             problems.append(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.method!r}")
@@ -181,7 +181,7 @@ class _AbsHistogram:
         self.largest = max(self.largest, m)
 
     def value(self) -> float:
-        from export.ranges import mse_range
+        from resunetpp.export.ranges import mse_range
 
         if not self.width:
             if self.zeros:
@@ -394,7 +394,7 @@ def qat_checkpoint(checkpoint: Path, train_images: Sequence[np.ndarray], calib_i
     With ``equalize_alpha``, the model's activation ranges are equalized first
     (:mod:`export.equalize`, same FP32 function), so that QAT fine-tunes the parametrization the
     export quantizes."""
-    from export.equalize import equalize
+    from resunetpp.export.equalize import equalize
     from resunetpp.checkpoint import Checkpoint, lineage, load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
@@ -422,9 +422,9 @@ def qat_and_export(o, qat: QATOptions, train_count: int | None = None,
     the artifacts and ``export_report.json`` (artifacts are written even below the goal, like
     ``--allow-accuracy-drop``; the caller judges them). Returns the export report.
     """
-    from export import calibration as cal
-    from export.pipeline import ExportOptions, run_export
-    from export.quantize import NNCFRecipe, QDQRecipe
+    from resunetpp.export import calibration as cal
+    from resunetpp.export.pipeline import ExportOptions, run_export
+    from resunetpp.export.quantize import NNCFRecipe, QDQRecipe
     from resunetpp.checkpoint import load_checkpoint
 
     qat.check()

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx import module_groups, node_scopes, ort_predict_fn
-from export.quantize import DEFAULT_BIAS_CORRECTION_IMAGES, DEFAULT_EQUALIZE_ALPHA, QDQRecipe, quantize_qdq
-from export.verify import compare_outputs, predict_batched
+from resunetpp.export.onnx_format import module_groups, node_scopes, ort_predict_fn
+from resunetpp.export.quantize import DEFAULT_BIAS_CORRECTION_IMAGES, DEFAULT_EQUALIZE_ALPHA, QDQRecipe, quantize_qdq
+from resunetpp.export.verify import compare_outputs, predict_batched
 from resunetpp.errors import ResUNetError
 from resunetpp.flops import FlopCount
 
@@ -258,12 +258,12 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     """
     import onnx
 
-    from export import calibration as cal
-    from export.bias_correction import bias_correct
-    from export.equalize import equalize
-    from export.onnx import ShapeSpec, export_onnx
-    from export.qat import sim_ranges
-    from export.quantize import CALIBRATION_METHODS, calibrate_ranges
+    from resunetpp.export import calibration as cal
+    from resunetpp.export.bias_correction import bias_correct
+    from resunetpp.export.equalize import equalize
+    from resunetpp.export.onnx_format import ShapeSpec, export_onnx
+    from resunetpp.export.qat import sim_ranges
+    from resunetpp.export.quantize import CALIBRATION_METHODS, calibrate_ranges
     from resunetpp.atomic import write_json_atomic
     from resunetpp.checkpoint import load_checkpoint
     from resunetpp.flops import count_flops

@@ -125,7 +125,7 @@ def predict_fn_for(path: str | Path, device: str = "auto", *, backend: str = "au
     engine is loaded here, so problems surface before any image is read; call
     ``predictor.close()`` when done.
     """
-    import engines
+    from resunetpp import engines
 
     engine = engines.open(path, backend=backend, device=device, **options)
     engine.load()

@@ -276,7 +276,7 @@ class _Run:
         return _Item(path, stem, x, image.shape[:2], image if self.opt.overlay else None)
 
     def predict(self, batch: list[_Item]) -> np.ndarray | None:
-        from engines.base import NonFiniteOutputError
+        from resunetpp.engines.base import NonFiniteOutputError
 
         x = np.stack([it.x for it in batch])
         start = time.perf_counter()
@@ -371,7 +371,7 @@ def infer_path(model: str | Path, inputs: Sequence[str | Path], options: InferOp
 
     ``progress_factory(total)`` returns ``(advance, finish)`` callbacks (e.g. a rich progress bar).
     """
-    import engines
+    from resunetpp import engines
 
     options.validate()
     paths = expand_inputs(inputs)

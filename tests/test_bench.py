@@ -19,17 +19,17 @@ from onnx import helper, numpy_helper
 from PIL import Image
 from typer.testing import CliRunner
 
-import engines
-from benchmarks import harness
-from benchmarks.artifacts import MARKER, plan_images
-from benchmarks.harness import (MATRIX, NONFINITE, BenchOptions, BenchRow, EvalData, NonFiniteResult,
+from resunetpp import engines
+from resunetpp.bench import harness
+from resunetpp.bench.artifacts import MARKER, plan_images
+from resunetpp.bench.harness import (MATRIX, NONFINITE, BenchOptions, BenchRow, EvalData, NonFiniteResult,
                                 Settings, bench_engine, gate_failures, measure_accuracy, measure_latency,
                                 plan_targets, run_bench)
-from benchmarks.report import write_json, write_markdown, write_plot
-from cli import app
+from resunetpp.bench.report import write_json, write_markdown, write_plot
+from resunetpp.cli import app
 from conftest import make_dataset, tiny_checkpoint
-from engines.base import Engine
-from export import calibration as cal
+from resunetpp.engines.base import Engine
+from resunetpp.export import calibration as cal
 from resunetpp.checkpoint import load_checkpoint
 from resunetpp.errors import ResUNetError
 from resunetpp.preprocess import Preprocessing
@@ -190,7 +190,7 @@ def test_arithmetic_precision_of_rows():
 
 def test_conv_peak_measures_the_requested_precision():
     pytest.importorskip("openvino")
-    from benchmarks.peak import CONV_SHAPE, conv_flops, conv_peak
+    from resunetpp.bench.peak import CONV_SHAPE, conv_flops, conv_peak
 
     assert conv_flops(CONV_SHAPE) == 2 * 4 * 256 * 32 * 32 * 256 * 9
     small = (1, 16, 16, 16, 3)
@@ -204,7 +204,7 @@ def test_other_processes_cpu_sees_a_busy_neighbour():
     import sys
     import time
 
-    from benchmarks.env import other_processes_cpu
+    from resunetpp.bench.env import other_processes_cpu
 
     spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import cli
+from resunetpp import cli
 import resunetpp.defaults as defaults
 from conftest import tiny_checkpoint
 from resunetpp.checkpoint import load_checkpoint

@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-import engines
-from engines.base import Engine, EngineInputError, NonFiniteOutputError
-from engines.tensorrt import check_compatibility, recorded_build
+from resunetpp import engines
+from resunetpp.engines.base import Engine, EngineInputError, NonFiniteOutputError
+from resunetpp.engines.tensorrt_engine import check_compatibility, recorded_build
 from resunetpp.artifact import read_record, write_sidecar
 from resunetpp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from resunetpp.errors import InputFileError, ResUNetError
@@ -453,7 +453,7 @@ def test_missing_or_broken_metadata(binary: dict, tmp_path: Path) -> None:
 def test_available_backends_and_lazy_imports() -> None:
     available = engines.available_backends()
     assert set(available) == set(BACKENDS) and available["torch"] is None
-    code = ("import sys, engines, engines.torch, engines.onnxruntime, engines.openvino, engines.tensorrt, torch\n"
+    code = ("import sys, engines, engines.torch_engine, engines.onnxrt_engine, engines.openvino_engine, engines.tensorrt_engine, torch\n"
             "heavy = [m for m in ('onnxruntime', 'openvino', 'tensorrt') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
             "assert hasattr(torch, 'nn') and torch.__name__ == 'torch'\n")

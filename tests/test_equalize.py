@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.equalize import channel_ranges, equalize, resunetpp_sites
-from export.quantize import QDQRecipe
+from resunetpp.export.equalize import channel_ranges, equalize, resunetpp_sites
+from resunetpp.export.quantize import QDQRecipe
 from resunetpp.errors import ResUNetError
 from resunetpp.model import ModelConfig, ResUNetPlusPlus
 
@@ -99,7 +99,7 @@ def _conv_means(model, convs: dict, xs: list[torch.Tensor]) -> dict[str, torch.T
 
 def _int8_mean_shift(model: ResUNetPlusPlus, ref: ResUNetPlusPlus, batches: list[np.ndarray]) -> float:
     """Sum over convolutions of the largest per-channel |mean(simulated INT8 out) - mean(FP32 out)|."""
-    from export.qat import QuantSim
+    from resunetpp.export.qat import QuantSim
 
     xs = [torch.as_tensor(b) for b in batches]
     reference = _conv_means(ref, {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Conv2d)}, xs)
@@ -117,7 +117,7 @@ def _int8_mean_shift(model: ResUNetPlusPlus, ref: ResUNetPlusPlus, batches: list
 
 
 def test_bias_correction_removes_the_int8_mean_shift():
-    from export.bias_correction import bias_correct
+    from resunetpp.export.bias_correction import bias_correct
 
     ref = _model(seed=3)
     batches = _batches(seed=5, n=4)

@@ -22,16 +22,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import export.onnx as onnx_export
-from cli import app
-from export import calibration as cal
-from export.fp16 import FP16Recipe, activation_ranges, build_fp16, convert_to_fp16, resolve_fp32_nodes
-from export.onnx import ShapeSpec, node_scopes, nodes_in_modules, ort_predict_fn
-from export.openvino import ov_predict_fn
-from export.pipeline import ExportOptions, artifact_name, run_export
-from export.quantize import DEFAULT_EQUALIZE_ALPHA, DEFAULT_INT8_KEEP_MODULES, QDQRecipe, calibrate_ranges, quantize_qdq
-from export.tensorrt import tensorrt_status
-from export.verify import FP32_MAX_ABS_ERROR, INT8_MIN_DICE, compare_to_reference, gate_for
+import resunetpp.export.onnx_format as onnx_export
+from resunetpp.cli import app
+from resunetpp.export import calibration as cal
+from resunetpp.export.fp16 import FP16Recipe, activation_ranges, build_fp16, convert_to_fp16, resolve_fp32_nodes
+from resunetpp.export.onnx_format import ShapeSpec, node_scopes, nodes_in_modules, ort_predict_fn
+from resunetpp.export.openvino_format import ov_predict_fn
+from resunetpp.export.pipeline import ExportOptions, artifact_name, run_export
+from resunetpp.export.quantize import DEFAULT_EQUALIZE_ALPHA, DEFAULT_INT8_KEEP_MODULES, QDQRecipe, calibrate_ranges, quantize_qdq
+from resunetpp.export.tensorrt_format import tensorrt_status
+from resunetpp.export.verify import FP32_MAX_ABS_ERROR, INT8_MIN_DICE, compare_to_reference, gate_for
 from resunetpp.artifact import ONNX_METADATA_KEY, read_record
 from resunetpp.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from resunetpp.errors import ResUNetError
@@ -401,8 +401,8 @@ def test_unsupported_opset_is_refused(workspace, tmp_path):
 
 
 # ---- interruption --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("target, patch", [("onnx", "export.onnx.write_sidecar"),
-                                           ("openvino", "export.pipeline.write_sidecar")])
+@pytest.mark.parametrize("target, patch", [("onnx", "resunetpp.export.onnx_format.write_sidecar"),
+                                           ("openvino", "resunetpp.export.pipeline.write_sidecar")])
 def test_interrupted_export_leaves_no_partial_artifact(workspace, tmp_path, monkeypatch, target, patch):
     def interrupt(path, record):
         assert any(p.name.endswith(".partial") for p in Path(path).parent.iterdir())  # mid-write
@@ -494,7 +494,7 @@ def test_qdq_quantization_keeps_requested_modules_in_float(fp32_graph, tmp_path,
 def test_mse_ranges_clip_inside_the_largest_values(fp32_graph, tmp_path):
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    from export.ranges import mse_range
+    from resunetpp.export.ranges import mse_range
     from resunetpp.artifact import INPUT_NAME
 
     rng = np.random.default_rng(0)

@@ -31,11 +31,11 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from typer.testing import CliRunner
 
-import engines
-from benchmarks.harness import NONFINITE, BenchRow, EvalData, Settings, bench_engine, gate_failures
-from cli import app
+from resunetpp import engines
+from resunetpp.bench.harness import NONFINITE, BenchRow, EvalData, Settings, bench_engine, gate_failures
+from resunetpp.cli import app
 from conftest import make_dataset, tiny_checkpoint
-from engines.base import NonFiniteOutputError
+from resunetpp.engines.base import NonFiniteOutputError
 from resunetpp.artifact import write_sidecar
 from resunetpp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from resunetpp.errors import InputFileError, ResUNetError
@@ -604,7 +604,7 @@ class _FakeTensorRT(types.ModuleType):
 def test_engine_built_elsewhere_is_refused_before_deserializing(work: dict, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch, runtime: str,
                                                                 gpu_cc: str, problem: str) -> None:
-    import engines.tensorrt as trt_engine
+    import resunetpp.engines.tensorrt_engine as trt_engine
 
     path = _foreign_engine(work, tmp_path)
     monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT(runtime))

@@ -1,6 +1,6 @@
 """Hardening: ``export``, ``train`` and ``bench`` killed at several points (SIGINT and SIGKILL).
 
-Each command runs as a real process (``python cli.py ...``) on tiny data; the test waits for a sign
+Each command runs as a real process (``python -m resunetpp ...``) on tiny data; the test waits for a sign
 of progress (a work folder, an artifact, an epoch in ``history.json``, a progress line), waits a
 little more, then sends the signal. Afterwards:
 
@@ -31,13 +31,13 @@ import pytest
 import torch
 from PIL import Image
 
-import engines
+from resunetpp import engines
 from conftest import REPO, TINY, make_dataset, tiny_checkpoint
 from resunetpp.artifact import read_record, sidecar_path
 from resunetpp.checkpoint import file_sha256, load_checkpoint
 from resunetpp.model import ModelConfig
 
-CLI = REPO / "cli.py"
+CLI = ["-m", "resunetpp"]  # the command line as `python -m resunetpp`
 TINY_H = ModelConfig(filters=(4, 8, 8, 16), bridge=16, se_reduction=4)
 #: Hidden names a killed command may leave: atomic temporaries, export work folders, the export lock.
 HIDDEN_OK = (lambda n: n.endswith(".partial"), lambda n: n.startswith(".export-work-"), lambda n: n == ".export.lock")
@@ -48,7 +48,7 @@ TIMEOUT = 240
 
 # ---- processes ------------------------------------------------------------------------------------------------
 class Run:
-    """``python cli.py ARGS`` in the background, stdout/stderr to files (no pipe to fill up)."""
+    """``python -m resunetpp ARGS`` in the background, stdout/stderr to files (no pipe to fill up)."""
 
     def __init__(self, args: list, logs: Path) -> None:
         logs.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ class Run:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             # SIGINT back to its default: a suite started in the background (``cmd &``) hands its
             # children an ignored SIGINT, and Python then keeps it ignored.
-            self.proc = subprocess.Popen([sys.executable, str(CLI), *map(str, args)], cwd=REPO, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, *CLI, *map(str, args)], cwd=REPO, stdout=out,
                                          stderr=err, env=env, stdin=subprocess.DEVNULL,
                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 

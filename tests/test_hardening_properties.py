@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import engines
+from resunetpp import engines
 from conftest import tiny_checkpoint
 from resunetpp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from resunetpp.imageio import read_image
@@ -89,8 +89,8 @@ def write_image(folder: Path, spec: dict) -> Path:
 # ---- models ---------------------------------------------------------------------------------------------------
 def _onnx_with_record(ckpt: Checkpoint, pre: Preprocessing, path: Path) -> Path:
     """The real export path: dynamo ONNX (dynamic batch, height, width) + record + sidecar."""
-    from export.metadata import artifact_record
-    from export.onnx import ShapeSpec, export_onnx, write_onnx_artifact
+    from resunetpp.export.metadata import artifact_record
+    from resunetpp.export.onnx_format import ShapeSpec, export_onnx, write_onnx_artifact
     from resunetpp.model import WithActivation
 
     spec = ShapeSpec(pre.channels, ckpt.config.num_classes, (SIZE, SIZE))

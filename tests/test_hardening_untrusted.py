@@ -26,7 +26,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from resunetpp.cli import app
 from conftest import make_dataset
 from resunetpp.errors import CheckpointError, ResUNetError
 from resunetpp.training import STATE_FILE, resume_config

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import engines
-from cli import app
+from resunetpp import engines
+from resunetpp.cli import app
 from conftest import blob_pair
-from engines.base import Engine
+from resunetpp.engines.base import Engine
 from resunetpp.checkpoint import load_checkpoint
 from resunetpp.errors import InputFileError, ResUNetError
 from resunetpp.inference import (
@@ -288,7 +288,7 @@ def test_progress_bar_reports_images_per_second(models: dict, tmp_path: Path) ->
 
     from rich.console import Console
 
-    from cli import _infer_progress
+    from resunetpp.cli import _infer_progress
     from resunetpp.inference import infer_path
 
     paths = _images(tmp_path / "in", [(32, 32)] * 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.int8_study import score
+from resunetpp.bench.int8_study import score
 
 
 def test_sure_pixels_cost_nothing_and_near_threshold_pixels_are_scored_alone():

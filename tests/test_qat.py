@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from export.calibration import synthetic_images
-from export.pipeline import ExportOptions, run_export
-from export.qat import QATOptions, QuantSim, _AbsHistogram, _TopK, distillation_loss, mask_dice_loss, qat_finetune, sim_ranges
-from export.ranges import mse_range
-from export.quantize import NNCFRecipe, QDQRecipe
+from resunetpp.cli import app
+from resunetpp.export.calibration import synthetic_images
+from resunetpp.export.pipeline import ExportOptions, run_export
+from resunetpp.export.qat import QATOptions, QuantSim, _AbsHistogram, _TopK, distillation_loss, mask_dice_loss, qat_finetune, sim_ranges
+from resunetpp.export.ranges import mse_range
+from resunetpp.export.quantize import NNCFRecipe, QDQRecipe
 from resunetpp.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from resunetpp.errors import ResUNetError
 from resunetpp.model import ModelConfig, ResUNetPlusPlus

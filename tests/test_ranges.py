@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from export.ranges import mse_range
+from resunetpp.export.ranges import mse_range
 
 
 def _exact_mse(x: np.ndarray, a: float) -> float:

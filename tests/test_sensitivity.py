@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from export.calibration import synthetic_images
-from export.onnx import ShapeSpec, export_onnx, node_scopes
-from export.quantize import DEFAULT_EQUALIZE_ALPHA, QDQRecipe, calibrate_ranges
-from export.sensitivity import Evaluator, Goal, analyze, run_analysis, search
+from resunetpp.cli import app
+from resunetpp.export.calibration import synthetic_images
+from resunetpp.export.onnx_format import ShapeSpec, export_onnx, node_scopes
+from resunetpp.export.quantize import DEFAULT_EQUALIZE_ALPHA, QDQRecipe, calibrate_ranges
+from resunetpp.export.sensitivity import Evaluator, Goal, analyze, run_analysis, search
 from resunetpp.checkpoint import Checkpoint, save_checkpoint
 from resunetpp.flops import count_flops
 from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation

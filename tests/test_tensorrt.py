@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import tensorrt as trtx
-from export.onnx import ShapeSpec
+from resunetpp.export import tensorrt_format as trtx
+from resunetpp.export.onnx_format import ShapeSpec
 from resunetpp.errors import ResUNetError
 
 TRT_OK, TRT_INFO = trtx.tensorrt_status()
@@ -220,8 +220,8 @@ def test_real_engine_matches_onnx_runtime(tmp_path, precision):
     import tensorrt as trt
     import torch
 
-    from export.fp16 import build_fp16
-    from export.onnx import export_onnx, ort_predict_fn
+    from resunetpp.export.fp16 import build_fp16
+    from resunetpp.export.onnx_format import export_onnx, ort_predict_fn
     from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
 
     torch.manual_seed(0)
@@ -247,8 +247,8 @@ def test_real_int8_engine_from_qdq(tmp_path):
     import tensorrt as trt
     import torch
 
-    from export.onnx import export_onnx, ort_predict_fn
-    from export.quantize import QDQRecipe, calibrate_ranges, quantize_qdq
+    from resunetpp.export.onnx_format import export_onnx, ort_predict_fn
+    from resunetpp.export.quantize import QDQRecipe, calibrate_ranges, quantize_qdq
     from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
 
     torch.manual_seed(0)

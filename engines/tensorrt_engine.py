@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import BackendUnavailableError, Engine, EngineError, EngineInputError
+from resunetpp.engines.base import BackendUnavailableError, Engine, EngineError, EngineInputError
 from resunetpp.errors import InputFileError
 
 #: ``hardware_compatibility`` levels and the lowest compute capability each runs on.

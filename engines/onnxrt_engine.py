@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import BackendUnavailableError, Engine, EngineError
+from resunetpp.engines.base import BackendUnavailableError, Engine, EngineError
 from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",

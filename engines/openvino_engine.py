@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import BackendUnavailableError, Engine, EngineError
+from resunetpp.engines.base import BackendUnavailableError, Engine, EngineError
 from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
 from resunetpp.errors import InputFileError
 

@@ -4,7 +4,13 @@ Each command parses options, calls one library function and turns
 :class:`resunetpp.errors.ResUNetError` into a one-line message and exit code 1.
 """
 
+
+
 from __future__ import annotations
+
+if __name__ != "resunetpp.cli":  # the folder `cli/` installs as `resunetpp.cli`; never as a second, bare copy
+    raise ImportError(f"import resunetpp.cli, not {__name__}: this folder is installed as resunetpp.cli "
+                      "(pip install -e . or pip install resunetpp)")
 
 import contextlib
 import enum as _enum
@@ -264,7 +270,7 @@ def _bias_correction(images: int | None) -> dict:
 
 def _equalize_alpha(equalize: bool, alpha: float | None) -> float | None:
     """``--equalize/--no-equalize`` and ``--equalize-alpha`` as one recipe value (None: off)."""
-    from export.quantize import DEFAULT_EQUALIZE_ALPHA
+    from resunetpp.export.quantize import DEFAULT_EQUALIZE_ALPHA
 
     if not equalize:
         return None
@@ -341,13 +347,13 @@ def export_command(
     """Export a checkpoint to ONNX, OpenVINO IR and TensorRT, each artifact verified against PyTorch."""
     from rich.console import Console
 
-    from export.fp16 import FP16Recipe
-    from export.pipeline import ExportOptions, TensorRTOptions, run_export
-    from export.quantize import NNCFRecipe, QDQRecipe
-    from export.report import RichReporter, print_summary
+    from resunetpp.export.fp16 import FP16Recipe
+    from resunetpp.export.pipeline import ExportOptions, TensorRTOptions, run_export
+    from resunetpp.export.quantize import NNCFRecipe, QDQRecipe
+    from resunetpp.export.report import RichReporter, print_summary
     from resunetpp.errors import ResUNetError as _ExportError
 
-    from export.quantize import DEFAULT_INT8_KEEP_MODULES
+    from resunetpp.export.quantize import DEFAULT_INT8_KEEP_MODULES
 
     if int8_ops not in ("conv", "all"):
         _fail(ResUNetError(f"--int8-ops must be 'conv' or 'all', got {int8_ops!r}"))
@@ -577,9 +583,9 @@ def bench_command(
     """Every backend and precision this machine runs: accuracy against PyTorch FP32 and speed, side by side."""
     from rich.console import Console
 
-    from benchmarks.harness import BACKENDS, PRECISIONS, BenchOptions, gate_failures, run_bench
-    from benchmarks.report import LineReporter, print_report, write_json, write_markdown, write_plot
-    from export.report import RichReporter
+    from resunetpp.bench.harness import BACKENDS, PRECISIONS, BenchOptions, gate_failures, run_bench
+    from resunetpp.bench.report import LineReporter, print_report, write_json, write_markdown, write_plot
+    from resunetpp.export.report import RichReporter
 
     options = BenchOptions(
         model=model, data=data, split=split, backends=_bench_list(backends, BACKENDS, "--backends"),
@@ -653,7 +659,7 @@ def quantize_command(
     """
     from rich.console import Console
 
-    from export.sensitivity import Goal, QuantizeOptions, quantize_checkpoint, render
+    from resunetpp.export.sensitivity import Goal, QuantizeOptions, quantize_checkpoint, render
 
     console = Console(stderr=True)
     opts = QuantizeOptions(checkpoint, calib, eval_, out, calib_split, eval_split, calib_count, eval_count,
@@ -662,8 +668,8 @@ def quantize_command(
                            **_bias_correction(bias_correction), depth=depth,
                            max_float_share=None if max_float_flops is None else max_float_flops / 100.0)
     if qat_epochs:
-        from export.qat import QATOptions, qat_and_export
-        from export.report import print_summary
+        from resunetpp.export.qat import QATOptions, qat_and_export
+        from resunetpp.export.report import print_summary
 
         qopts = QATOptions(epochs=qat_epochs, lr=qat_lr, batch_size=qat_batch_size, percentile=percentile,
                            method=method.value,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx import ShapeSpec
+from resunetpp.export.onnx_format import ShapeSpec
 from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
 from resunetpp.atomic import write_bytes_atomic
 from resunetpp.errors import ResUNetError

@@ -6,7 +6,7 @@ about 1.3x faster in FP32 than NCHW -- benchmarks/PERF.md) and ``dtype`` (``fp32
 ``bf16`` or ``fp16``: autocast mixed precision; fp16 autocast needs CUDA). Runs under
 ``torch.inference_mode``.
 
-This module is ``engines.torch``; it imports the real ``torch`` package inside functions only
+This module is ``engines.torch_engine``; it imports the real ``torch`` package inside functions only
 (absolute imports), so it never shadows it.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import BackendUnavailableError, Engine, EngineError
+from resunetpp.engines.base import BackendUnavailableError, Engine, EngineError
 
 #: Accepted spellings of ``dtype`` -> the precision name reported.
 DTYPES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
