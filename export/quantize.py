@@ -44,6 +44,8 @@ from resunetpp.errors import ResUNetError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 NNCF_PRESETS = ("performance", "mixed")
+#: Which ops INT8 quantizes: ``conv`` the convolutions only (the default), ``all`` every quantizable op.
+INT8_OPS = ("conv", "all")
 NNCF_RANGE_ESTIMATORS = ("default", "minmax", "mean_minmax", "median_minmax", "histogram")
 DEFAULT_PERCENTILE = 99.99
 #: Cross-layer equalization strength of the default recipe (``export.equalize``, SmoothQuant's

@@ -11,6 +11,9 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PACKAGE_DIR / "weights" / "resunetpp_kvasir.safetensors"
 DEFAULT_DATA = PACKAGE_DIR / "sample_data"
+#: Where PyTorch runs (training, evaluation of a checkpoint, the bench's torch rows): ``auto`` picks
+#: ``cuda`` when torch sees a GPU.
+TORCH_DEVICES = ("auto", "cpu", "cuda")
 
 
 def default_model_path() -> Path | None:

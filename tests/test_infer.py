@@ -288,7 +288,7 @@ def test_progress_bar_reports_images_per_second(models: dict, tmp_path: Path) ->
 
     from rich.console import Console
 
-    from resunetpp.cli import _infer_progress
+    from resunetpp.cli.infer import _infer_progress
     from resunetpp.inference import infer_path
 
     paths = _images(tmp_path / "in", [(32, 32)] * 3)

@@ -1,0 +1,106 @@
+"""``bench``: accuracy against PyTorch FP32 and speed of every backend and precision."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from resunetpp.cli.common import app, choice_enum, comma_list, fail
+from resunetpp.defaults import TORCH_DEVICES
+from resunetpp.errors import ResUNetError
+
+BenchDevice = choice_enum("BenchDevice", TORCH_DEVICES)
+
+
+def _bench_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"expected positive integers separated by commas (e.g. 1,8), got {text!r}",
+                                 param_hint="--batch-sizes")
+    return sizes
+
+
+@app.command("bench")
+def bench_command(
+    model: Annotated[Optional[Path], typer.Argument(
+        metavar="MODEL", exists=True, dir_okay=False,
+        help="Checkpoint to benchmark (default: the shipped model, with the shipped sample images).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        exists=True, file_okay=False, help="Evaluation images: a folder, or a dataset root (images/, masks/) "
+                                           "(default: the shipped sample images).")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        help="Split file or name of --data (default DATA/val.txt if present, else every image).")] = None,
+    backends: Annotated[Optional[list[str]], typer.Option(
+        metavar="NAMES", help="Comma-separated or repeated: torch, onnxruntime, openvino, tensorrt (default: all).")] = None,
+    precisions: Annotated[Optional[list[str]], typer.Option(
+        metavar="NAMES", help="Comma-separated or repeated: fp32, bf16, fp16, int8 (default: all).")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8",
+    image_size: Annotated[Optional[int], typer.Option(
+        min=8, help="Network input side (a multiple of 8; default: the checkpoint's).")] = None,
+    warmup_s: Annotated[float, typer.Option(min=0.0, help="Warm-up seconds before each timing.")] = 1.0,
+    duration_s: Annotated[float, typer.Option(min=0.001, help="Seconds each timing window lasts.")] = 3.0,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="Threads for torch, ONNX Runtime and OpenVINO (default: each runtime's own).")] = None,
+    device: Annotated[BenchDevice, typer.Option(
+        help="Where torch (and ONNX Runtime with CUDA) run; OpenVINO runs on the CPU, TensorRT on CUDA.")]
+    = BenchDevice.auto,
+    json_path: Annotated[Optional[Path], typer.Option(
+        "--json", dir_okay=False, help="Write the environment and every row here (JSON).")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(
+        dir_okay=False, help="Write a Markdown report here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        dir_okay=False, help="Write an accuracy-vs-throughput chart here (PNG).")] = None,
+    max_dice_drop: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="Exit 1 when a row's Dice drop against the reference (1 - Dice vs the "
+                               "reference mask) exceeds this, or a row fails (default: no gate).")] = None,
+    artifacts: Annotated[Optional[Path], typer.Option(
+        file_okay=False, help="Export into / reuse this folder (default: ~/.cache/resunetpp/artifacts/<key>/, "
+                              "key = checkpoint hash + options).")] = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        exists=True, file_okay=False, help="INT8 calibration images (a folder, or a dataset root whose train "
+                                           "split is used); must not overlap the evaluation images.")] = None,
+    end_to_end: Annotated[bool, typer.Option(
+        "--end-to-end/--no-end-to-end", help="Also time the infer pipeline (decode to PNG) per row.")] = True,
+) -> None:
+    """Every backend and precision this machine runs: accuracy against PyTorch FP32 and speed, side by side."""
+    from rich.console import Console
+
+    from resunetpp.bench.harness import BACKENDS, PRECISIONS, BenchOptions, gate_failures, run_bench
+    from resunetpp.bench.report import LineReporter, print_report, write_json, write_markdown, write_plot
+    from resunetpp.export.report import RichReporter
+
+    options = BenchOptions(
+        model=model, data=data, split=split, backends=comma_list(backends, BACKENDS, "--backends"),
+        precisions=comma_list(precisions, PRECISIONS, "--precisions"), batch_sizes=_bench_batch_sizes(batch_sizes),
+        image_size=image_size, warmup_s=warmup_s, duration_s=duration_s, threads=threads, device=device.value,
+        artifacts=artifacts, calib=calib, end_to_end=end_to_end)
+    try:
+        progress = RichReporter(Console(stderr=True)) if sys.stderr.isatty() \
+            else LineReporter(lambda line: typer.echo(line, err=True))
+        with progress as reporter:
+            result = run_bench(options, reporter)
+        print_report(result, Console())
+        for path, write in ((json_path, write_json), (markdown, write_markdown), (plot, write_plot)):
+            if path is not None:
+                write(result, path)
+                typer.echo(f"wrote {path}")
+    except ResUNetError as e:
+        fail(e)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; exported artifacts are kept (each written atomically) and reused next time",
+                   err=True)
+        raise typer.Exit(130) from None
+    if max_dice_drop is not None:
+        failing = gate_failures(result.rows, max_dice_drop)
+        if failing:
+            typer.echo(f"error: {len(failing)} row(s) fail --max-dice-drop {max_dice_drop:g}: " + "; ".join(failing),
+                       err=True)
+            raise typer.Exit(1)
+
+

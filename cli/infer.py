@@ -1,0 +1,117 @@
+"""``infer``: segment images with any engine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from resunetpp.cli.common import app, choice_enum, fail
+from resunetpp.errors import ResUNetError
+from resunetpp import engines
+from resunetpp.inference import PROBS_DTYPES
+
+InferBackend = choice_enum("InferBackend", ("auto", *engines.BACKENDS))
+InferProbsDtype = choice_enum("InferProbsDtype", PROBS_DTYPES)
+
+
+def _infer_option_value(text: str) -> object:
+    """``KEY=VALUE`` values: true/false, integers, floats, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _infer_engine_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ResUNetError(f"--engine-option {pair!r}: expected KEY=VALUE, e.g. precision=f32")
+        options[key.strip().replace("-", "_")] = _infer_option_value(value.strip())
+    return options
+
+
+def _infer_progress(console):
+    """``progress_factory`` for :func:`resunetpp.inference.infer_path`: a rich bar with images/s."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s", style="progress.data.speed")
+
+    def factory(total: int):
+        bar = Progress(TextColumn("infer"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                       console=console, transient=True)
+        bar.start()
+        task = bar.add_task("infer", total=total)
+        return (lambda n: bar.advance(task, n)), bar.stop
+
+    return factory
+
+
+@app.command("infer")
+def infer_command(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint, .onnx, OpenVINO .xml or TensorRT .engine; 'default': the shipped model.")],
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders or quoted globs ('scans/**/*.png').")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities).")],
+    backend: Annotated[InferBackend, typer.Option(help="auto: from the model's suffix.")] = InferBackend.auto,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N]; onnxruntime also tensorrt[:N]; openvino also gpu, npu.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call (equal input sizes are batched).")] = 1,
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png (fill and contour over the image).")] = False,
+    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write <stem>_probs.npy (K, H, W) at the original size.")] = False,
+    probs_dtype: Annotated[InferProbsDtype, typer.Option(help="dtype of the saved probabilities.")] = InferProbsDtype.float16,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the predictions of the image and its horizontal and vertical flips.")] = False,
+    threshold: Annotated[float, typer.Option(help="Foreground threshold on the probability (one-class models).")] = 0.5,
+    threads: Annotated[int, typer.Option(min=1, help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
+    engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", "-O", help="Backend option KEY=VALUE, repeatable (e.g. precision=f32, channels_last=true, intra_op_num_threads=4).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the run summary and failures here (JSON).")] = None,
+) -> None:
+    """Segment images with any engine; write masks at the original resolution."""
+    from rich.console import Console
+
+    from resunetpp.atomic import write_json_atomic
+    from resunetpp.defaults import default_model_path
+    from resunetpp.inference import InferOptions, infer_path, summary_table
+
+    err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+    show_bar = sys.stderr.isatty()
+
+    def report(line: str) -> None:
+        if show_bar:
+            err_console.print(f"error: {line}", markup=False)
+        else:
+            typer.echo(f"error: {line}", err=True)
+
+    try:
+        if model == "default":
+            shipped = default_model_path()
+            if shipped is None:
+                raise ResUNetError("MODEL 'default': this install ships no default model; pass a model file")
+            model = str(shipped)
+        options = InferOptions(out=out, batch_size=batch_size, overlay=overlay, save_probs=save_probs,
+                               probs_dtype=probs_dtype.value, tta=tta, threshold=threshold, threads=threads)
+        result = infer_path(model, inputs, options, backend=backend.value, device=device,
+                            engine_options=_infer_engine_options(engine_option or []),
+                            progress_factory=_infer_progress(err_console) if show_bar else None, on_error=report)
+        if json_path is not None:
+            try:
+                write_json_atomic(json_path, result.as_dict())
+            except OSError as e:
+                raise ResUNetError(f"{json_path}: cannot write the summary ({e.strerror or e})") from None
+    except ResUNetError as e:
+        fail(e)
+    Console().print(summary_table(result, title=Path(model).name))
+    if result.failures:
+        typer.echo(f"{len(result.failures)} of {result.images} image(s) failed; the others are in {out}", err=True)
+        raise typer.Exit(1)
+
