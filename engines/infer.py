@@ -1,4 +1,4 @@
-"""``resunetpp infer``: segment image files, folders or globs with any engine, writing masks.
+"""``resunetpp infer``: segment the items of a source (image files, folders, globs) with any engine.
 
 Pipeline (one process, three stages overlapping)::
 
@@ -7,11 +7,12 @@ Pipeline (one process, three stages overlapping)::
 
 Decoding and PNG encoding release the GIL (PIL, numpy), so with a few threads the end-to-end
 rate approaches the model-only rate. Consecutive images of equal network input size are
-batched. Per image the outputs are ``<stem>_mask.png`` at the original resolution (binary:
-0/255; several classes: class indices in a palette PNG), optionally ``<stem>_overlay.png``
-(translucent fill and contour over the image) and ``<stem>_probs.npy`` (``K, H, W``). An image
-that cannot be read, or whose prediction is not finite, is reported in one line and skipped;
-the others are written.
+batched. Per item of the source (:mod:`resunetpp.sources`; an image file's key is its stem) the
+outputs are ``<key>_mask.png`` at the original resolution (binary: 0/255; several classes: class
+indices in a palette PNG), optionally ``<key>_overlay.png`` (translucent fill and contour over the
+image) and ``<key>_probs.npy`` (``K, H, W``); see :mod:`resunetpp.outputs`. An image that cannot
+be read, or whose prediction is not finite, is reported in one line and skipped; the others are
+written.
 
 ``tta``: the mean of the original, horizontally flipped and vertically flipped predictions
 (the test-time augmentation of the ResUNet++ authors' follow-up work), in one engine call.
@@ -19,125 +20,25 @@ the others are written.
 
 from __future__ import annotations
 
-import functools
-import glob
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFilter
 
-from resunetpp.atomic import atomic_path
+from resunetpp import engines
+from resunetpp.engines.base import Engine, NonFiniteOutputError
 from resunetpp.errors import InputFileError, ResUNetError
-from resunetpp.imageio import IMAGE_SUFFIXES, read_image, write_png_atomic
+from resunetpp.imageio import write_png_atomic
+from resunetpp.outputs import mask_image, overlay_image, save_npy_atomic
 from resunetpp.preprocess import Preprocessing, probs_to_mask
+from resunetpp.sources import Item, Source, open_source
 
 PROBS_DTYPES = ("float16", "float32")
-GLOB_CHARS = "*?["
-
-
-# ---- inputs -----------------------------------------------------------------------------------------
-def _folder_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
-def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Image files, folders (their images, not recursive) and globs (``**`` recurses), in order.
-
-    Explicit files are kept whatever their suffix (an unreadable one is reported when read);
-    duplicates are dropped. A path that does not exist or a glob that matches nothing raises
-    :class:`InputFileError`.
-    """
-    seen: set[Path] = set()
-    result: list[Path] = []
-
-    def add(p: Path) -> None:
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            result.append(p)
-
-    for item in inputs:
-        text = str(item)
-        path = Path(text)
-        if path.is_dir():
-            for p in _folder_images(path):
-                add(p)
-        elif path.is_file():
-            add(path)
-        elif any(c in text for c in GLOB_CHARS):
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
-            if not files:
-                raise InputFileError(text, "the pattern matches no image file")
-            for p in files:
-                add(p)
-        else:
-            raise InputFileError(path, "no such file or folder")
-    return result
-
-
-def output_stems(paths: Sequence[Path]) -> list[str]:
-    """A unique output stem per input: its stem, with ``-2``, ``-3`` ... for repeated stems."""
-    used: set[str] = set()
-    stems = []
-    for p in paths:
-        stem, k = p.stem, 1
-        while stem in used:
-            k += 1
-            stem = f"{p.stem}-{k}"
-        used.add(stem)
-        stems.append(stem)
-    return stems
-
-
-# ---- outputs -----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=16)
-def palette(num_classes: int) -> np.ndarray:
-    """``(max(K, 2), 3)`` uint8 colours: class 0 black; one class green; several: tab10 / tab20."""
-    from matplotlib import colormaps
-
-    if num_classes <= 2:
-        colors = [(0.0, 0.0, 0.0), colormaps["tab10"](2)[:3]]
-    else:
-        cmap = colormaps["tab10" if num_classes <= 11 else "tab20"]
-        colors = [(0.0, 0.0, 0.0)] + [cmap(i % cmap.N)[:3] for i in range(num_classes - 1)]
-    return (np.asarray(colors) * 255 + 0.5).astype(np.uint8)
-
-
-def mask_image(mask: np.ndarray, num_classes: int) -> Image.Image:
-    """Binary: ``L`` image 0/255. Several classes: ``P`` image of class indices with a palette."""
-    if num_classes == 1:
-        return Image.fromarray((mask > 0).astype(np.uint8) * 255, "L")
-    img = Image.fromarray(mask.astype(np.uint8), "P")
-    img.putpalette(palette(num_classes).reshape(-1).tolist())
-    return img
-
-
-def overlay_image(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.4) -> Image.Image:
-    """``image`` (H, W, C uint8) with each class region filled translucently and outlined."""
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
-    colors = palette(num_classes).astype(np.float32)
-    out = rgb.astype(np.float32)
-    inside = mask > 0
-    out[inside] = out[inside] * (1.0 - alpha) + colors[mask[inside]] * alpha
-    width = 3 if min(mask.shape) < 512 else 5
-    m = Image.fromarray(mask.astype(np.uint8), "L")
-    hi = np.asarray(m.filter(ImageFilter.MaxFilter(width)))
-    lo = np.asarray(m.filter(ImageFilter.MinFilter(width)))
-    edge = (hi != lo) & (hi > 0)
-    out[edge] = colors[hi[edge]]
-    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------
@@ -169,7 +70,7 @@ class InferOptions:
 
 @dataclass
 class InferFailure:
-    path: Path
+    origin: Any  # the item's origin (an image file's path)
     message: str
 
 
@@ -197,14 +98,13 @@ class InferResult:
         return {"images": self.images, "written": self.written, "failed": len(self.failures),
                 "model_images_per_second": round(self.model_images_per_second, 3),
                 "end_to_end_images_per_second": round(self.images_per_second, 3),
-                "failures": [{"image": str(f.path), "error": f.message} for f in self.failures],
+                "failures": [{"image": str(f.origin), "error": f.message} for f in self.failures],
                 "engine": self.engine}
 
 
 @dataclass
-class _Item:
-    path: Path
-    stem: str
+class _Loaded:
+    item: Item
     x: np.ndarray  # (C, h, w) float32, preprocessed
     size: tuple[int, int]  # original (H, W)
     image: np.ndarray | None  # kept for the overlay only
@@ -217,27 +117,28 @@ def tta_predict(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> n
     return (probs[:n] + probs[n:2 * n, ..., ::-1] + probs[2 * n:, ..., ::-1, :]) * np.float32(1.0 / 3.0)
 
 
-def prefetch(paths: Sequence[Path], load: Callable[[Path], object], pool: ThreadPoolExecutor,
-             depth: int) -> Iterator[tuple[Path, object | ResUNetError]]:
-    """``(path, load(path))`` in input order, at most ``depth`` items loaded or loading and not
-    yet consumed (a bounded queue); a :class:`ResUNetError` raised by ``load`` is yielded in place
-    of the result."""
-    window: deque[tuple[Path, Future]] = deque()
-    it = iter(paths)
+def prefetch(items: Iterable[Any], load: Callable[[Any], object], pool: ThreadPoolExecutor,
+             depth: int) -> Iterator[tuple[Any, object | ResUNetError]]:
+    """``(item, load(item))`` in input order, at most ``depth`` items loaded or loading and not
+    yet consumed (a bounded queue; ``items`` is consumed as it goes, so it may be a stream); a
+    :class:`ResUNetError` raised by ``load`` is yielded in place of the result."""
+    window: deque[tuple[Any, Future]] = deque()
+    it = iter(items)
+    end = object()
     try:
-        for p in it:
-            window.append((p, pool.submit(load, p)))
+        for item in it:
+            window.append((item, pool.submit(load, item)))
             if len(window) >= depth:
                 break
         while window:
-            p, fut = window.popleft()
+            item, fut = window.popleft()
             try:
                 got = fut.result()
             except ResUNetError as e:
                 got = e
-            yield p, got  # while the consumer holds this one, depth - 1 more are loading
-            nxt = next(it, None)
-            if nxt is not None:
+            yield item, got  # while the consumer holds this one, depth - 1 more are loading
+            nxt = next(it, end)
+            if nxt is not end:
                 window.append((nxt, pool.submit(load, nxt)))
     finally:
         for _, fut in window:
@@ -247,7 +148,7 @@ def prefetch(paths: Sequence[Path], load: Callable[[Path], object], pool: Thread
 class _Run:
     """State of one :func:`run_inference` call (kept small: the stages are its methods)."""
 
-    def __init__(self, engine, options: InferOptions, progress: Callable[[int], None] | None,
+    def __init__(self, engine: Engine, options: InferOptions, progress: Callable[[int], None] | None,
                  on_error: Callable[[str], None] | None) -> None:
         self.engine = engine
         self.opt = options
@@ -256,65 +157,75 @@ class _Run:
         self.progress = progress or (lambda n: None)
         self.on_error = on_error or (lambda msg: None)
         self.failures: list[InferFailure] = []
+        self.images = 0
         self.written = 0
         self.inferred = 0
         self.model_seconds = 0.0
-        self.writes: deque[tuple[_Item, Future]] = deque()
+        self.writes: deque[tuple[_Loaded, Future]] = deque()
 
-    def fail(self, path: Path, message: str) -> None:
-        self.failures.append(InferFailure(path, message))
+    def fail(self, origin: Any, message: str) -> None:
+        self.failures.append(InferFailure(origin, message))
         self.on_error(message)
         self.progress(1)
 
-    def load(self, item: tuple[Path, str]) -> _Item:
-        path, stem = item
-        image = read_image(path, channels=self.pre.channels)
+    def items(self, source: Source) -> Iterator[Item]:
+        """The source's items, counted; a key seen twice would overwrite outputs, so it raises."""
+        keys: set[str] = set()
+        for item in source:
+            if item.key in keys:
+                raise ValueError(f"{item.origin}: the {type(source).__name__} source yields the key "
+                                 f"{item.key!r} twice; outputs would overwrite each other")
+            keys.add(item.key)
+            self.images += 1
+            yield item
+
+    def load(self, item: Item) -> _Loaded:
+        image = item.load(self.pre.channels)
         try:
             x = self.pre.apply(image)
         except ValueError as e:
-            raise InputFileError(path, f"cannot preprocess ({e})") from None
-        return _Item(path, stem, x, image.shape[:2], image if self.opt.overlay else None)
+            raise InputFileError(item.origin, f"cannot preprocess ({e})") from None
+        return _Loaded(item, x, image.shape[:2], image if self.opt.overlay else None)
 
-    def predict(self, batch: list[_Item]) -> np.ndarray | None:
-        from resunetpp.engines.base import NonFiniteOutputError
-
+    def predict(self, batch: list[_Loaded]) -> np.ndarray | None:
         x = np.stack([it.x for it in batch])
         start = time.perf_counter()
         try:
             probs = tta_predict(self.engine.predict, x) if self.opt.tta else self.engine.predict(x)
         except NonFiniteOutputError as e:
             for it in batch:
-                self.fail(it.path, f"{it.path}: prediction is not finite ({e})")
+                self.fail(it.item.origin, f"{it.item.origin}: prediction is not finite ({e})")
             return None
         finally:
             self.model_seconds += time.perf_counter() - start
             self.inferred += len(batch)
         return probs
 
-    def write(self, item: _Item, probs: np.ndarray) -> None:
-        h, w = item.size
+    def write(self, loaded: _Loaded, probs: np.ndarray) -> None:
+        h, w = loaded.size
         full = self.pre.restore(probs, h, w)
         mask = probs_to_mask(full, self.opt.threshold)
-        out = self.opt.out
+        out, key = self.opt.out, loaded.item.key
         if self.opt.save_probs:
-            save_npy_atomic(out / f"{item.stem}_probs.npy", full.astype(self.opt.probs_dtype))
-        if self.opt.overlay and item.image is not None:
-            write_png_atomic(out / f"{item.stem}_overlay.png", overlay_image(item.image, mask, self.num_classes))
-        write_png_atomic(out / f"{item.stem}_mask.png", mask_image(mask, self.num_classes))
+            save_npy_atomic(out / f"{key}_probs.npy", full.astype(self.opt.probs_dtype))
+        if self.opt.overlay and loaded.image is not None:
+            write_png_atomic(out / f"{key}_overlay.png", overlay_image(loaded.image, mask, self.num_classes))
+        write_png_atomic(out / f"{key}_mask.png", mask_image(mask, self.num_classes))
 
     def drain(self, keep: int) -> None:
         """Wait for finished writes until at most ``keep`` are pending."""
         while len(self.writes) > keep:
-            item, fut = self.writes.popleft()
+            loaded, fut = self.writes.popleft()
             try:
                 fut.result()
             except OSError as e:
-                self.fail(item.path, f"{item.path}: cannot write its outputs to {self.opt.out} ({e.strerror or e})")
+                origin = loaded.item.origin
+                self.fail(origin, f"{origin}: cannot write its outputs to {self.opt.out} ({e.strerror or e})")
                 continue
             self.written += 1
             self.progress(1)
 
-    def flush(self, batch: list[_Item], writer: ThreadPoolExecutor) -> None:
+    def flush(self, batch: list[_Loaded], writer: ThreadPoolExecutor) -> None:
         probs = self.predict(batch)
         if probs is not None:
             for it, pr in zip(batch, probs):
@@ -322,17 +233,17 @@ class _Run:
         batch.clear()
         self.drain(keep=2 * self.opt.threads + self.opt.batch_size)
 
-    def run(self, paths: Sequence[Path]) -> None:
+    def run(self, source: Source) -> None:
         depth = max(2 * self.opt.batch_size, 2 * self.opt.threads)
-        items = list(zip(paths, output_stems(paths)))
-        batch: list[_Item] = []
+        batch: list[_Loaded] = []
         with ThreadPoolExecutor(self.opt.threads, thread_name_prefix="infer-read") as reader, \
                 ThreadPoolExecutor(self.opt.threads, thread_name_prefix="infer-write") as writer:
             try:
-                for (path, _stem), got in prefetch(items, self.load, reader, depth):  # type: ignore[arg-type]
+                for item, got in prefetch(self.items(source), self.load, reader, depth):
                     if isinstance(got, ResUNetError):
-                        self.fail(path, str(got))
+                        self.fail(item.origin, str(got))
                         continue
+                    assert isinstance(got, _Loaded)
                     if batch and (len(batch) >= self.opt.batch_size or batch[0].x.shape != got.x.shape):
                         self.flush(batch, writer)
                     batch.append(got)
@@ -345,44 +256,51 @@ class _Run:
                 raise
 
 
-def run_inference(engine, inputs: Sequence[Path], options: InferOptions, *,
+def run_inference(engine: Engine, source: Source, options: InferOptions, *,
                   progress: Callable[[int], None] | None = None,
                   on_error: Callable[[str], None] | None = None) -> InferResult:
-    """Segment ``inputs`` (already expanded: see :func:`expand_inputs`) with a loaded ``engine``.
+    """Segment the items of ``source`` with a loaded ``engine``, writing ``<key>_mask.png`` etc.
 
-    ``progress(n)`` is called as images finish (written or failed); ``on_error(line)`` once per
-    failed image with a one-line message naming it. Engine problems other than a non-finite
-    prediction (a wrong input size for a static engine, a runtime error) raise.
+    ``source`` is a :class:`~resunetpp.sources.Source`: :func:`~resunetpp.sources.open_source`
+    over command-line inputs, or e.g. ``ImageFiles(paths)`` (:mod:`resunetpp.sources.images`) for
+    these exact files, repeats kept. The caller closes it. ``progress(n)`` is called as images
+    finish (written or failed); ``on_error(line)`` once per failed image with a one-line message
+    naming it. Engine problems other than a non-finite prediction (a wrong input size for a
+    static engine, a runtime error) raise.
     """
+    if not isinstance(source, Source):
+        raise TypeError(f"run_inference takes a resunetpp.sources.Source (e.g. ImageFiles(paths)), "
+                        f"not {type(source).__name__}")
     options.validate()
     options.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     run = _Run(engine, options, progress, on_error)
-    run.run(list(inputs))
-    return InferResult(len(inputs), run.written, run.failures, run.inferred, run.model_seconds,
+    run.run(source)
+    return InferResult(run.images, run.written, run.failures, run.inferred, run.model_seconds,
                        time.perf_counter() - start, engine.describe())
 
 
 def infer_path(model: str | Path, inputs: Sequence[str | Path], options: InferOptions, *,
                backend: str = "auto", device: str = "cpu", engine_options: dict | None = None,
-               progress_factory: Callable[[int], tuple[Callable[[int], None], Callable[[], None]]] | None = None,
+               progress_factory: Callable[[int | None], tuple[Callable[[int], None], Callable[[], None]]]
+               | None = None,
                on_error: Callable[[str], None] | None = None) -> InferResult:
-    """Open ``model`` with :func:`engines.open`, expand ``inputs`` and run :func:`run_inference`.
+    """Open ``inputs`` with :func:`~resunetpp.sources.open_source`, ``model`` with
+    :func:`engines.open`, and run :func:`run_inference`.
 
-    ``progress_factory(total)`` returns ``(advance, finish)`` callbacks (e.g. a rich progress bar).
+    ``progress_factory(total)`` returns ``(advance, finish)`` callbacks (e.g. a rich progress bar);
+    ``total`` is ``None`` for a source of unknown length (a stream).
     """
-    from resunetpp import engines
-
     options.validate()
-    paths = expand_inputs(inputs)
-    if not paths:
-        raise ResUNetError("no images found in the given inputs (" + ", ".join(str(i) for i in inputs) + ")")
-    with engines.open(model, backend=backend, device=device, **(engine_options or {})) as engine:
-        advance, finish = progress_factory(len(paths)) if progress_factory else (None, lambda: None)
-        try:
-            return run_inference(engine, paths, options, progress=advance, on_error=on_error)
-        finally:
-            finish()
+    with open_source(inputs) as source:
+        if source.count == 0:
+            raise ResUNetError("no images found in the given inputs (" + ", ".join(str(i) for i in inputs) + ")")
+        with engines.open(model, backend=backend, device=device, **(engine_options or {})) as engine:
+            advance, finish = progress_factory(source.count) if progress_factory else (None, lambda: None)
+            try:
+                return run_inference(engine, source, options, progress=advance, on_error=on_error)
+            finally:
+                finish()
 
 
 def summary_table(result: InferResult, title: str = "inference"):
