@@ -11,7 +11,7 @@ import typer
 from resunetpp.cli.common import app, choice_enum, fail
 from resunetpp.errors import ResUNetError
 from resunetpp import engines
-from resunetpp.inference import PROBS_DTYPES
+from resunetpp.engines.infer import PROBS_DTYPES
 
 InferBackend = choice_enum("InferBackend", ("auto", *engines.BACKENDS))
 InferProbsDtype = choice_enum("InferProbsDtype", PROBS_DTYPES)
@@ -41,7 +41,7 @@ def _infer_engine_options(pairs: list[str]) -> dict:
 
 
 def _infer_progress(console):
-    """``progress_factory`` for :func:`resunetpp.inference.infer_path`: a rich bar with images/s."""
+    """``progress_factory`` for :func:`resunetpp.engines.infer.infer_path`: a rich bar with images/s."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
@@ -81,7 +81,7 @@ def infer_command(
 
     from resunetpp.atomic import write_json_atomic
     from resunetpp.defaults import default_model_path
-    from resunetpp.inference import InferOptions, infer_path, summary_table
+    from resunetpp.engines.infer import InferOptions, infer_path, summary_table
 
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
     show_bar = sys.stderr.isatty()

@@ -86,7 +86,7 @@ def evaluate(
 
     from resunetpp.atomic import write_json_atomic
     from resunetpp.defaults import default_data_path, default_model_path
-    from resunetpp.evaluation import evaluate_path, results_table
+    from resunetpp.engines.evaluate import evaluate_path, results_table
 
     try:
         model = model or default_model_path()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from resunetpp.errors import InputFileError
-from resunetpp.imageio import IMAGE_SUFFIXES, read_image, read_mask
+from resunetpp.imageio import list_images, read_image, read_mask
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,6 @@ class Sample:
     stem: str
     image_path: Path
     mask_path: Path | None
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
 
 
 def read_split(path: str | Path) -> list[str]:

@@ -37,6 +37,12 @@ def max_pixels() -> int:
     return value
 
 
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files of ``folder`` (by suffix; not recursive, hidden files skipped), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
 def _open(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():

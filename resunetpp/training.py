@@ -250,33 +250,38 @@ def _batch_dice(logits: torch.Tensor, target: torch.Tensor, num_classes: int) ->
     return d.tolist()
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train and return the history. Writes ``last.safetensors``, ``best.safetensors``,
-    ``train_state.pt`` and ``history.json`` into ``cfg.out`` (all atomically)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+@dataclass
+class _Data:
+    """The training (and validation) pairs, resized once and moved to the training device."""
 
-    check_train_config(cfg, resume)
-    out = Path(cfg.out)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    train_ds: SegmentationDataset
+    val_ds: SegmentationDataset | None
+    xi: torch.Tensor  # (N, C, S, S) uint8 images
+    xm: torch.Tensor  # (N, S, S) uint8 masks
+    vi: torch.Tensor | None
+    vm: torch.Tensor | None
 
-    state = None
-    state_path = out / STATE_FILE
-    if resume:
-        if not state_path.is_file():
-            raise ResUNetError(f"{state_path}: nothing to resume (no training state in --out)")
-        state = _load_state(state_path)
-        saved = json.loads(state["train_config"])
-        for k in ("epochs", "time_budget_s", "device", "workers", "out"):
-            saved[k] = getattr(cfg, k)  # these may change on resume
-        saved["filters"] = tuple(saved["filters"])
-        cfg = TrainConfig(**saved)
 
-    mcfg = ModelConfig(in_channels=3, num_classes=cfg.num_classes, filters=tuple(cfg.filters),
-                       bridge=cfg.bridge, architecture=cfg.architecture)
-    pre = Preprocessing(size=(cfg.image_size, cfg.image_size))
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _resumed(cfg: TrainConfig, state_path: Path) -> tuple[TrainConfig, dict]:
+    """The saved training state and its configuration; the settings a resume may change come from ``cfg``."""
+    if not state_path.is_file():
+        raise ResUNetError(f"{state_path}: nothing to resume (no training state in --out)")
+    state = _load_state(state_path)
+    saved = json.loads(state["train_config"])
+    for k in ("epochs", "time_budget_s", "device", "workers", "out"):
+        saved[k] = getattr(cfg, k)  # these may change on resume
+    saved["filters"] = tuple(saved["filters"])
+    return TrainConfig(**saved), state
+
+
+def _load_data(cfg: TrainConfig, device: torch.device, log) -> _Data:
+    """Read the train and val splits (refusing an overlap), resize them and move them to ``device``."""
     t0 = time.time()
     train_ds = SegmentationDataset(cfg.data, cfg.train_split, cfg.num_classes)
     val_ds = SegmentationDataset(cfg.data, cfg.val_split, cfg.num_classes) if cfg.val_split else None
@@ -291,169 +296,247 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     xi, xm = xi.to(device), xm.to(device)
     if vi is not None:
         vi, vm = vi.to(device), vm.to(device)
-    mean = torch.tensor(pre.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std, device=device).view(1, -1, 1, 1)
+    return _Data(train_ds, val_ds, xi, xm, vi, vm)
 
-    model = ResUNetPlusPlus(mcfg)
-    lineage = None
-    if state is not None and "lineage" in state:
-        lineage = json.loads(state["lineage"])
-    elif cfg.init_from:
+
+class _Run:
+    """One training run: the model, optimizer and bookkeeping that :func:`train` steps through.
+
+    Built fresh, from ``--init-from`` weights, or from a saved training state (exact resume).
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, data: _Data, state: dict | None, out: Path,
+                 log) -> None:
+        self.cfg, self.device, self.data, self.state, self.out, self.log = cfg, device, data, state, out, log
+        self.mcfg = ModelConfig(in_channels=3, num_classes=cfg.num_classes, filters=tuple(cfg.filters),
+                                bridge=cfg.bridge, architecture=cfg.architecture)
+        self.pre = Preprocessing(size=(cfg.image_size, cfg.image_size))
+        self.mean = torch.tensor(self.pre.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.pre.std, device=device).view(1, -1, 1, 1)
+        model = ResUNetPlusPlus(self.mcfg)
+        self.lineage = self._init_weights(model)
+        self.model = model.to(device)
+        self.channels_last = use_channels_last(cfg, device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.use_amp = (cfg.amp and device.type == "cuda") or (cfg.cpu_bf16 and device.type == "cpu")
+        self.amp_dtype = torch.bfloat16
+        self.monitor = RangeMonitor(self.model)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.steps_per_epoch = max(1, len(data.train_ds) // cfg.batch_size)
+        self.total_epochs = cfg.epochs
+        self.start_epoch = 0
+        self.history: list[dict] = []
+        self.best = -1.0
+        self.elapsed_before = 0.0
+        if state is not None:
+            self._restore(state)
+        self.epoch = self.start_epoch
+        self.epoch_seconds = 0.0  # the last epoch's duration
+        self.t_start = time.time()
+
+    # -- setup --
+    def _init_weights(self, model: ResUNetPlusPlus) -> dict | None:
+        """Load ``--init-from`` weights into ``model``; the lineage every checkpoint of the run keeps."""
+        if self.state is not None and "lineage" in self.state:
+            return json.loads(self.state["lineage"])
+        if not self.cfg.init_from:
+            return None
         from resunetpp.checkpoint import lineage as lineage_of, load_checkpoint, load_state_dict_checked
 
-        init = load_checkpoint(cfg.init_from, verify=False)
-        if init.config != mcfg:
-            raise ResUNetError(f"{cfg.init_from}: --init-from holds another architecture ({init.config}) "
-                               f"than the one asked for ({mcfg})")
-        load_state_dict_checked(model, init.state_dict, cfg.init_from)
+        init = load_checkpoint(self.cfg.init_from, verify=False)
+        if init.config != self.mcfg:
+            raise ResUNetError(f"{self.cfg.init_from}: --init-from holds another architecture ({init.config}) "
+                               f"than the one asked for ({self.mcfg})")
+        load_state_dict_checked(model, init.state_dict, self.cfg.init_from)
         # Where the starting weights came from, kept in every checkpoint of this run: the chain of
         # runs that made a fine-tuned model stays readable even after the init file is replaced.
-        lineage = lineage_of(cfg.init_from, init)
-        log(f"initialised from {cfg.init_from}")
-    model = model.to(device)
-    channels_last = use_channels_last(cfg, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = (cfg.amp and device.type == "cuda") or (cfg.cpu_bf16 and device.type == "cpu")
-    amp_dtype = torch.bfloat16
-    monitor = RangeMonitor(model)
-    gen = torch.Generator().manual_seed(cfg.seed)
+        lineage = lineage_of(self.cfg.init_from, init)
+        self.log(f"initialised from {self.cfg.init_from}")
+        return lineage
 
-    steps_per_epoch = max(1, len(train_ds) // cfg.batch_size)
-    total_epochs = cfg.epochs
-    start_epoch = 0
-    history: list[dict] = []
-    best = -1.0
-    elapsed_before = 0.0
-    if state is not None:
+    def _restore(self, state: dict) -> None:
+        """Weights, optimizer, epoch count, history and generator of the saved state."""
         from resunetpp.checkpoint import load_checkpoint, load_state_dict_checked
 
         if isinstance(state.get("model"), dict):  # the weights saved with this state: same epoch for sure
-            load_state_dict_checked(model, {k: v.float() if v.is_floating_point() else v
-                                            for k, v in state["model"].items()}, state_path)
+            load_state_dict_checked(self.model, {k: v.float() if v.is_floating_point() else v
+                                                 for k, v in state["model"].items()}, self.out / STATE_FILE)
         else:  # a state written before the weights were kept in it
-            last = load_checkpoint(out / "last.safetensors", verify=False)
-            load_state_dict_checked(model, last.state_dict, out / "last.safetensors")
-        opt.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"])
-        total_epochs = int(state["total_epochs"]) if cfg.time_budget_s else cfg.epochs
-        history = json.loads(state["history"])
-        best = float(state["best"])
-        elapsed_before = float(state["elapsed_s"])
-        gen.set_state(state["generator"])
-        log(f"resuming after epoch {start_epoch} of {total_epochs}")
+            last = load_checkpoint(self.out / "last.safetensors", verify=False)
+            load_state_dict_checked(self.model, last.state_dict, self.out / "last.safetensors")
+        self.opt.load_state_dict(state["optimizer"])
+        self.start_epoch = int(state["epoch"])
+        self.total_epochs = int(state["total_epochs"]) if self.cfg.time_budget_s else self.cfg.epochs
+        self.history = json.loads(state["history"])
+        self.best = float(state["best"])
+        self.elapsed_before = float(state["elapsed_s"])
+        self.gen.set_state(state["generator"])
+        self.log(f"resuming after epoch {self.start_epoch} of {self.total_epochs}")
 
-    def make_ckpt(epoch: int, val_dice: float | None) -> Checkpoint:
+    # -- one epoch --
+    def train_epoch(self, on_step) -> dict:
+        """One pass over the training set in a fresh random order; ``on_step(i, loss)`` after each
+        step. Returns the epoch's history row (loss, last learning rate, time, range penalty)."""
+        cfg, d, model, opt = self.cfg, self.data, self.model, self.opt
+        model.train()
+        perm = torch.randperm(len(d.train_ds), generator=self.gen)
+        ep_t = time.time()
+        losses, regs = [], []
+        for it in range(self.steps_per_epoch):
+            step = self.epoch * self.steps_per_epoch + it
+            lr = _lr_at(step, self.total_epochs * self.steps_per_epoch, cfg.warmup_epochs * self.steps_per_epoch,
+                        cfg.lr)
+            for gparam in opt.param_groups:
+                gparam["lr"] = lr
+            idx = perm[it * cfg.batch_size:(it + 1) * cfg.batch_size].to(self.device)
+            img = d.xi[idx].float() / 255.0
+            if cfg.num_classes == 1:
+                msk = d.xm[idx].float()[:, None]
+            else:
+                msk = F.one_hot(d.xm[idx].long(), cfg.num_classes).permute(0, 3, 1, 2).float()
+            img, msk = augment(img, msk, self.gen)
+            target = (msk[:, 0] > 0.5).float() if cfg.num_classes == 1 else msk.argmax(1)
+            img = ((img - self.mean) / self.std)
+            if self.channels_last:
+                img = img.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                logits = model(img)
+            loss = segmentation_loss(logits.float(), target, cfg.num_classes)
+            if cfg.range_reg > 0:
+                reg = self.monitor.penalty(cfg.range_tau)
+                regs.append(reg.detach())
+                loss = loss + cfg.range_reg * reg
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {it}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            losses.append(loss.detach())
+            on_step(it, losses[-1])
+        self.epoch += 1
+        self.epoch_seconds = ep_time = time.time() - ep_t
+        row = {"epoch": self.epoch, "loss": float(torch.stack(losses).mean()), "lr": lr, "time_s": round(ep_time, 2)}
+        if regs:
+            row["range_penalty"] = float(torch.stack(regs).mean())
+        return row
+
+    def fit_time_budget(self, t0: float) -> bool:
+        """With ``time_budget_s``, fix the number of epochs after the second one; True when it did.
+
+        Sized from the *second* epoch: the first carries the warm-up (cuDNN autotuning, allocator
+        growth) and ran ~5x slower than the rest on an H200, which cut a 440 s budget to 21
+        epochs. Warm-up LR steps (warmup_epochs >= 2) do not depend on the total.
+        """
+        cfg, ep_time = self.cfg, self.epoch_seconds
+        if not (cfg.time_budget_s and self.epoch == self.start_epoch + 2 and self.state is None):
+            return False
+        fit = int((cfg.time_budget_s - (time.time() - t0)) / max(ep_time, 1e-3))
+        self.total_epochs = max(self.epoch, min(cfg.epochs, self.epoch + fit))
+        self.log(f"time budget {cfg.time_budget_s:.0f}s: training {self.total_epochs} epochs ({ep_time:.1f}s each)")
+        return True
+
+    # -- validation --
+    def due_for_validation(self) -> bool:
+        return self.data.vi is not None and (self.epoch % self.cfg.val_every == 0 or self.epoch == self.total_epochs)
+
+    def validate_epoch(self, row: dict) -> float:
+        """Validation Dice at the training resolution, with the monitored maps' ranges, into ``row``."""
+        vd, amax = validate(self.model, self.data.vi, self.data.vm, self.mean, self.std, self.cfg, self.use_amp,
+                            self.amp_dtype, self.monitor)
+        row["val_dice"] = vd
+        row["amax_p50"] = {k: float(np.median(v)) for k, v in amax.items()}
+        row["amax_max"] = {k: float(np.max(v)) for k, v in amax.items()}
+        return vd
+
+    # -- checkpointing --
+    def checkpoint(self, val_dice: float | None) -> Checkpoint:
+        cfg = self.cfg
         prov = {
             "trained_with": "resunetpp train",
             "train_config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
-            "epochs_completed": epoch,
+            "epochs_completed": self.epoch,
             "val_dice_train_resolution": val_dice,
-            "train_images": len(train_ds),
-            "elapsed_s": round(elapsed_before + time.time() - t_start, 1),
-            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+            "train_images": len(self.data.train_ds),
+            "elapsed_s": round(self.elapsed_before + time.time() - self.t_start, 1),
+            "device": torch.cuda.get_device_name(0) if self.device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__,
-            "parameters": count_parameters(model),
+            "parameters": count_parameters(self.model),
         }
-        if lineage is not None:
-            prov["lineage"] = lineage
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return Checkpoint(mcfg, sd, pre, list(cfg.class_names), prov)
+        if self.lineage is not None:
+            prov["lineage"] = self.lineage
+        sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return Checkpoint(self.mcfg, sd, self.pre, list(cfg.class_names), prov)
 
-    t_start = time.time()
-    epoch = start_epoch
+    def save_epoch(self, row: dict, val_dice: float | None) -> None:
+        """The epoch's files, one after another, each atomic: last (and best), the state, the history."""
+        self.history.append(row)
+        ck = self.checkpoint(val_dice)
+        save_checkpoint(ck, self.out / "last.safetensors")
+        if val_dice is not None and val_dice > self.best:
+            self.best = val_dice
+            save_checkpoint(ck, self.out / "best.safetensors")
+        with atomic_path(self.out / STATE_FILE) as tmp:
+            # The weights travel with the optimizer state and epoch count: a kill between this
+            # epoch's writes may leave last.safetensors an epoch ahead; resume starts from these.
+            torch.save({"model": ck.state_dict, "optimizer": self.opt.state_dict(), "epoch": self.epoch,
+                        "total_epochs": self.total_epochs,
+                        "history": json.dumps(self.history), "best": self.best, "generator": self.gen.get_state(),
+                        "elapsed_s": self.elapsed_before + time.time() - self.t_start,
+                        "train_config": json.dumps(asdict(self.cfg)),
+                        "lineage": json.dumps(self.lineage)}, tmp)
+        write_json_atomic(self.out / "history.json", self.history)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train and return the history. Writes ``last.safetensors``, ``best.safetensors``,
+    ``train_state.pt`` and ``history.json`` into ``cfg.out`` (all atomically)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    check_train_config(cfg, resume)
+    out = Path(cfg.out)
+    device = pick_device(cfg.device)
+    _seed(cfg.seed)
+    state = None
+    if resume:
+        cfg, state = _resumed(cfg, out / STATE_FILE)
+    t0 = time.time()
+    run = _Run(cfg, device, _load_data(cfg, device, log), state, out, log)
+
     cols = [TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[total_epochs]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  val Dice {task.fields[vdice]}"), TimeElapsedColumn()]
     with Progress(*cols, disable=not progress, transient=False) as bar:
-        task = bar.add_task("train", total=steps_per_epoch, epoch=epoch, total_epochs=total_epochs,
+        task = bar.add_task("train", total=run.steps_per_epoch, epoch=run.epoch, total_epochs=run.total_epochs,
                             loss=float("nan"), vdice="-")
-        while epoch < total_epochs:
-            model.train()
-            perm = torch.randperm(len(train_ds), generator=gen)
-            ep_t = time.time()
-            losses, regs = [], []
-            bar.reset(task, total=steps_per_epoch)
-            bar.update(task, epoch=epoch + 1)
-            for it in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + it
-                lr = _lr_at(step, total_epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
-                for gparam in opt.param_groups:
-                    gparam["lr"] = lr
-                idx = perm[it * cfg.batch_size:(it + 1) * cfg.batch_size].to(device)
-                img = xi[idx].float() / 255.0
-                if cfg.num_classes == 1:
-                    msk = xm[idx].float()[:, None]
-                else:
-                    msk = F.one_hot(xm[idx].long(), cfg.num_classes).permute(0, 3, 1, 2).float()
-                img, msk = augment(img, msk, gen)
-                target = (msk[:, 0] > 0.5).float() if cfg.num_classes == 1 else msk.argmax(1)
-                img = ((img - mean) / std)
-                if channels_last:
-                    img = img.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = model(img)
-                loss = segmentation_loss(logits.float(), target, cfg.num_classes)
-                if cfg.range_reg > 0:
-                    reg = monitor.penalty(cfg.range_tau)
-                    regs.append(reg.detach())
-                    loss = loss + cfg.range_reg * reg
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {it}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                opt.step()
-                losses.append(loss.detach())
-                if progress and (it % 5 == 0 or it == steps_per_epoch - 1):
-                    bar.update(task, completed=it + 1, loss=float(losses[-1]))
-            epoch += 1
-            ep_time = time.time() - ep_t
-            row = {"epoch": epoch, "loss": float(torch.stack(losses).mean()), "lr": lr, "time_s": round(ep_time, 2)}
-            if regs:
-                row["range_penalty"] = float(torch.stack(regs).mean())
-            # Size the run from the *second* epoch: the first carries the warm-up (cuDNN autotuning,
-            # allocator growth) and ran ~5x slower than the rest on an H200, which cut a 440 s
-            # budget to 21 epochs. Warm-up LR steps (warmup_epochs >= 2) do not depend on the total.
-            if cfg.time_budget_s and epoch == start_epoch + 2 and state is None:
-                fit = int((cfg.time_budget_s - (time.time() - t0)) / max(ep_time, 1e-3))
-                total_epochs = max(epoch, min(cfg.epochs, epoch + fit))
-                bar.update(task, total_epochs=total_epochs)
-                log(f"time budget {cfg.time_budget_s:.0f}s: training {total_epochs} epochs ({ep_time:.1f}s each)")
+
+        def on_step(it: int, loss: torch.Tensor) -> None:
+            if progress and (it % 5 == 0 or it == run.steps_per_epoch - 1):
+                bar.update(task, completed=it + 1, loss=float(loss))
+
+        while run.epoch < run.total_epochs:
+            bar.reset(task, total=run.steps_per_epoch)
+            bar.update(task, epoch=run.epoch + 1)
+            row = run.train_epoch(on_step)
+            if run.fit_time_budget(t0):
+                bar.update(task, total_epochs=run.total_epochs)
             vd = None
-            if vi is not None and (epoch % cfg.val_every == 0 or epoch == total_epochs):
-                vd, amax = validate(model, vi, vm, mean, std, cfg, use_amp, amp_dtype, monitor)
-                row["val_dice"] = vd
-                row["amax_p50"] = {k: float(np.median(v)) for k, v in amax.items()}
-                row["amax_max"] = {k: float(np.max(v)) for k, v in amax.items()}
+            if run.due_for_validation():
+                vd = run.validate_epoch(row)
                 bar.update(task, vdice=f"{vd:.4f}")
-            history.append(row)
-            ck = make_ckpt(epoch, vd)
-            save_checkpoint(ck, out / "last.safetensors")
-            if vd is not None and vd > best:
-                best = vd
-                save_checkpoint(ck, out / "best.safetensors")
-            with atomic_path(state_path) as tmp:
-                # The weights travel with the optimizer state and epoch count: a kill between this
-                # epoch's writes may leave last.safetensors an epoch ahead; resume starts from these.
-                torch.save({"model": ck.state_dict, "optimizer": opt.state_dict(), "epoch": epoch,
-                            "total_epochs": total_epochs,
-                            "history": json.dumps(history), "best": best, "generator": gen.get_state(),
-                            "elapsed_s": elapsed_before + time.time() - t_start,
-                            "train_config": json.dumps(asdict(cfg)),
-                            "lineage": json.dumps(lineage)}, tmp)
-            write_json_atomic(out / "history.json", history)
-            msg = f"epoch {epoch}/{total_epochs} loss {row['loss']:.4f} lr {lr:.2e} {ep_time:.1f}s"
+            run.save_epoch(row, vd)
+            msg = f"epoch {run.epoch}/{run.total_epochs} loss {row['loss']:.4f} lr {row['lr']:.2e} {run.epoch_seconds:.1f}s"
             if vd is not None:
                 msg += f" val Dice {vd:.4f} (at {cfg.image_size}px)"
             if not progress or os.environ.get("RESUNETPP_LOG_EPOCHS"):
                 log(msg)
-    monitor.close()
-    if state is not None and epoch == start_epoch:  # killed after the state, before history.json
-        write_json_atomic(out / "history.json", history)
-    return {"history": history, "best_val_dice": best, "epochs": epoch}
+    run.monitor.close()
+    if state is not None and run.epoch == run.start_epoch:  # killed after the state, before history.json
+        write_json_atomic(out / "history.json", run.history)
+    return {"history": run.history, "best_val_dice": run.best, "epochs": run.epoch}
 
 
 @torch.no_grad()

@@ -29,9 +29,10 @@ from resunetpp import engines
 from conftest import tiny_checkpoint
 from resunetpp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from resunetpp.imageio import read_image
-from resunetpp.inference import InferOptions, run_inference
+from resunetpp.engines.infer import InferOptions, run_inference
 from resunetpp.model import ModelConfig
 from resunetpp.preprocess import Preprocessing, probs_to_mask
+from resunetpp.sources.images import ImageFiles
 
 TINY_H = ModelConfig(filters=(4, 8, 8, 16), bridge=16, se_reduction=4)
 SIZE = 32
@@ -189,7 +190,7 @@ def test_the_infer_pipeline_writes_one_mask_of_each_input_size(models: dict, spe
     out = folder / "out"
     options = InferOptions(out=out, batch_size=batch_size, tta=tta, threads=threads, save_probs=True,
                            probs_dtype="float32")
-    result = run_inference(models["engines"][(mode, backend)], paths, options)
+    result = run_inference(models["engines"][(mode, backend)], ImageFiles(paths), options)
     assert result.failures == [] and result.written == len(paths) == result.inferred
     for path, spec in zip(paths, specs):
         mask = np.asarray(Image.open(out / f"{path.stem}_mask.png"))

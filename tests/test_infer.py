@@ -18,17 +18,9 @@ from conftest import blob_pair
 from resunetpp.engines.base import Engine
 from resunetpp.checkpoint import load_checkpoint
 from resunetpp.errors import InputFileError, ResUNetError
-from resunetpp.inference import (
-    InferOptions,
-    expand_inputs,
-    mask_image,
-    output_stems,
-    overlay_image,
-    palette,
-    prefetch,
-    run_inference,
-    tta_predict,
-)
+from resunetpp.engines.infer import InferOptions, prefetch, run_inference, tta_predict
+from resunetpp.outputs import mask_image, overlay_image, palette
+from resunetpp.sources.images import ImageFiles
 from test_engines import make_artifacts, make_checkpoint
 
 runner = CliRunner()
@@ -121,7 +113,7 @@ def test_cli_refusals(models: dict, tmp_path: Path) -> None:
 def test_cli_default_model_on_the_sample_images(tmp_path: Path) -> None:
     from resunetpp.data import SegmentationDataset
     from resunetpp.defaults import default_data_path, default_model_path
-    from resunetpp.evaluation import evaluate_path
+    from resunetpp.engines.evaluate import evaluate_path
     from resunetpp.imageio import read_mask
     from resunetpp.metrics import dice
 
@@ -140,19 +132,44 @@ def test_cli_default_model_on_the_sample_images(tmp_path: Path) -> None:
 
 
 # ---- the library pipeline ------------------------------------------------------------------------------
-def test_expand_inputs(tmp_path: Path) -> None:
-    a = _images(tmp_path / "a", [(16, 16), (16, 16)])
-    b = _images(tmp_path / "b" / "deep", [(16, 16)])
-    (tmp_path / "a" / "notes.txt").write_text("not an image")
-    (tmp_path / "a" / ".hidden.png").write_bytes(a[0].read_bytes())
-    got = expand_inputs([tmp_path / "a", str(a[1]), str(tmp_path / "**" / "*.png")])
-    assert got == [a[0], a[1], b[0]]  # folder first, the duplicate dropped, the glob recursing
-    assert expand_inputs([tmp_path / "a" / "notes.txt"]) == [tmp_path / "a" / "notes.txt"]  # explicit: kept
-    with pytest.raises(InputFileError, match="no such file or folder"):
-        expand_inputs([tmp_path / "nope.png"])
-    with pytest.raises(InputFileError, match="matches no image file"):
-        expand_inputs([str(tmp_path / "*.jpg")])
-    assert output_stems([Path("x/a.png"), Path("y/a.jpg"), Path("a.bmp"), Path("b.png")]) == ["a", "a-2", "a-3", "b"]
+def test_outputs_are_named_from_the_source_keys(models: dict, tmp_path: Path) -> None:
+    """Repeated stems get -2, -3 (the source's keys); the failure names the item's origin; the
+    run consumes a source lazily and refuses a source whose keys collide, and a plain list."""
+    from resunetpp.sources import Item, Source
+
+    a = _images(tmp_path / "x", [(24, 16)])[0]
+    b = _images(tmp_path / "y", [(16, 24)], seed=1)[0]
+    broken = tmp_path / "img00.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    with engines.open(models["binary"]["torch"]) as engine:
+        res = run_inference(engine, ImageFiles([a, b, broken, a]), InferOptions(out=out))
+        assert (res.images, res.written) == (4, 3)
+        assert [(str(f.origin), f.message.split(":")[0]) for f in res.failures] == [(str(broken), str(broken))]
+        assert res.as_dict()["failures"][0]["image"] == str(broken)
+        assert sorted(p.name for p in out.iterdir()) == ["img00-2_mask.png", "img00-4_mask.png", "img00_mask.png"]
+        with Image.open(out / "img00-2_mask.png") as m2:
+            assert m2.size == (24, 16)  # b, the second item
+
+        class Frames(Source):
+            name = "test-frames"
+
+            def __init__(self, keys: list[str]) -> None:
+                self.keys, self.pulled = keys, 0
+
+            def __iter__(self):
+                for i, key in enumerate(self.keys):
+                    self.pulled += 1
+                    yield Item(key, ("cam", i), lambda c, i=i: np.full((20, 30, c), 40 * i, np.uint8))
+
+        frames = Frames(["f0", "f1", "f2"])
+        res = run_inference(engine, frames, InferOptions(out=tmp_path / "frames", batch_size=2))
+        assert (res.images, res.written, frames.pulled) == (3, 3, 3)
+        assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["f0_mask.png", "f1_mask.png", "f2_mask.png"]
+        with pytest.raises(ValueError, match="yields the key 'f0' twice"):
+            run_inference(engine, Frames(["f0", "f1", "f0"]), InferOptions(out=tmp_path / "dup"))
+        with pytest.raises(TypeError, match="takes a resunetpp.sources.Source"):
+            run_inference(engine, [a, b], InferOptions(out=tmp_path / "list"))
 
 
 def test_prefetch_keeps_order_and_bounds_the_queue() -> None:
@@ -204,7 +221,7 @@ def test_tta_and_batching_through_an_engine(models: dict, tmp_path: Path) -> Non
     outs = {}
     with engines.open(models["multi"]["torch"]) as engine:  # pad mode: input sizes differ per image
         for name, opts in {"b1": dict(batch_size=1), "b3": dict(batch_size=3), "tta": dict(batch_size=2, tta=True)}.items():
-            res = run_inference(engine, paths, InferOptions(out=tmp_path / name, save_probs=True,
+            res = run_inference(engine, ImageFiles(paths), InferOptions(out=tmp_path / name, save_probs=True,
                                                             probs_dtype="float32", **opts))
             assert (res.images, res.written, res.failures) == (5, 5, [])
             outs[name] = {p.stem: np.load(tmp_path / name / f"{p.stem}_probs.npy") for p in paths}
@@ -225,7 +242,7 @@ def test_grayscale_and_rgba_files(models: dict, tmp_path: Path) -> None:
     rgba = tmp_path / "in" / "rgba.png"
     Image.open(gray).convert("RGBA").save(rgba)
     with engines.open(models["binary"]["torch"]) as engine:
-        res = run_inference(engine, [gray, rgba], InferOptions(out=tmp_path / "out", overlay=True))
+        res = run_inference(engine, ImageFiles([gray, rgba]), InferOptions(out=tmp_path / "out", overlay=True))
     assert res.written == 2
     for stem in ("img00", "rgba"):
         assert Image.open(tmp_path / "out" / f"{stem}_mask.png").size == (41, 33)
@@ -251,7 +268,7 @@ def test_a_non_finite_engine_fails_each_image(models: dict, tmp_path: Path) -> N
     paths = _images(tmp_path / "in", [(32, 32), (40, 24)])
     lines: list[str] = []
     with _NaNEngine("nan.bin", load_checkpoint(models["binary"]["torch"]).metadata()) as engine:
-        res = run_inference(engine, paths, InferOptions(out=tmp_path / "out"), on_error=lines.append)
+        res = run_inference(engine, ImageFiles(paths), InferOptions(out=tmp_path / "out"), on_error=lines.append)
     assert (res.written, len(res.failures)) == (0, 2)
     assert [ln.split(":")[0] for ln in lines] == [str(p) for p in paths]
     assert all("prediction is not finite" in ln and "NaN/Inf" in ln for ln in lines)
@@ -289,7 +306,7 @@ def test_progress_bar_reports_images_per_second(models: dict, tmp_path: Path) ->
     from rich.console import Console
 
     from resunetpp.cli.infer import _infer_progress
-    from resunetpp.inference import infer_path
+    from resunetpp.engines.infer import infer_path
 
     paths = _images(tmp_path / "in", [(32, 32)] * 3)
     screen = io.StringIO()

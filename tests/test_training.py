@@ -15,7 +15,7 @@ import torch
 from conftest import TINY, blob_pair, make_dataset, tiny_checkpoint
 from resunetpp.checkpoint import load_checkpoint
 from resunetpp.errors import InputFileError, ResUNetError
-from resunetpp.evaluation import evaluate_path, predict_fn_for
+from resunetpp.engines.evaluate import evaluate_path
 from resunetpp.model import ResUNetPlusPlus
 from resunetpp.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from resunetpp.training import (
@@ -216,18 +216,21 @@ def test_evaluate_a_checkpoint_on_synthetic_data(tmp_path: Path, blob_dataset: P
         assert d[key] == pytest.approx(np.mean([r[key] for r in d["images"]]))
 
 
-def test_predict_fn_for_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+def test_evaluate_refuses_models_it_cannot_run_before_reading_data(tmp_path: Path) -> None:
+    no_data = tmp_path / "no-data"  # the model is opened and loaded first: its problem is the one named
     with pytest.raises(InputFileError, match="model file not found"):
-        predict_fn_for(tmp_path / "none.safetensors")
+        evaluate_path(tmp_path / "none.safetensors", no_data)
     (tmp_path / "model.xyz").write_text("x")
     with pytest.raises(InputFileError, match="unsupported model file type '.xyz'"):
-        predict_fn_for(tmp_path / "model.xyz")
+        evaluate_path(tmp_path / "model.xyz", no_data)
     with pytest.raises(InputFileError, match="is a folder"):
-        predict_fn_for(tmp_path)
+        evaluate_path(tmp_path, no_data)
+    ckpt = tiny_checkpoint(tmp_path / "m.safetensors")
     if not torch.cuda.is_available():
-        ckpt = tiny_checkpoint(tmp_path / "m.safetensors")
         with pytest.raises(ResUNetError, match="no CUDA device"):
-            predict_fn_for(ckpt, "cuda")
+            evaluate_path(ckpt, no_data, device="cuda")
+    with pytest.raises(InputFileError, match="data folder not found"):
+        evaluate_path(ckpt, no_data, device="cpu")
 
 
 @pytest.mark.data

@@ -1,8 +1,8 @@
 """Evaluation at the original mask resolution, for any backend that maps images to probabilities.
 
 ``predict`` takes a float32 ``(N, C, h, w)`` batch of preprocessed images and returns float
-``(N, K, h, w)`` probabilities; the torch checkpoint path and every engine of ``engines/``
-provide one. Each prediction is restored to its image's original size, binarised (threshold
+``(N, K, h, w)`` probabilities; every engine's :meth:`~resunetpp.engines.Engine.predict` is one
+(:func:`evaluate_path` opens the model with :func:`engines.open`). Each prediction is restored to its image's original size, binarised (threshold
 0.5, or argmax), and scored per image; the means are reported.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from resunetpp import engines
 from resunetpp.data import Sample, SegmentationDataset
 from resunetpp.errors import ResUNetError
 from resunetpp.metrics import Scores, mean_scores, scores
@@ -74,93 +75,35 @@ def evaluate(predict: PredictFn, dataset: SegmentationDataset, pre: Preprocessin
     return EvalResult(len(rows), mean_scores(rows), out_rows)
 
 
-def torch_predict_fn(model, device: str = "cpu", dtype=None) -> PredictFn:
-    """A ``predict`` for a torch :class:`~resunetpp.model.ResUNetPlusPlus` (eval mode, no grad)."""
-    import torch
-
-    from resunetpp.model import apply_activation
-
-    model = model.to(device).eval()
-
-    @torch.inference_mode()
-    def predict(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x).to(device)
-        if dtype is not None and device != "cpu":
-            with torch.autocast(device_type="cuda", dtype=dtype):
-                out = model(t)
-        else:
-            out = model(t)
-        return apply_activation(out.float(), model.activation).cpu().numpy()
-
-    return predict
-
-
-# --------------------------------------------------------------------------------------------
-# From a path on disk to a predictor, and the whole ``resunetpp evaluate`` job.
-# --------------------------------------------------------------------------------------------
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
-
-
-@dataclass
-class Predictor:
-    """A model ready to predict, with the preprocessing and classes it was trained with."""
-
-    predict: PredictFn
-    preprocessing: Preprocessing
-    num_classes: int
-    class_names: list[str]
-    backend: str
-    device: str
-    source: Path
-    close: Callable[[], None] = lambda: None  # releases the engine (added with engines/)
-
-
-def predict_fn_for(path: str | Path, device: str = "auto", *, backend: str = "auto", **options) -> Predictor:
-    """The one place a model file becomes a :class:`Predictor`, for every artifact type.
-
-    ``path`` is a checkpoint (``.safetensors``, ``.pt``, ``.pth``), an ONNX model, an OpenVINO
-    IR (``.xml``) or a TensorRT engine (``.engine``/``.plan``), opened with
-    :func:`engines.open` (``backend="auto"`` picks the backend from the suffix; ``options`` are
-    the backend's). ``device`` is the backend's device (``auto``, ``cpu``, ``cuda`` ...). The
-    engine is loaded here, so problems surface before any image is read; call
-    ``predictor.close()`` when done.
-    """
-    from resunetpp import engines
-
-    engine = engines.open(path, backend=backend, device=device, **options)
-    engine.load()
-    return Predictor(engine.predict, engine.preprocessing, engine.num_classes, engine.class_names,
-                     engine.name, engine.device, Path(path), engine.close)
-
-
 def evaluate_path(model_path: str | Path, data: str | Path, split: str | Path | None = None, *,
                   batch_size: int = 1, device: str = "auto", threshold: float = 0.5,
                   show_progress: bool = False) -> EvalResult:
     """Evaluate the model file ``model_path`` on the Kvasir-SEG-layout folder ``data``.
 
-    ``split`` is a split file or a name such as ``val`` (``DATA/val.txt``); ``None`` takes every
-    image. Scores are computed per image at the original mask resolution, then averaged.
-    Problems with any input raise :class:`~resunetpp.errors.ResUNetError` naming the file.
+    ``model_path`` is any artifact :func:`engines.open` runs (a checkpoint, ``.onnx``, ``.xml``,
+    ``.engine``), on the backend its suffix picks; ``device`` is that backend's. The engine is
+    loaded before any image is read, so model problems surface first. ``split`` is a split file
+    or a name such as ``val`` (``DATA/val.txt``); ``None`` takes every image. Scores are computed
+    per image at the original mask resolution, then averaged. Problems with any input raise
+    :class:`~resunetpp.errors.ResUNetError` naming the file.
     """
     if batch_size < 1:
         raise ResUNetError(f"--batch-size must be at least 1, got {batch_size}")
     if not 0.0 < threshold < 1.0:
         raise ResUNetError(f"threshold must be between 0 and 1, got {threshold}")
-    predictor = predict_fn_for(model_path, device)
-    try:
-        dataset = SegmentationDataset(data, split, predictor.num_classes, channels=predictor.preprocessing.channels)
-        if not show_progress:
-            return evaluate(predictor.predict, dataset, predictor.preprocessing, batch_size, threshold)
-        from rich.progress import Progress
+    with engines.open(model_path, device=device) as engine:
+        try:
+            dataset = SegmentationDataset(data, split, engine.num_classes, channels=engine.preprocessing.channels)
+            if not show_progress:
+                return evaluate(engine.predict, dataset, engine.preprocessing, batch_size, threshold)
+            from rich.progress import Progress
 
-        with Progress(transient=True) as bar:
-            task = bar.add_task(f"evaluating {Path(model_path).name}", total=len(dataset))
-            return evaluate(predictor.predict, dataset, predictor.preprocessing, batch_size, threshold,
-                            progress=lambda k: bar.advance(task, k))
-    except FloatingPointError as e:
-        raise ResUNetError(str(e)) from None
-    finally:
-        predictor.close()
+            with Progress(transient=True) as bar:
+                task = bar.add_task(f"evaluating {Path(model_path).name}", total=len(dataset))
+                return evaluate(engine.predict, dataset, engine.preprocessing, batch_size, threshold,
+                                progress=lambda k: bar.advance(task, k))
+        except FloatingPointError as e:
+            raise ResUNetError(str(e)) from None
 
 
 def results_table(result: EvalResult, title: str = "evaluation"):

@@ -1,0 +1,317 @@
+"""``resunetpp infer``: segment the items of a source (image files, folders, globs) with any engine.
+
+Pipeline (one process, three stages overlapping)::
+
+    reader threads  : decode + preprocess  --(bounded window)-->  main thread: batch + engine
+    writer threads  : restore to the original size, threshold, encode PNG / .npy (atomic)
+
+Decoding and PNG encoding release the GIL (PIL, numpy), so with a few threads the end-to-end
+rate approaches the model-only rate. Consecutive images of equal network input size are
+batched. Per item of the source (:mod:`resunetpp.sources`; an image file's key is its stem) the
+outputs are ``<key>_mask.png`` at the original resolution (binary: 0/255; several classes: class
+indices in a palette PNG), optionally ``<key>_overlay.png`` (translucent fill and contour over the
+image) and ``<key>_probs.npy`` (``K, H, W``); see :mod:`resunetpp.outputs`. An image that cannot
+be read, or whose prediction is not finite, is reported in one line and skipped; the others are
+written.
+
+``tta``: the mean of the original, horizontally flipped and vertically flipped predictions
+(the test-time augmentation of the ResUNet++ authors' follow-up work), in one engine call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resunetpp import engines
+from resunetpp.engines.base import Engine, NonFiniteOutputError
+from resunetpp.errors import InputFileError, ResUNetError
+from resunetpp.imageio import write_png_atomic
+from resunetpp.outputs import mask_image, overlay_image, save_npy_atomic
+from resunetpp.preprocess import Preprocessing, probs_to_mask
+from resunetpp.sources import Item, Source, open_source
+
+PROBS_DTYPES = ("float16", "float32")
+
+
+# ---- the pipeline -------------------------------------------------------------------------------------
+@dataclass
+class InferOptions:
+    """What ``resunetpp infer`` writes and how it batches; see the module docstring."""
+
+    out: Path
+    batch_size: int = 1
+    overlay: bool = False
+    save_probs: bool = False
+    probs_dtype: str = "float16"
+    tta: bool = False
+    threshold: float = 0.5
+    threads: int = 2  # reader threads, and as many writer threads
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ResUNetError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ResUNetError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        if self.threads < 1:
+            raise ResUNetError(f"--threads must be at least 1, got {self.threads}")
+        if self.probs_dtype not in PROBS_DTYPES:
+            raise ResUNetError(f"--probs-dtype must be one of {', '.join(PROBS_DTYPES)}, got {self.probs_dtype!r}")
+        if self.out.exists() and not self.out.is_dir():
+            raise InputFileError(self.out, "--out exists and is not a folder")
+
+
+@dataclass
+class InferFailure:
+    origin: Any  # the item's origin (an image file's path)
+    message: str
+
+
+@dataclass
+class InferResult:
+    """Counts and rates of one run; ``model_seconds`` is the time spent inside the engine."""
+
+    images: int
+    written: int
+    failures: list[InferFailure] = field(default_factory=list)
+    inferred: int = 0  # images that went through the engine
+    model_seconds: float = 0.0
+    total_seconds: float = 0.0
+    engine: dict = field(default_factory=dict)
+
+    @property
+    def model_images_per_second(self) -> float:
+        return self.inferred / self.model_seconds if self.model_seconds > 0 else 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"images": self.images, "written": self.written, "failed": len(self.failures),
+                "model_images_per_second": round(self.model_images_per_second, 3),
+                "end_to_end_images_per_second": round(self.images_per_second, 3),
+                "failures": [{"image": str(f.origin), "error": f.message} for f in self.failures],
+                "engine": self.engine}
+
+
+@dataclass
+class _Loaded:
+    item: Item
+    x: np.ndarray  # (C, h, w) float32, preprocessed
+    size: tuple[int, int]  # original (H, W)
+    image: np.ndarray | None  # kept for the overlay only
+
+
+def tta_predict(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Mean of the predictions on ``x``, its horizontal and its vertical flip (one call of 3N)."""
+    n = x.shape[0]
+    probs = predict(np.concatenate([x, x[..., ::-1], x[..., ::-1, :]]))
+    return (probs[:n] + probs[n:2 * n, ..., ::-1] + probs[2 * n:, ..., ::-1, :]) * np.float32(1.0 / 3.0)
+
+
+def prefetch(items: Iterable[Any], load: Callable[[Any], object], pool: ThreadPoolExecutor,
+             depth: int) -> Iterator[tuple[Any, object | ResUNetError]]:
+    """``(item, load(item))`` in input order, at most ``depth`` items loaded or loading and not
+    yet consumed (a bounded queue; ``items`` is consumed as it goes, so it may be a stream); a
+    :class:`ResUNetError` raised by ``load`` is yielded in place of the result."""
+    window: deque[tuple[Any, Future]] = deque()
+    it = iter(items)
+    end = object()
+    try:
+        for item in it:
+            window.append((item, pool.submit(load, item)))
+            if len(window) >= depth:
+                break
+        while window:
+            item, fut = window.popleft()
+            try:
+                got = fut.result()
+            except ResUNetError as e:
+                got = e
+            yield item, got  # while the consumer holds this one, depth - 1 more are loading
+            nxt = next(it, end)
+            if nxt is not end:
+                window.append((nxt, pool.submit(load, nxt)))
+    finally:
+        for _, fut in window:
+            fut.cancel()
+
+
+class _Run:
+    """State of one :func:`run_inference` call (kept small: the stages are its methods)."""
+
+    def __init__(self, engine: Engine, options: InferOptions, progress: Callable[[int], None] | None,
+                 on_error: Callable[[str], None] | None) -> None:
+        self.engine = engine
+        self.opt = options
+        self.pre: Preprocessing = engine.preprocessing
+        self.num_classes: int = engine.num_classes
+        self.progress = progress or (lambda n: None)
+        self.on_error = on_error or (lambda msg: None)
+        self.failures: list[InferFailure] = []
+        self.images = 0
+        self.written = 0
+        self.inferred = 0
+        self.model_seconds = 0.0
+        self.writes: deque[tuple[_Loaded, Future]] = deque()
+
+    def fail(self, origin: Any, message: str) -> None:
+        self.failures.append(InferFailure(origin, message))
+        self.on_error(message)
+        self.progress(1)
+
+    def items(self, source: Source) -> Iterator[Item]:
+        """The source's items, counted; a key seen twice would overwrite outputs, so it raises."""
+        keys: set[str] = set()
+        for item in source:
+            if item.key in keys:
+                raise ValueError(f"{item.origin}: the {type(source).__name__} source yields the key "
+                                 f"{item.key!r} twice; outputs would overwrite each other")
+            keys.add(item.key)
+            self.images += 1
+            yield item
+
+    def load(self, item: Item) -> _Loaded:
+        image = item.load(self.pre.channels)
+        try:
+            x = self.pre.apply(image)
+        except ValueError as e:
+            raise InputFileError(item.origin, f"cannot preprocess ({e})") from None
+        return _Loaded(item, x, image.shape[:2], image if self.opt.overlay else None)
+
+    def predict(self, batch: list[_Loaded]) -> np.ndarray | None:
+        x = np.stack([it.x for it in batch])
+        start = time.perf_counter()
+        try:
+            probs = tta_predict(self.engine.predict, x) if self.opt.tta else self.engine.predict(x)
+        except NonFiniteOutputError as e:
+            for it in batch:
+                self.fail(it.item.origin, f"{it.item.origin}: prediction is not finite ({e})")
+            return None
+        finally:
+            self.model_seconds += time.perf_counter() - start
+            self.inferred += len(batch)
+        return probs
+
+    def write(self, loaded: _Loaded, probs: np.ndarray) -> None:
+        h, w = loaded.size
+        full = self.pre.restore(probs, h, w)
+        mask = probs_to_mask(full, self.opt.threshold)
+        out, key = self.opt.out, loaded.item.key
+        if self.opt.save_probs:
+            save_npy_atomic(out / f"{key}_probs.npy", full.astype(self.opt.probs_dtype))
+        if self.opt.overlay and loaded.image is not None:
+            write_png_atomic(out / f"{key}_overlay.png", overlay_image(loaded.image, mask, self.num_classes))
+        write_png_atomic(out / f"{key}_mask.png", mask_image(mask, self.num_classes))
+
+    def drain(self, keep: int) -> None:
+        """Wait for finished writes until at most ``keep`` are pending."""
+        while len(self.writes) > keep:
+            loaded, fut = self.writes.popleft()
+            try:
+                fut.result()
+            except OSError as e:
+                origin = loaded.item.origin
+                self.fail(origin, f"{origin}: cannot write its outputs to {self.opt.out} ({e.strerror or e})")
+                continue
+            self.written += 1
+            self.progress(1)
+
+    def flush(self, batch: list[_Loaded], writer: ThreadPoolExecutor) -> None:
+        probs = self.predict(batch)
+        if probs is not None:
+            for it, pr in zip(batch, probs):
+                self.writes.append((it, writer.submit(self.write, it, pr)))
+        batch.clear()
+        self.drain(keep=2 * self.opt.threads + self.opt.batch_size)
+
+    def run(self, source: Source) -> None:
+        depth = max(2 * self.opt.batch_size, 2 * self.opt.threads)
+        batch: list[_Loaded] = []
+        with ThreadPoolExecutor(self.opt.threads, thread_name_prefix="infer-read") as reader, \
+                ThreadPoolExecutor(self.opt.threads, thread_name_prefix="infer-write") as writer:
+            try:
+                for item, got in prefetch(self.items(source), self.load, reader, depth):
+                    if isinstance(got, ResUNetError):
+                        self.fail(item.origin, str(got))
+                        continue
+                    assert isinstance(got, _Loaded)
+                    if batch and (len(batch) >= self.opt.batch_size or batch[0].x.shape != got.x.shape):
+                        self.flush(batch, writer)
+                    batch.append(got)
+                if batch:
+                    self.flush(batch, writer)
+                self.drain(keep=0)
+            except BaseException:
+                reader.shutdown(wait=True, cancel_futures=True)
+                writer.shutdown(wait=True, cancel_futures=True)
+                raise
+
+
+def run_inference(engine: Engine, source: Source, options: InferOptions, *,
+                  progress: Callable[[int], None] | None = None,
+                  on_error: Callable[[str], None] | None = None) -> InferResult:
+    """Segment the items of ``source`` with a loaded ``engine``, writing ``<key>_mask.png`` etc.
+
+    ``source`` is a :class:`~resunetpp.sources.Source`: :func:`~resunetpp.sources.open_source`
+    over command-line inputs, or e.g. ``ImageFiles(paths)`` (:mod:`resunetpp.sources.images`) for
+    these exact files, repeats kept. The caller closes it. ``progress(n)`` is called as images
+    finish (written or failed); ``on_error(line)`` once per failed image with a one-line message
+    naming it. Engine problems other than a non-finite prediction (a wrong input size for a
+    static engine, a runtime error) raise.
+    """
+    if not isinstance(source, Source):
+        raise TypeError(f"run_inference takes a resunetpp.sources.Source (e.g. ImageFiles(paths)), "
+                        f"not {type(source).__name__}")
+    options.validate()
+    options.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    run = _Run(engine, options, progress, on_error)
+    run.run(source)
+    return InferResult(run.images, run.written, run.failures, run.inferred, run.model_seconds,
+                       time.perf_counter() - start, engine.describe())
+
+
+def infer_path(model: str | Path, inputs: Sequence[str | Path], options: InferOptions, *,
+               backend: str = "auto", device: str = "cpu", engine_options: dict | None = None,
+               progress_factory: Callable[[int | None], tuple[Callable[[int], None], Callable[[], None]]]
+               | None = None,
+               on_error: Callable[[str], None] | None = None) -> InferResult:
+    """Open ``inputs`` with :func:`~resunetpp.sources.open_source`, ``model`` with
+    :func:`engines.open`, and run :func:`run_inference`.
+
+    ``progress_factory(total)`` returns ``(advance, finish)`` callbacks (e.g. a rich progress bar);
+    ``total`` is ``None`` for a source of unknown length (a stream).
+    """
+    options.validate()
+    with open_source(inputs) as source:
+        if source.count == 0:
+            raise ResUNetError("no images found in the given inputs (" + ", ".join(str(i) for i in inputs) + ")")
+        with engines.open(model, backend=backend, device=device, **(engine_options or {})) as engine:
+            advance, finish = progress_factory(source.count) if progress_factory else (None, lambda: None)
+            try:
+                return run_inference(engine, source, options, progress=advance, on_error=on_error)
+            finally:
+                finish()
+
+
+def summary_table(result: InferResult, title: str = "inference"):
+    """A rich table: images, written, failed, model-only and end-to-end images/s."""
+    from rich.table import Table
+
+    e = result.engine
+    table = Table(title=f"{title}: {e.get('backend', '?')} on {e.get('device', '?')} ({e.get('precision', '?')})",
+                  title_justify="left")
+    for name in ("images", "written", "failed", "model-only img/s", "end-to-end img/s"):
+        table.add_column(name, justify="right")
+    table.add_row(str(result.images), str(result.written), str(len(result.failures)),
+                  f"{result.model_images_per_second:.1f}", f"{result.images_per_second:.1f}")
+    return table

@@ -1,0 +1,60 @@
+"""What ``resunetpp infer`` writes per image: the mask PNG, the overlay PNG and the probabilities.
+
+Masks at the original resolution are binary ``L`` images (0/255) for one-class models and ``P``
+images of class indices with a palette for several classes; the overlay fills each class region
+translucently over the image and outlines it; probabilities are saved as ``.npy`` (``K, H, W``).
+Files are written atomically (a temporary name, then a rename).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from resunetpp.atomic import atomic_path
+
+
+@functools.lru_cache(maxsize=16)
+def palette(num_classes: int) -> np.ndarray:
+    """``(max(K, 2), 3)`` uint8 colours: class 0 black; one class green; several: tab10 / tab20."""
+    from matplotlib import colormaps
+
+    if num_classes <= 2:
+        colors = [(0.0, 0.0, 0.0), colormaps["tab10"](2)[:3]]
+    else:
+        cmap = colormaps["tab10" if num_classes <= 11 else "tab20"]
+        colors = [(0.0, 0.0, 0.0)] + [cmap(i % cmap.N)[:3] for i in range(num_classes - 1)]
+    return (np.asarray(colors) * 255 + 0.5).astype(np.uint8)
+
+
+def mask_image(mask: np.ndarray, num_classes: int) -> Image.Image:
+    """Binary: ``L`` image 0/255. Several classes: ``P`` image of class indices with a palette."""
+    if num_classes == 1:
+        return Image.fromarray((mask > 0).astype(np.uint8) * 255, "L")
+    img = Image.fromarray(mask.astype(np.uint8), "P")
+    img.putpalette(palette(num_classes).reshape(-1).tolist())
+    return img
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.4) -> Image.Image:
+    """``image`` (H, W, C uint8) with each class region filled translucently and outlined."""
+    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+    colors = palette(num_classes).astype(np.float32)
+    out = rgb.astype(np.float32)
+    inside = mask > 0
+    out[inside] = out[inside] * (1.0 - alpha) + colors[mask[inside]] * alpha
+    width = 3 if min(mask.shape) < 512 else 5
+    m = Image.fromarray(mask.astype(np.uint8), "L")
+    hi = np.asarray(m.filter(ImageFilter.MaxFilter(width)))
+    lo = np.asarray(m.filter(ImageFilter.MinFilter(width)))
+    edge = (hi != lo) & (hi > 0)
+    out[edge] = colors[hi[edge]]
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
