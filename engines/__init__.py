@@ -42,7 +42,7 @@ from resunetpp.errors import InputFileError
 __all__ = [
     "BACKENDS", "SUFFIX_BACKEND", "BackendUnavailableError", "Engine", "EngineError", "EngineInputError",
     "EngineOutputError", "InputConstraints", "NonFiniteOutputError", "available_backends", "backend_for",
-    "backends", "engine_class", "open",
+    "artifact_suffix", "backends", "engine_class", "open",
 ]
 
 
@@ -69,14 +69,25 @@ def available_backends() -> dict[str, str | None]:
     return {b.name: b.problem() for b in registry.backends()}
 
 
+def artifact_suffix(path: str | Path) -> str:
+    """The suffix that says what ``path`` holds: its own, or for a file being written
+    atomically (:func:`resunetpp.atomic.atomic_path`: ``.model.onnx.k3j2.onnx.partial``) the one
+    before ``.partial``, so a staged artifact can be opened and verified before it is renamed."""
+    suffixes = Path(path).suffixes
+    if len(suffixes) >= 2 and suffixes[-1].lower() == ".partial":
+        return suffixes[-2]
+    return Path(path).suffix
+
+
 def backend_for(path: str | Path) -> str:
-    """The default backend of an artifact, from its suffix."""
+    """The default backend of an artifact, from its suffix (:func:`artifact_suffix`)."""
     path = Path(path)
+    suffix = artifact_suffix(path)
     suffixes = registry.suffix_backends()
-    backend = suffixes.get(path.suffix.lower())
+    backend = suffixes.get(suffix.lower())
     if backend is None:
         known = ", ".join(suffixes)
-        raise InputFileError(path, f"unsupported model file type {path.suffix or '(no suffix)'!r}; "
+        raise InputFileError(path, f"unsupported model file type {suffix or '(no suffix)'!r}; "
                                    f"expected one of {known}")
     return backend
 
@@ -95,7 +106,8 @@ def open(path_or_checkpoint: Any, backend: str = "auto", device: str | None = No
     suffixes: :mod:`~resunetpp.engines.registry`). ``device`` is the backend's (``cpu``,
     ``cuda[:N]``, ``auto`` ...); ``None`` means the backend's default (``cpu``, or ``cuda`` for
     TensorRT). ``record``, when given, is the artifact's metadata record, used instead of reading
-    its sidecar (an artifact verified before its sidecar is written). The engine is created with
+    its sidecar: an artifact verified before it and its sidecar are written (a staging file
+    ``*.partial`` is recognised by the suffix before ``.partial``: :func:`artifact_suffix`). The engine is created with
     its metadata read and its options checked; the runtime loads on ``load()``, on entering a
     ``with`` block, or on the first ``infer``.
     """
@@ -114,7 +126,7 @@ def open(path_or_checkpoint: Any, backend: str = "auto", device: str | None = No
     chosen = registry.get(backend_for(path) if backend == "auto" else backend)
     if device is None:
         device = chosen.default_device
-    if path.suffix.lower() not in chosen.suffixes:
+    if artifact_suffix(path).lower() not in chosen.suffixes:
         raise InputFileError(path, f"the {chosen.name} backend cannot run a {path.suffix or 'suffix-less'} file "
                                    f"(it runs {', '.join(chosen.suffixes)}); try --backend auto")
     problem = chosen.problem()

@@ -123,6 +123,14 @@ def test_open_with_a_record_instead_of_the_sidecar(tmp_path: Path) -> None:
         np.testing.assert_allclose(engine.infer(x), from_record, atol=1e-4)
     with pytest.raises(InputFileError, match="model file not found"):  # the file checks still apply
         engines.open(tmp_path / "absent.onnx", record=read_record(onnx))
+    partial = tmp_path / ".model_fp32.onnx.k3j2x9.onnx.partial"  # what atomic_path stages it as
+    shutil.copyfile(onnx, partial)
+    assert engines.artifact_suffix(partial) == ".onnx" and engines.backend_for(partial) == "onnxruntime"
+    with engines.open(partial, record=read_record(onnx)) as engine:
+        np.testing.assert_allclose(engine.infer(x), from_record, atol=1e-4)
+    with pytest.raises(InputFileError, match=r"the torch backend cannot run a \.partial file"):
+        engines.open(partial, backend="torch", record=read_record(onnx))
+    assert engines.artifact_suffix("m.partial") == ".partial" and engines.artifact_suffix("M.ONNX") == ".ONNX"
 
 
 # ---- a backend added by one declaration -------------------------------------------------------------------
