@@ -118,7 +118,7 @@ def artifact_key(ckpt: Checkpoint, pre: Preprocessing, calibration: cal.ImageSet
     from resunetpp.export.onnx_format import DEFAULT_OPSET
     from resunetpp.export.pipeline import ExportOptions
     from resunetpp import __version__
-    from resunetpp.info import library_version
+    from resunetpp.engines.info import libraries, library_version
 
     fields = {
         "checkpoint_sha256": ckpt.sha256,
@@ -128,8 +128,7 @@ def artifact_key(ckpt: Checkpoint, pre: Preprocessing, calibration: cal.ImageSet
         "recipes": {name: asdict(getattr(ExportOptions, name)) for name in ("qdq", "nncf", "fp16")},
         "openvino_int8": ExportOptions.openvino_int8,
         "resunetpp": __version__,
-        "versions": {m: library_version(m) for m in ("torch", "onnx", "onnxruntime", "openvino", "nncf",
-                                                     "tensorrt")},
+        "versions": {m: library_version(m) for m in libraries()},  # what `resunetpp info` lists
     }
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:16], fields

@@ -2,8 +2,8 @@
 
 Numbers from ``resunetpp bench`` mean little without this: OpenVINO's bf16 and INT8 speed
 depends on AVX512-BF16 / AMX / VNNI, TensorRT's on the GPU, everything on the thread count.
-The CPU and GPU probes are :mod:`resunetpp.info`'s (the same facts ``resunetpp info`` shows);
-nothing here raises -- a broken runtime is recorded, not fatal.
+The CPU and GPU probes and the backends' runtimes are :mod:`resunetpp.engines.info`'s (the same
+facts ``resunetpp info`` shows); nothing here raises -- a broken runtime is recorded, not fatal.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from resunetpp.info import cpu_info, gpu_info, library_version
+from resunetpp.engines import info
 
-#: Runtimes whose version goes into every report.
-RUNTIMES = ("torch", "numpy", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "cuda-python")
+#: Libraries that are no backend's runtime whose version goes into every report, each as
+#: ``(library, the library it is listed after)``; with every backend's runtime they make :func:`runtimes`.
+LIBRARIES = (("numpy", "torch"), ("onnx", "numpy"), ("onnxslim", "onnxruntime"), ("nncf", "openvino"),
+             ("cuda-python", "tensorrt"))
 #: CPU flags that give native bf16 arithmetic (x86: AVX512-BF16 or AMX-BF16; Arm: BF16 extension).
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
@@ -31,26 +33,16 @@ def cpu_bf16_problem(flags: dict[str, bool]) -> str | None:
             "slower than FP32")
 
 
-def _openvino_cpu() -> dict | None:
-    """OpenVINO's name for the CPU and its default inference precision (bf16 on bf16 CPUs)."""
-    try:
-        import openvino as ov
-
-        core = ov.Core()
-        hint = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
-        return {"device": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
-                "default_inference_precision": hint.to_string() if hasattr(hint, "to_string") else str(hint)}
-    except Exception:  # noqa: BLE001 - absent or broken OpenVINO: recorded as null
-        return None
+def runtimes() -> tuple[str, ...]:
+    """Libraries whose version goes into every report: each registered backend's runtime, and
+    :data:`LIBRARIES` in their places."""
+    return tuple(info.libraries(LIBRARIES))
 
 
-def _ort_providers() -> list[str] | None:
-    try:
-        import onnxruntime
-
-        return list(onnxruntime.get_available_providers())
-    except Exception:  # noqa: BLE001
-        return None
+def _devices(backend: str) -> list[str] | None:
+    """What ``backend``'s device probe lists (ONNX Runtime: its providers), ``None`` when absent or broken."""
+    found, _problems = info.backends(only=(backend,))
+    return found.get(backend)
 
 
 def thread_settings(requested: int | None) -> dict:
@@ -63,19 +55,21 @@ def thread_settings(requested: int | None) -> dict:
 
 def collect_environment(threads: int | None = None) -> dict:
     """Everything a reader needs to compare this report with another machine's (JSON-ready)."""
+    from resunetpp.engines.openvino_engine import cpu_properties
+
     try:
-        gpu = gpu_info()
+        gpu = info.gpu_info()
     except Exception as e:  # noqa: BLE001 - a broken CUDA install is a fact, not an error
         gpu = {"error": f"{type(e).__name__}: {str(e).strip()[:160]}"}
-    cpu = cpu_info()
+    cpu = info.cpu_info()
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": {**cpu, "flags_present": [f for f, on in cpu["flags"].items() if on]},
         "gpu": gpu,
-        "versions": {name: library_version(name) for name in RUNTIMES},
-        "onnxruntime_providers": _ort_providers(),
-        "openvino_cpu": _openvino_cpu(),
+        "versions": {name: info.library_version(name) for name in runtimes()},
+        "onnxruntime_providers": _devices("onnxruntime"),
+        "openvino_cpu": cpu_properties(),
         "threads": thread_settings(threads),
     }
 

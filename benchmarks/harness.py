@@ -22,6 +22,10 @@ whose convolutions run in one precision on the CPU (fp32, bf16), as a share of t
 that precision, measured at the end of the run (:mod:`benchmarks.peak`) rather than assumed.
 
 Combinations this machine cannot run are rows with status ``skipped`` and the reason.
+
+Which rows exist, in which order, on which device and with which engine options, comes from each
+backend's bench options in :mod:`resunetpp.engines.registry` (:func:`matrix`): a new backend
+brings its own rows.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import numpy as np
 from resunetpp.bench.artifacts import ArtifactSet, ImagePlan, artifact_key, artifact_size_mb, default_cache_root, \
     ensure_artifacts, plan_images
 from resunetpp.bench.env import collect_environment, cpu_bf16_problem, other_processes_cpu, torch_threads
+from resunetpp.engines import registry
 from resunetpp.export import calibration as cal
 from resunetpp.export.report import NullReporter, Reporter
 from resunetpp.export.verify import compare_outputs, predict_batched
@@ -49,25 +54,39 @@ from resunetpp.errors import ResUNetError
 from resunetpp.metrics import scores
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 
-BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-#: Every (backend, precision) the harness knows, in report order; the first is the reference.
-MATRIX = (
-    ("torch", "fp32"), ("torch", "bf16"), ("torch", "fp16"),
-    ("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8"),
-    ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16"), ("openvino", "int8"),
-    ("tensorrt", "fp32"), ("tensorrt", "fp16"), ("tensorrt", "int8"),
-)
-REFERENCE = MATRIX[0]
-#: Export artifact (format, precision) behind each non-torch row.
-ARTIFACT_OF = {
-    ("onnxruntime", "fp32"): ("onnx", "fp32"), ("onnxruntime", "fp16"): ("onnx", "fp16"),
-    ("onnxruntime", "int8"): ("onnx", "int8"),
-    ("openvino", "fp32"): ("openvino", "fp32"), ("openvino", "bf16"): ("openvino", "fp32"),
-    ("openvino", "fp16"): ("openvino", "fp16"), ("openvino", "int8"): ("openvino", "int8"),
-    ("tensorrt", "fp32"): ("tensorrt", "fp32"), ("tensorrt", "fp16"): ("tensorrt", "fp16"),
-    ("tensorrt", "int8"): ("tensorrt", "int8"),
-}
+#: The row every other is measured against (its backend opens the checkpoint itself).
+REFERENCE = ("torch", "fp32")
+
+
+def matrix() -> tuple[tuple[str, str], ...]:
+    """Every (backend, precision) the harness runs, in report order: each registered backend's
+    bench precisions (:class:`~resunetpp.engines.registry.BenchSpec`); the first is the reference."""
+    return tuple((b.name, p.precision) for b, p in registry.bench_matrix())
+
+
+def backends() -> tuple[str, ...]:
+    """The backends that have benchmark rows, in report order."""
+    return tuple(dict.fromkeys(b for b, _ in matrix()))
+
+
+def precisions() -> tuple[str, ...]:
+    """Every precision some backend runs, in order of first appearance in :func:`matrix`."""
+    return tuple(dict.fromkeys(p for _, p in matrix()))
+
+
+def artifact_of() -> dict[tuple[str, str], tuple[str, str]]:
+    """The export artifact (format, precision) behind each row that does not run the checkpoint."""
+    return {(b.name, p.precision): p.artifact for b, p in registry.bench_matrix() if p.artifact is not None}
+
+
+def __getattr__(name: str) -> Any:
+    """``BACKENDS``, ``PRECISIONS``, ``MATRIX`` and ``ARTIFACT_OF``: :func:`backends`,
+    :func:`precisions`, :func:`matrix` and :func:`artifact_of` of the registry as it is now."""
+    derived = {"BACKENDS": backends, "PRECISIONS": precisions, "MATRIX": matrix, "ARTIFACT_OF": artifact_of}
+    if name in derived:
+        return derived[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 #: Timed calls per measurement even when the window is shorter (a slow model on a slow CPU).
 MIN_ITERATIONS = 3
 #: A row whose timing shared the CPU with other processes above this share (%) is named in a note.
@@ -89,8 +108,8 @@ class BenchOptions:
     model: Path | None = None  # None: the shipped default checkpoint
     data: Path | None = None  # None: the shipped sample images
     split: str | None = None  # None: DATA/val.txt when present, else every image
-    backends: tuple[str, ...] | None = None  # None: all of BACKENDS
-    precisions: tuple[str, ...] | None = None  # None: all of PRECISIONS
+    backends: tuple[str, ...] | None = None  # None: all of backends()
+    precisions: tuple[str, ...] | None = None  # None: all of precisions()
     batch_sizes: tuple[int, ...] = (1, 8)
     image_size: int | None = None  # None: the checkpoint's preprocessing size
     warmup_s: float = 1.0
@@ -102,8 +121,8 @@ class BenchOptions:
     end_to_end: bool = True
 
     def validate(self) -> None:
-        for name, values, known in (("--backends", self.backends, BACKENDS), ("--precisions", self.precisions,
-                                                                                PRECISIONS)):
+        for name, values, known in (("--backends", self.backends, backends()), ("--precisions", self.precisions,
+                                                                                  precisions())):
             bad = [v for v in values or () if v not in known]
             if bad:
                 raise ResUNetError(f"{name}: unknown {', '.join(map(repr, bad))} (choose from {', '.join(known)})")
@@ -347,11 +366,8 @@ def openvino_throughput(engine: Any, x: np.ndarray, warmup_s: float, duration_s:
 
 
 def _optimal_requests(engine: Any) -> int:
-    compiled = getattr(engine, "_compiled", None)
-    try:
-        return max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-    except Exception:  # noqa: BLE001 - older plugins / fakes: let OpenVINO choose (0)
-        return 1
+    ask = getattr(engine, "optimal_requests", None)  # OpenVINOEngine.optimal_requests; fakes have none
+    return ask() if ask is not None else 1
 
 
 def end_to_end_rate(engine: Any, paths: Sequence[Path], batch_size: int, seconds: float, threads: int) -> float:
@@ -494,63 +510,46 @@ class Target:
         return f"{self.backend} {self.precision}"
 
 
-def torch_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def plan_targets(backends: Sequence[str], precisions: Sequence[str], *, device: str, cpu_flags: dict,
                  available: dict[str, str | None], calib_missing: str | None,
                  threads: int | None) -> tuple[list[Target], list[BenchRow]]:
-    """Every selected combination of :data:`MATRIX`: a :class:`Target` or a skipped row with its reason."""
-    tdev = torch_device(device)
+    """Every selected combination of :func:`matrix`: a :class:`Target` or a skipped row with its reason.
+
+    Each backend's bench options (:mod:`resunetpp.engines.registry`) give the row's device (from
+    ``device``: ``auto``, ``cpu``, ``cuda``), its engine options and the artifact it reads."""
     targets, skipped = [], []
-    for backend, precision in MATRIX:
-        if backend not in backends or precision not in precisions:
+    for backend, run in registry.bench_matrix():
+        if backend.name not in backends or run.precision not in precisions:
             continue
-        reason = available.get(backend) if backend != "torch" else None
+        row_device = backend.bench.device(device)
+        reason = available.get(backend.name)
         if reason is None:
-            reason = _combination_problem(backend, precision, tdev, cpu_flags, calib_missing)
+            reason = _combination_problem(run, row_device, cpu_flags, calib_missing)
         if reason is not None:
-            skipped.append(BenchRow(backend, precision, status="skipped", reason=reason))
+            skipped.append(BenchRow(backend.name, run.precision, status="skipped", reason=reason))
             continue
-        targets.append(Target(backend, precision, *_engine_setup(backend, precision, device, tdev, threads),
-                              artifact=ARTIFACT_OF.get((backend, precision))))
+        options: dict = {backend.bench.threads_option: threads} if threads and backend.bench.threads_option else {}
+        options.update(run.options)
+        targets.append(Target(backend.name, run.precision, row_device, options, artifact=run.artifact))
     return targets, skipped
 
 
-def _combination_problem(backend: str, precision: str, tdev: str, cpu_flags: dict,
+def _combination_problem(run: registry.BenchPrecision, device: str, cpu_flags: dict,
                          calib_missing: str | None) -> str | None:
-    if precision == "int8" and calib_missing:
+    """Why one row cannot run here (``None``: it can): INT8 without calibration images, a row that
+    cannot run on the CPU, bf16 on a CPU without native bf16, a missing package."""
+    if run.precision == "int8" and calib_missing:
         return calib_missing
-    if backend == "torch" and precision == "fp16" and tdev == "cpu":
-        return "fp16 autocast needs a CUDA device (bf16 is the CPU's reduced precision)"
-    if backend == "torch" and precision == "bf16" and tdev == "cpu":
-        return cpu_bf16_problem(cpu_flags)
-    if backend == "openvino" and precision == "bf16":
-        return cpu_bf16_problem(cpu_flags)
-    if backend == "openvino" and precision == "int8" and importlib.util.find_spec("nncf") is None:
-        return "the OpenVINO INT8 IR is quantized with NNCF, which is not installed (pip install nncf)"
+    if device == "cpu" and run.cpu_problem:
+        return run.cpu_problem
+    if device == "cpu" and run.cpu_bf16:
+        problem = cpu_bf16_problem(cpu_flags)
+        if problem is not None:
+            return problem
+    for module, why in run.requires:
+        if importlib.util.find_spec(module) is None:
+            return why
     return None
-
-
-def _engine_setup(backend: str, precision: str, device: str, tdev: str, threads: int | None) -> tuple[str, dict]:
-    """(device, engine options) of a row."""
-    if backend == "torch":
-        return tdev, ({"dtype": precision, "channels_last": True} if precision != "fp32" else {})
-    if backend == "onnxruntime":
-        opts = {"intra_op_num_threads": threads} if threads else {}
-        return ("auto" if device == "auto" else device), opts
-    if backend == "openvino":
-        opts: dict = {"threads": threads} if threads else {}
-        hint = {"fp32": "f32", "bf16": "bf16"}.get(precision)  # fp16 / int8 IR: the plugin's default
-        if hint:
-            opts["precision"] = hint
-        return "cpu", opts
-    return "cuda", {}
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -588,8 +587,8 @@ def _setup(options: BenchOptions) -> _Setup:
 def _open(target: Target, setup: _Setup, artifacts: ArtifactSet | None, **extra: Any):
     from resunetpp import engines
 
-    if target.artifact is None:
-        return engines.open(setup.ckpt, backend="torch", device=target.device, **target.options, **extra)
+    if target.artifact is None:  # the backend runs the checkpoint itself (torch)
+        return engines.open(setup.ckpt, backend=target.backend, device=target.device, **target.options, **extra)
     assert artifacts is not None
     return engines.open(artifacts.paths[target.artifact], backend=target.backend, device=target.device,
                         **target.options, **extra)
@@ -616,8 +615,8 @@ def bench_target(target: Target, setup: _Setup, artifacts: ArtifactSet | None, d
             base.load_s = time.perf_counter() - start
     except Exception as e:  # noqa: BLE001 - a backend that cannot load is a failed row
         return [_failure(base, e)]
-    tput = (lambda: _open(target, setup, artifacts, performance_hint="throughput")) \
-        if target.backend == "openvino" else None
+    tput_options = registry.get(target.backend).bench.throughput_options
+    tput = (lambda: _open(target, setup, artifacts, **tput_options)) if tput_options is not None else None
     with engine:
         return bench_engine(engine, base, data, reference, settings, tput, reporter,
                             is_reference=(target.backend, target.precision) == REFERENCE)
@@ -651,15 +650,12 @@ def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None,
 
 def arithmetic_precision(row: BenchRow) -> str | None:
     """The precision a CPU row's convolutions all run in (``f32``, ``bf16``), or ``None``: a GPU row,
-    INT8 (mixed with float layers) or ONNX Runtime fp16 (casts around unsupported kernels)."""
-    if row.backend == "openvino" and row.precision != "int8":
-        return {"f32": "f32", "bf16": "bf16"}.get(str(row.details.get("precision_hint")))
-    if row.backend == "torch" and row.device == "cpu":
-        return {"fp32": "f32", "bf16": "bf16"}.get(row.precision)
-    if row.backend == "onnxruntime" and row.precision == "fp32":
-        providers = row.details.get("providers") or []
-        return "f32" if providers[:1] == ["CPUExecutionProvider"] else None
-    return None
+    INT8 (mixed with float layers) or ONNX Runtime fp16 (casts around unsupported kernels) -- as its
+    backend's bench options tell (``BenchSpec.arithmetic``)."""
+    backend = registry.find(row.backend)
+    if backend is None or backend.bench.arithmetic is None:
+        return None
+    return backend.bench.arithmetic(row.precision, row.device, row.details)
 
 
 def measure_peaks(rows: Sequence[BenchRow], threads: int | None, cpu_flags: dict, notes: list[str],
@@ -707,7 +703,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchR
     started = time.perf_counter()
     setup = _setup(options)
     env = collect_environment(options.threads)
-    targets, skipped = plan_targets(options.backends or BACKENDS, options.precisions or PRECISIONS,
+    targets, skipped = plan_targets(options.backends or backends(), options.precisions or precisions(),
                                     device=options.device, cpu_flags=env["cpu"]["flags"],
                                     available=engines.available_backends(),
                                     calib_missing=setup.images.calib_missing, threads=options.threads)
@@ -719,12 +715,13 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchR
         with reporter.task(f"load {len(setup.images.evaluation)} evaluation images"):
             data = EvalData.load(setup.images.evaluation, setup.pre, setup.ckpt.config.num_classes)
         with reporter.task("torch fp32 reference outputs"):
-            with engines.open(setup.ckpt, backend="torch", device=torch_device(options.device)) as ref_engine:
+            ref = registry.get(REFERENCE[0])
+            with engines.open(setup.ckpt, backend=ref.name, device=ref.bench.device(options.device)) as ref_engine:
                 reference = reference_outputs(ref_engine.predict, data)
         rows: list[BenchRow] = []
         for target in targets:
             rows.extend(bench_target(target, setup, artifacts, data, reference, settings, reporter))
-    order = {combo: i for i, combo in enumerate(MATRIX)}
+    order = {combo: i for i, combo in enumerate(matrix())}
     rows = sorted(rows + skipped, key=lambda r: (order[(r.backend, r.precision)], r.batch_size or 0))
     flops = model_flops(setup.ckpt, data.inputs[0].shape)
     notes += _standard_notes(settings)
@@ -782,7 +779,7 @@ def _standard_notes(settings: Settings) -> list[str]:
 def _settings_record(options: BenchOptions, settings: Settings, setup: _Setup) -> dict:
     return {"model": str(setup.ckpt_path), "default_model": setup.default_model,
             "checkpoint_sha256": setup.ckpt.sha256, "image_size": list(setup.pre.size),
-            "backends": list(options.backends or BACKENDS), "precisions": list(options.precisions or PRECISIONS),
+            "backends": list(options.backends or backends()), "precisions": list(options.precisions or precisions()),
             "batch_sizes": list(settings.batch_sizes), "warmup_s": settings.warmup_s,
             "duration_s": settings.duration_s, "threads": settings.threads, "device": options.device,
             "accuracy_batch": ACCURACY_BATCH, "min_iterations": MIN_ITERATIONS}
@@ -793,7 +790,7 @@ def _evaluation_record(setup: _Setup, data: EvalData) -> dict:
     return {**ev.record(), "with_masks": all(m is not None for m in data.masks)}
 
 
-__all__ = ["BACKENDS", "MATRIX", "PRECISIONS", "REFERENCE", "BenchOptions", "BenchResult", "BenchRow", "EvalData",
-           "NonFiniteResult", "Settings", "Target", "bench_engine", "end_to_end_rate", "gate_failures",
-           "measure_accuracy", "measure_latency", "openvino_throughput", "plan_images", "plan_targets",
-           "run_bench"]
+__all__ = ["ARTIFACT_OF", "BACKENDS", "MATRIX", "PRECISIONS", "REFERENCE", "BenchOptions", "BenchResult", "BenchRow",
+           "EvalData", "NonFiniteResult", "Settings", "Target", "artifact_of", "backends", "bench_engine",
+           "end_to_end_rate", "gate_failures", "matrix", "measure_accuracy", "measure_latency", "openvino_throughput",
+           "plan_images", "plan_targets", "precisions", "run_bench"]

@@ -36,44 +36,28 @@ def conv_flops(shape: tuple[int, int, int, int, int] = CONV_SHAPE) -> int:
     return 2 * n * cout * side * side * cin * k * k
 
 
-def _conv_model(shape: tuple[int, int, int, int, int]):
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    n, cin, cout, side, k = shape
-    x = ops.parameter([n, cin, side, side], ov.Type.f32, name="x")
-    w = ops.constant(np.random.default_rng(0).normal(0, 0.05, (cout, cin, k, k)).astype(np.float32))
-    pad = k // 2
-    y = ops.convolution(x, w, [1, 1], [pad, pad], [pad, pad], [1, 1])
-    return ov.Model([y], [x], "peak_conv")
-
-
 def conv_peak(precision: str = "f32", threads: int | None = None, seconds: float = 1.0,
               shape: tuple[int, int, int, int, int] = CONV_SHAPE) -> dict:
     """GFLOP/s of one compute-bound convolution on the OpenVINO CPU plugin at ``precision``
     (an ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``), the best of five windows of
-    ``seconds / 5``; with the kernel OpenVINO picked (``brgconv_avx512_f32`` ...)."""
-    import openvino as ov
+    ``seconds / 5``; with the kernel OpenVINO picked (``brgconv_avx512_f32`` ...). The convolution
+    is built and compiled by the engines layer
+    (:func:`resunetpp.engines.openvino_engine.compile_conv`); only the timing is done here."""
+    from resunetpp.engines.openvino_engine import compile_conv
 
-    from resunetpp.engines.openvino_engine import execution_kernels
-
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = ov.Core().compile_model(_conv_model(shape), "CPU", config)
-    kernel = next((k for layer, k in execution_kernels(compiled) if layer == "Convolution"), None)
-    request = compiled.create_infer_request()
-    x = np.random.default_rng(1).normal(size=compiled.input(0).get_shape()).astype(np.float32)
-    request.infer({0: x})
+    conv = compile_conv(shape, precision, threads)
+    infer = conv.infer
+    x = np.random.default_rng(1).normal(size=conv.input_shape).astype(np.float32)
+    infer(x)
     best = float("inf")
     for _ in range(5):
         calls, start = 0, time.perf_counter()
         while calls < 2 or time.perf_counter() - start < seconds / 5:
-            request.infer({0: x})
+            infer(x)
             calls += 1
         best = min(best, (time.perf_counter() - start) / calls)
-    return {"precision": precision, "gflops": conv_flops(shape) / best / 1e9, "kernel": kernel,
-            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")), "shape": list(shape)}
+    return {"precision": precision, "gflops": conv_flops(shape) / best / 1e9, "kernel": conv.kernel,
+            "threads": conv.threads, "shape": list(shape)}
 
 
 def cpu_peaks(threads: int | None = None, bf16: bool = True, seconds: float = 3.0) -> dict[str, dict]:

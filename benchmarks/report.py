@@ -265,7 +265,14 @@ def _best_rows(result: BenchResult) -> list[BenchRow]:
     return list(best.values())
 
 
-BACKEND_COLORS = {"torch": "tab:red", "onnxruntime": "tab:blue", "openvino": "tab:purple", "tensorrt": "tab:green"}
+def backend_color(backend: str) -> str:
+    """The plot colour of a backend's points (its bench options' ``color``; grey when unknown)."""
+    from resunetpp.engines import registry
+
+    found = registry.find(backend)
+    return found.bench.color if found is not None else "tab:gray"
+
+
 PRECISION_MARKERS = {"fp32": "o", "bf16": "s", "fp16": "^", "int8": "D"}
 
 
@@ -300,7 +307,7 @@ def write_plot(result: BenchResult, path: str | Path) -> Path:
     ax = fig.add_subplot()
     for r in rows:
         ax.scatter(r.throughput_ips, r.dice_vs_reference, s=110 if _is_reference(r) else 45, zorder=3,
-                   color=BACKEND_COLORS.get(r.backend, "tab:gray"),
+                   color=backend_color(r.backend),
                    marker="*" if _is_reference(r) else PRECISION_MARKERS.get(r.precision, "o"))
     if rows:
         low = min(r.dice_vs_reference for r in rows)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from resunetpp.engines.base import BackendUnavailableError, Engine, EngineError
+from resunetpp.engines.registry import BenchPrecision, BenchSpec, register_backend
 from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -65,6 +66,26 @@ def providers_for(device: str, available: list[str], precision: str = "fp32") ->
     return [p for p in chain if p[0] in available] + [CPU]
 
 
+def devices() -> list[str]:
+    """The execution providers this onnxruntime build offers."""
+    return list(_ort().get_available_providers())
+
+
+def _arithmetic(precision: str, device: str | None, details: dict) -> str | None:
+    """fp32 on the CPU provider runs f32 convolutions; fp16 casts around kernels the CPU lacks."""
+    providers = details.get("providers") or []
+    return "f32" if precision == "fp32" and providers[:1] == [CPU] else None
+
+
+_BENCH = BenchSpec(
+    precisions=tuple(BenchPrecision(p, artifact=("onnx", p)) for p in ("fp32", "fp16", "int8")),
+    threads_option="intra_op_num_threads", arithmetic=_arithmetic, color="tab:blue")
+
+
+@register_backend(suffixes=(".onnx",), default_for=(".onnx",), runtime="onnxruntime",
+                  distributions=("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
+                  install_hint="pip install onnxruntime (or onnxruntime-gpu)", devices=devices, order=10,
+                  bench=_BENCH)
 class OnnxRuntimeEngine(Engine):
     """An ONNX model in an ``onnxruntime.InferenceSession``."""
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import importlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from resunetpp.engines.base import BackendUnavailableError, Engine, EngineError
+from resunetpp.engines.registry import BenchPrecision, BenchSpec, register_backend
 from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
 from resunetpp.errors import InputFileError
 
@@ -51,6 +53,81 @@ def execution_kernels(compiled) -> list[tuple[str, str]]:
     return out
 
 
+def devices() -> list[str]:
+    """The devices OpenVINO sees (``CPU``, ``GPU.0`` ...)."""
+    return list(_ov().Core().available_devices)
+
+
+def cpu_properties() -> dict | None:
+    """OpenVINO's name for the CPU and its default inference precision (bf16 on bf16 CPUs), or
+    ``None`` when OpenVINO is absent or broken (property reads only: nothing is compiled)."""
+    try:
+        core = _ov().Core()
+        hint = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
+        return {"device": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+                "default_inference_precision": hint.to_string() if hasattr(hint, "to_string") else str(hint)}
+    except Exception:  # noqa: BLE001 - absent or broken OpenVINO: recorded as null
+        return None
+
+
+@dataclass(frozen=True)
+class CompiledConv:
+    """A single convolution compiled by the CPU plugin (:func:`compile_conv`), ready to time."""
+
+    #: The infer request's own call on one input (what is timed).
+    infer: Callable[[np.ndarray], Any]
+    input_shape: tuple[int, ...]
+    #: The kernel the plugin picked for the convolution (``brgconv_avx512_f32`` ...).
+    kernel: str | None
+    threads: int
+
+
+def compile_conv(shape: tuple[int, int, int, int, int], precision: str = "f32",
+                 threads: int | None = None) -> CompiledConv:
+    """A ``(batch, channels in, channels out, side, kernel)`` 3x3-style 'same' convolution (fixed
+    random weights) compiled on the CPU plugin with the LATENCY hint at ``precision`` (an
+    ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``) and ``threads`` (``None``: the plugin's
+    default): the measuring stick of :mod:`resunetpp.bench.peak`."""
+    ov = _ov()
+    import openvino.opset13 as ops
+
+    n, cin, cout, side, k = shape
+    x = ops.parameter([n, cin, side, side], ov.Type.f32, name="x")
+    w = ops.constant(np.random.default_rng(0).normal(0, 0.05, (cout, cin, k, k)).astype(np.float32))
+    pad = k // 2
+    y = ops.convolution(x, w, [1, 1], [pad, pad], [pad, pad], [1, 1])
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = ov.Core().compile_model(ov.Model([y], [x], "peak_conv"), "CPU", config)
+    kernel = next((k for layer, k in execution_kernels(compiled) if layer == "Convolution"), None)
+    request = compiled.create_infer_request()
+    return CompiledConv(infer=lambda batch: request.infer({0: batch}),
+                        input_shape=tuple(int(d) for d in compiled.input(0).get_shape()), kernel=kernel,
+                        threads=int(compiled.get_property("INFERENCE_NUM_THREADS")))
+
+
+def _arithmetic(precision: str, device: str | None, details: dict) -> str | None:
+    """An fp32 / bf16 / fp16 IR computes in its precision hint; INT8 mixes int8 and float layers."""
+    if precision == "int8":
+        return None
+    return {"f32": "f32", "bf16": "bf16"}.get(str(details.get("precision_hint")))
+
+
+_BENCH = BenchSpec(
+    precisions=(
+        BenchPrecision("fp32", artifact=("openvino", "fp32"), options={"precision": "f32"}),
+        BenchPrecision("bf16", artifact=("openvino", "fp32"), options={"precision": "bf16"}, cpu_bf16=True),
+        BenchPrecision("fp16", artifact=("openvino", "fp16")),  # fp16 / int8 IR: the plugin's default hint
+        BenchPrecision("int8", artifact=("openvino", "int8"), requires=(
+            ("nncf", "the OpenVINO INT8 IR is quantized with NNCF, which is not installed (pip install nncf)"),)),
+    ),
+    device=lambda requested: "cpu", threads_option="threads", throughput_options={"performance_hint": "throughput"},
+    arithmetic=_arithmetic, color="tab:purple")
+
+
+@register_backend(suffixes=(".xml", ".onnx"), default_for=(".xml",), runtime="openvino",
+                  install_hint="pip install openvino", devices=devices, order=20, bench=_BENCH)
 class OpenVINOEngine(Engine):
     """An OpenVINO model compiled for one device."""
 
@@ -179,6 +256,14 @@ class OpenVINOEngine(Engine):
             queue.start_async({0: b}, i, share_inputs=True)
         queue.wait_all()
         return [self.check_output(r, b.shape) for r, b in zip(results, inputs)]
+
+    def optimal_requests(self) -> int:
+        """The device's optimal number of parallel infer requests (loads the engine; at least 1)."""
+        self.load()
+        try:
+            return max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        except Exception:  # noqa: BLE001 - older plugins: let OpenVINO choose
+            return 1
 
     def kernels(self) -> list[tuple[str, str]]:
         """``(layer type, kernel)`` of each node the plugin compiled (loads the engine);

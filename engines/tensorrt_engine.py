@@ -18,6 +18,7 @@ device buffers grow to the largest batch seen and are reused.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from resunetpp.engines.base import BackendUnavailableError, Engine, EngineError, EngineInputError
+from resunetpp.engines.registry import BenchPrecision, BenchSpec, register_backend
 from resunetpp.errors import InputFileError
 
 #: ``hardware_compatibility`` levels and the lowest compute capability each runs on.
@@ -206,6 +208,38 @@ class _TorchBuffers:
         self.torch.cuda.empty_cache()
 
 
+def cuda_problem() -> str | None:
+    """Why no CUDA device can run TensorRT here, or ``None``."""
+    if importlib.util.find_spec("cuda") is None:
+        return "cuda-python is not installed (pip install cuda-python)"
+    try:
+        from cuda.bindings import runtime as cudart
+
+        err, count = cudart.cudaGetDeviceCount()
+    except Exception as e:  # noqa: BLE001 - a missing driver raises various errors
+        return f"CUDA runtime unusable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    if err != cudart.cudaError_t.cudaSuccess or count == 0:
+        return "no CUDA device (TensorRT engines run only on NVIDIA GPUs)"
+    return None
+
+
+def devices() -> list[str]:
+    """``cuda`` when the TensorRT bindings import and torch sees a GPU."""
+    import tensorrt  # noqa: F401 - importable bindings are the first requirement
+    import torch
+
+    return ["cuda"] if torch.cuda.is_available() else []
+
+
+_BENCH = BenchSpec(
+    precisions=tuple(BenchPrecision(p, artifact=("tensorrt", p)) for p in ("fp32", "fp16", "int8")),
+    device=lambda requested: "cuda", color="tab:green")
+
+
+@register_backend(suffixes=(".engine", ".plan"), default_for=(".engine", ".plan"), runtime="tensorrt",
+                  distributions=("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"),
+                  install_hint="pip install tensorrt cuda-python; needs an NVIDIA GPU and driver", devices=devices,
+                  check=cuda_problem, default_device="cuda", order=30, bench=_BENCH)
 class TensorRTEngine(Engine):
     """A deserialized TensorRT engine with one execution context."""
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from resunetpp.engines.base import BackendUnavailableError, Engine, EngineError
+from resunetpp.engines.registry import BenchPrecision, BenchSpec, register_backend
 
 #: Accepted spellings of ``dtype`` -> the precision name reported.
 DTYPES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
@@ -48,6 +49,37 @@ def resolve_device(device: str) -> str:
     raise EngineError(f"engine: torch | device {device!r} | expected auto, cpu, cuda or cuda:N")
 
 
+def devices() -> list[str]:
+    """``cpu``, and ``cuda`` when torch sees a GPU."""
+    torch = _torch()
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def bench_device(requested: str) -> str:
+    """``bench --device``: ``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; others as given."""
+    if requested == "auto":
+        return "cuda" if _torch().cuda.is_available() else "cpu"
+    return requested
+
+
+def _arithmetic(precision: str, device: str | None, details: dict) -> str | None:
+    """On the CPU, fp32 runs f32 convolutions and bf16 autocast bf16 ones."""
+    return {"fp32": "f32", "bf16": "bf16"}.get(precision) if device == "cpu" else None
+
+
+_BENCH = BenchSpec(
+    precisions=(
+        BenchPrecision("fp32"),
+        BenchPrecision("bf16", options={"dtype": "bf16", "channels_last": True}, cpu_bf16=True),
+        BenchPrecision("fp16", options={"dtype": "fp16", "channels_last": True},
+                       cpu_problem="fp16 autocast needs a CUDA device (bf16 is the CPU's reduced precision)"),
+    ),
+    device=bench_device, arithmetic=_arithmetic, color="tab:red")
+
+
+@register_backend(suffixes=(".safetensors", ".pt", ".pth"), default_for=(".safetensors", ".pt", ".pth"),
+                  runtime="torch", install_hint="pip install torch", devices=devices, opens_checkpoints=True,
+                  order=0, bench=_BENCH)
 class TorchEngine(Engine):
     """A :class:`~resunetpp.checkpoint.Checkpoint` wrapped in :class:`~resunetpp.model.WithActivation`."""
 

@@ -80,7 +80,7 @@ def test_info_reports_the_shipped_model(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_cpu_flags_are_parsed() -> None:
-    from resunetpp.info import parse_cpuinfo
+    from resunetpp.engines.info import parse_cpuinfo
 
     x86 = "processor : 0\nmodel name : Intel(R) Xeon(R) Platinum 8480+\nflags : fpu sse4_2 avx2 avx512f avx512_vnni amx_tile\n"
     got = parse_cpuinfo(x86)

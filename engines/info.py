@@ -4,6 +4,10 @@
 :func:`info_tables` renders it for the terminal. Every runtime is imported lazily and a
 missing or broken one is reported as ``null`` (with the reason under ``problems``), never
 raised: ``info`` is what people run when something is wrong.
+
+The backends, their runtime packages and their device probes come from
+:mod:`~resunetpp.engines.registry` (this module lists backends, so it lives in the engines
+layer); only the libraries that are no backend's runtime are named here (:data:`TOOLS`).
 """
 
 from __future__ import annotations
@@ -15,16 +19,11 @@ from importlib import metadata
 from pathlib import Path
 
 from resunetpp.defaults import default_data_path, default_model_path
+from resunetpp.engines import registry
 
-#: module name -> distribution names that may provide it (first installed one wins).
-LIBRARIES: dict[str, tuple[str, ...]] = {
-    "torch": ("torch",),
-    "onnx": ("onnx",),
-    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
-    "openvino": ("openvino",),
-    "nncf": ("nncf",),
-    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"),
-}
+#: Libraries ``resunetpp info`` reports that are no backend's runtime (ONNX export, NNCF
+#: quantization), each as ``(library, the library it is listed after)``.
+TOOLS: tuple[tuple[str, str], ...] = (("onnx", "torch"), ("nncf", "openvino"))
 
 #: CPU feature flags that decide which INT8/BF16 kernels a CPU backend can use.
 X86_FLAGS = ("sse4_2", "avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
@@ -32,13 +31,27 @@ X86_FLAGS = ("sse4_2", "avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512
 ARM_FLAGS = ("asimd", "asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2")
 
 
+def libraries(tools: tuple[tuple[str, str], ...] = TOOLS) -> dict[str, tuple[str, ...]]:
+    """``{module: distributions that may provide it}``: each registered backend's runtime (registry
+    order; its pip distributions, the first installed one wins), with each of ``tools`` inserted
+    after the library it names (at the end when that one is absent)."""
+    found = {b.runtime: b.distributions for b in registry.backends()}
+    order = list(found)
+    for tool, after in tools:
+        if tool in found:
+            continue
+        order.insert(order.index(after) + 1 if after in order else len(order), tool)
+        found[tool] = (tool,)
+    return {name: found[name] for name in order}
+
+
 def library_version(module: str) -> str | None:
-    """Installed version of ``module`` (see :data:`LIBRARIES`), or ``None`` when absent.
+    """Installed version of ``module`` (see :func:`libraries`), or ``None`` when absent.
 
     Reads package metadata first (no import); falls back to importing the module, which finds
     e.g. the TensorRT bindings that JetPack installs with apt (no pip metadata).
     """
-    for dist in LIBRARIES.get(module, (module,)):
+    for dist in libraries().get(module, (module,)):
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -94,46 +107,17 @@ def gpu_info() -> dict | None:
     }
 
 
-def _torch_devices() -> list[str]:
-    import torch
-
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _ort_providers() -> list[str]:
-    import onnxruntime
-
-    return list(onnxruntime.get_available_providers())
-
-
-def _openvino_devices() -> list[str]:
-    import openvino
-
-    return list(openvino.Core().available_devices)
-
-
-def _tensorrt_devices() -> list[str]:
-    import tensorrt  # noqa: F401 - importable bindings are the first requirement
-    import torch
-
-    return ["cuda"] if torch.cuda.is_available() else []
-
-
-BACKEND_PROBES = {
-    "torch": _torch_devices,
-    "onnxruntime": _ort_providers,
-    "openvino": _openvino_devices,
-    "tensorrt": _tensorrt_devices,
-}
-
-
-def backends() -> tuple[dict[str, list[str] | None], dict[str, str]]:
-    """Devices each backend can run on (``None``: not installed) and why a probe failed."""
+def backends(only: tuple[str, ...] | None = None) -> tuple[dict[str, list[str] | None], dict[str, str]]:
+    """Devices each registered backend (or each of ``only``) can run on -- its ``devices`` probe;
+    ``None``: not installed -- and why a probe failed."""
     found: dict[str, list[str] | None] = {}
     problems: dict[str, str] = {}
-    for name, probe in BACKEND_PROBES.items():
+    for backend in registry.backends():
+        name = backend.name
+        if only is not None and name not in only:
+            continue
         try:
-            found[name] = probe()
+            found[name] = backend.devices() if backend.devices is not None else None
         except ImportError:
             found[name] = None
         except Exception as e:  # noqa: BLE001 - a broken runtime is reported, not raised
@@ -158,7 +142,7 @@ def collect_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "executable": sys.executable,
-        "versions": {name: library_version(name) for name in LIBRARIES},
+        "versions": {name: library_version(name) for name in libraries()},
         "backends": found,
         "available_backends": [name for name, devices in found.items() if devices],
         "cpu": cpu_info(),
@@ -177,12 +161,15 @@ def info_tables(info: dict) -> list:
     libs.add_column("library")
     libs.add_column("version")
     libs.add_column("devices")
-    for name, version in info["versions"].items():
+    runs = {b.runtime: b.name for b in registry.backends()}  # library -> the backend it is the runtime of
+    for library, version in info["versions"].items():
+        name = runs.get(library, library)
         devices = info["backends"].get(name)
         shown = ", ".join(devices) if devices else ("-" if name in info["backends"] else "")
         if name in info["problems"]:
             shown = f"[red]{info['problems'][name]}[/red]"
-        libs.add_row(name, version or "[dim]not installed[/dim]", shown)
+        label = library if name == library else f"{library} ({name})"
+        libs.add_row(label, version or "[dim]not installed[/dim]", shown)
 
     machine = Table(title="machine", title_justify="left", show_header=False)
     machine.add_column("key", style="bold")
