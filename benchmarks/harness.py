@@ -14,7 +14,7 @@ One *row* is one backend at one precision and one batch size. For each row the h
    the same arrays, giving the latency percentiles and ``overhead_pct`` (:func:`measure_latency`);
 4. measures throughput -- OpenVINO with the THROUGHPUT hint and an ``AsyncInferQueue``
    (:func:`openvino_throughput`), the others as batch / mean latency -- and the end-to-end rate
-   of :func:`resunetpp.inference.run_inference` (decode, preprocess, infer, postprocess, write)
+   of :func:`resunetpp.engines.infer.run_inference` (decode, preprocess, infer, postprocess, write)
    on the same images (:func:`end_to_end_rate`).
 
 Each row's rate is also given in GFLOP/s (the model's FLOPs per image x images/s) and, for rows
@@ -371,17 +371,18 @@ def _optimal_requests(engine: Any) -> int:
 
 
 def end_to_end_rate(engine: Any, paths: Sequence[Path], batch_size: int, seconds: float, threads: int) -> float:
-    """Images/s of :func:`resunetpp.inference.run_inference` over ``paths`` (repeated passes for
+    """Images/s of :func:`resunetpp.engines.infer.run_inference` over ``paths`` (repeated passes for
     ``seconds``, at least one), masks written to a temporary folder that is removed. Each pass
     holds at least one full batch (``paths`` repeated when fewer), so batching is exercised."""
-    from resunetpp.inference import InferOptions, run_inference
+    from resunetpp.engines.infer import InferOptions, run_inference
+    from resunetpp.sources.images import ImageFiles
 
     paths = list(paths) * max(1, -(-batch_size // max(1, len(paths))))
     images, total = 0, 0.0
     with tempfile.TemporaryDirectory(prefix="resunetpp-bench-") as tmp:
         options = InferOptions(out=Path(tmp), batch_size=batch_size, threads=threads)
         while images == 0 or total < seconds:
-            result = run_inference(engine, list(paths), options)
+            result = run_inference(engine, ImageFiles(paths), options)  # repeated paths keep a-2, a-3 keys
             if result.failures:
                 raise ResUNetError(f"end-to-end run failed on {len(result.failures)} image(s): "
                                    f"{result.failures[0].message}")

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from resunetpp.cli.common import app, choice_enum, comma_list, fail
+from resunetpp.bench import harness
 from resunetpp.defaults import TORCH_DEVICES
 from resunetpp.errors import ResUNetError
 
@@ -37,9 +38,9 @@ def bench_command(
     split: Annotated[Optional[str], typer.Option(
         help="Split file or name of --data (default DATA/val.txt if present, else every image).")] = None,
     backends: Annotated[Optional[list[str]], typer.Option(
-        metavar="NAMES", help="Comma-separated or repeated: torch, onnxruntime, openvino, tensorrt (default: all).")] = None,
+        metavar="NAMES", help=f"Comma-separated or repeated: {', '.join(harness.backends())} (default: all).")] = None,
     precisions: Annotated[Optional[list[str]], typer.Option(
-        metavar="NAMES", help="Comma-separated or repeated: fp32, bf16, fp16, int8 (default: all).")] = None,
+        metavar="NAMES", help=f"Comma-separated or repeated: {', '.join(harness.precisions())} (default: all).")] = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8",
     image_size: Annotated[Optional[int], typer.Option(
         min=8, help="Network input side (a multiple of 8; default: the checkpoint's).")] = None,
@@ -71,13 +72,13 @@ def bench_command(
     """Every backend and precision this machine runs: accuracy against PyTorch FP32 and speed, side by side."""
     from rich.console import Console
 
-    from resunetpp.bench.harness import BACKENDS, PRECISIONS, BenchOptions, gate_failures, run_bench
+    from resunetpp.bench.harness import BenchOptions, gate_failures, run_bench
     from resunetpp.bench.report import LineReporter, print_report, write_json, write_markdown, write_plot
     from resunetpp.export.report import RichReporter
 
     options = BenchOptions(
-        model=model, data=data, split=split, backends=comma_list(backends, BACKENDS, "--backends"),
-        precisions=comma_list(precisions, PRECISIONS, "--precisions"), batch_sizes=_bench_batch_sizes(batch_sizes),
+        model=model, data=data, split=split, backends=comma_list(backends, harness.backends(), "--backends"),
+        precisions=comma_list(precisions, harness.precisions(), "--precisions"), batch_sizes=_bench_batch_sizes(batch_sizes),
         image_size=image_size, warmup_s=warmup_s, duration_s=duration_s, threads=threads, device=device.value,
         artifacts=artifacts, calib=calib, end_to_end=end_to_end)
     try:

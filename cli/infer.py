@@ -13,7 +13,7 @@ from resunetpp.errors import ResUNetError
 from resunetpp import engines
 from resunetpp.engines.infer import PROBS_DTYPES
 
-InferBackend = choice_enum("InferBackend", ("auto", *engines.BACKENDS))
+InferBackend = choice_enum("InferBackend", ("auto", *engines.backends()))
 InferProbsDtype = choice_enum("InferProbsDtype", PROBS_DTYPES)
 
 

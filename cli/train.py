@@ -118,7 +118,7 @@ def info(
     """Versions, available backends, CPU features, GPU, and the shipped default model."""
     from rich.console import Console
 
-    from resunetpp.info import collect_info, info_tables
+    from resunetpp.engines.info import collect_info, info_tables
 
     data = collect_info()
     if as_json:

@@ -520,16 +520,15 @@ def test_tensorrt_backend_selection_without_tensorrt(binary: dict, tmp_path: Pat
 def test_evaluate_accepts_every_artifact(binary: dict, tmp_path: Path) -> None:
     from conftest import make_dataset
 
-    from resunetpp.evaluation import evaluate_path, predict_fn_for
+    from resunetpp.engines.evaluate import evaluate_path
 
     data = make_dataset(tmp_path / "blobs", 3, 40)
     reference = evaluate_path(binary["torch"], data, device="cpu").as_dict()
     for backend, artifact in binary.items():
         if backend in ("torch", "tensorrt"):
             continue
-        predictor = predict_fn_for(artifact, "cpu", **FP32_OPTIONS.get(backend, {}))
-        assert (predictor.backend, predictor.num_classes, predictor.class_names) == (backend, 1, ["polyp"])
-        predictor.close()
+        with engines.open(artifact, device="cpu", **FP32_OPTIONS.get(backend, {})) as engine:
+            assert (engine.name, engine.num_classes, engine.class_names) == (backend, 1, ["polyp"])
         if backend == "openvino":
             continue  # evaluate_path passes no backend options; bf16 CPUs may differ slightly
         result = evaluate_path(artifact, data, device="cpu").as_dict()
