@@ -7,6 +7,7 @@ unpacked wheel -- not the checkout -- as ``python -m resunetpp`` from an unrelat
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,13 +20,26 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _source_tree(dest: Path) -> Path:
+    """The checkout's files as git sees them (tracked, and untracked but not ignored), copied to
+    ``dest``: setuptools writes build/ and *.egg-info beside the sources, never into the checkout."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")  # setuptools' build/ folder, kept out of the checkout
+    source = _source_tree(tmp_path_factory.mktemp("source"))
     env = {**os.environ, "PIP_NO_INPUT": "1"}
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(REPO)], capture_output=True, text=True, env=env, cwd=build)
+                           "-w", str(out), str(source)], capture_output=True, text=True, env=env, cwd=source)
     assert done.returncode == 0, done.stderr[-2000:]
     wheels = list(out.glob("resunetpp-*.whl"))
     assert len(wheels) == 1
