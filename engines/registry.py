@@ -203,3 +203,13 @@ def suffix_backends() -> dict[str, str]:
 def bench_matrix() -> tuple[tuple[Backend, BenchPrecision], ...]:
     """Every ``(backend, precision)`` the benchmark runs, in report order."""
     return tuple((b, p) for b in backends() for p in b.bench.precisions)
+
+
+def markdown_table() -> str:
+    """The README's backend table, made from the registry (a test keeps the README equal to it)."""
+    rows = ["| backend | opens | default for | runtime | install | bench rows |", "|---|---|---|---|---|---|"]
+    for b in backends():
+        rows.append(f"| `{b.name}` | {', '.join(f'`{s}`' for s in b.suffixes)} | "
+                    f"{', '.join(f'`{s}`' for s in b.default_for) or '-'} | `{b.runtime}` | {b.install_hint} | "
+                    f"{', '.join(p.precision for p in b.bench.precisions) or '-'} |")
+    return "\n".join(rows)
