@@ -75,6 +75,9 @@ def infer_command(
     threads: Annotated[int, typer.Option(min=1, help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", "-O", help="Backend option KEY=VALUE, repeatable (e.g. precision=f32, channels_last=true, intra_op_num_threads=4).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the run summary and failures here (JSON).")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", rich_help_panel="Ray cluster", help="Run on Ray: 'local' (a Ray on this machine), 'auto' (this node's cluster or RAY_ADDRESS), 'ray://HOST:10001' or HOST:PORT. Outputs already complete are skipped (a rerun resumes). Needs resunetpp[ray].")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, rich_help_panel="Ray cluster", help="With --ray: worker actors, one engine each [default: 2].")] = None,
+    threads_per_worker: Annotated[Optional[int], typer.Option(min=1, rich_help_panel="Ray cluster", help="With --ray: CPUs each worker reserves and its engine's compute threads [default: 1].")] = None,
 ) -> None:
     """Segment images with any engine; write masks at the original resolution."""
     from rich.console import Console
@@ -100,9 +103,22 @@ def infer_command(
             model = str(shipped)
         options = InferOptions(out=out, batch_size=batch_size, overlay=overlay, save_probs=save_probs,
                                probs_dtype=probs_dtype.value, tta=tta, threshold=threshold, threads=threads)
-        result = infer_path(model, inputs, options, backend=backend.value, device=device,
-                            engine_options=_infer_engine_options(engine_option or []),
-                            progress_factory=_infer_progress(err_console) if show_bar else None, on_error=report)
+        progress = _infer_progress(err_console) if show_bar else None
+        table = summary_table
+        if ray is None:
+            if workers is not None or threads_per_worker is not None:
+                raise ResUNetError("--workers and --threads-per-worker need --ray ADDRESS (e.g. --ray local)")
+            result = infer_path(model, inputs, options, backend=backend.value, device=device,
+                                engine_options=_infer_engine_options(engine_option or []),
+                                progress_factory=progress, on_error=report)
+        else:
+            from resunetpp.engines.ray_batch import RayOptions, run_ray_batch, summary_table as ray_table
+
+            table = ray_table
+            ray_options = RayOptions(address=ray, workers=workers or 2, threads_per_worker=threads_per_worker or 1)
+            result = run_ray_batch(model, inputs, options, ray_options, backend=backend.value, device=device,
+                                   engine_options=_infer_engine_options(engine_option or []),
+                                   progress_factory=progress, on_error=report)
         if json_path is not None:
             try:
                 write_json_atomic(json_path, result.as_dict())
@@ -110,7 +126,7 @@ def infer_command(
                 raise ResUNetError(f"{json_path}: cannot write the summary ({e.strerror or e})") from None
     except ResUNetError as e:
         fail(e)
-    Console().print(summary_table(result, title=Path(model).name))
+    Console().print(table(result, title=Path(model).name))
     if result.failures:
         typer.echo(f"{len(result.failures)} of {result.images} image(s) failed; the others are in {out}", err=True)
         raise typer.Exit(1)
