@@ -348,6 +348,7 @@ def run_ray_batch(model: str | Path, inputs: Sequence[str | Path], options: Infe
     result = RayBatchResult(images=len(pairs), written=0, skipped=len(pairs) - len(todo), engine=describe,
                             address=ray_options.address)
     if not todo:
+        result.address = f"{ray_options.address} (not started: every output is complete)"
         result.total_seconds = time.perf_counter() - start
         return result
 
