@@ -26,6 +26,8 @@ from resunetpp.engines.infer import InferOptions, run_inference
 from resunetpp.engines.ray_batch import (
     RayOptions,
     SegmentWorker,
+    _user_error,
+    complete_keys,
     expected_outputs,
     is_complete,
     remove_partials,
@@ -97,6 +99,21 @@ def test_expected_outputs_follow_the_options(tmp_path: Path) -> None:
     assert is_complete(tmp_path, "a", InferOptions(out=tmp_path))
     assert not is_complete(tmp_path, "a", InferOptions(out=tmp_path, overlay=True))  # a rerun adding --overlay
     assert not is_complete(tmp_path, "b", InferOptions(out=tmp_path))
+    (tmp_path / "b_mask.png").mkdir()  # a folder under an output's name is not an output ...
+    assert not is_complete(tmp_path, "b", InferOptions(out=tmp_path))
+    assert complete_keys(tmp_path, ["a", "b", "c"], InferOptions(out=tmp_path)) == {"a"}
+    assert complete_keys(tmp_path / "missing", ["a"], InferOptions(out=tmp_path)) == set()
+
+
+def test_a_workers_error_is_found_inside_rays_wrappers() -> None:
+    ray = pytest.importorskip("ray")
+    original = ResUNetError("engine: torch | something the user can fix")
+    wrapped = ray.exceptions.RayTaskError("SegmentWorker.__call__", "remote traceback", original).as_instanceof_cause()
+    assert isinstance(wrapped, ResUNetError)  # Ray's class derives from the cause's ...
+    outer = RuntimeError("the dataset failed")
+    outer.__cause__ = wrapped
+    assert _user_error(outer) is original  # ... and the original, without the remote traceback, is preferred
+    assert _user_error(RuntimeError("no user error here")) is None
 
 
 def test_remove_partials_removes_only_this_runs_temporaries(tmp_path: Path) -> None:
