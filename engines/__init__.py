@@ -125,7 +125,7 @@ def engine_class(backend: str) -> type[Engine]:
 
 
 def open(path_or_checkpoint: Any, backend: str = "auto", device: str | None = None,  # noqa: A001
-         **options: Any) -> Engine:
+         record: dict | None = None, **options: Any) -> Engine:
     """Open an artifact (or an in-memory :class:`~resunetpp.checkpoint.Checkpoint`) as an engine.
 
     ``backend="auto"`` picks it from the suffix: ``.safetensors/.pt/.pth`` -> torch, ``.onnx`` ->
@@ -133,12 +133,17 @@ def open(path_or_checkpoint: Any, backend: str = "auto", device: str | None = No
     backend's (``cpu``, ``cuda[:N]``, ``auto`` ...); ``None`` means ``cpu``, or ``cuda`` for
     TensorRT. The engine is created with its metadata read and its options checked; the runtime
     loads on ``load()``, on entering a ``with`` block, or on the first ``infer``.
+
+    ``record`` is the artifact's metadata record, used instead of reading its sidecar (or its
+    embedded ONNX metadata): an artifact being verified before it is written has no sidecar yet.
     """
     from resunetpp.checkpoint import Checkpoint
 
     if isinstance(path_or_checkpoint, Checkpoint):
         if backend not in ("auto", "torch"):
             raise EngineError(f"an in-memory checkpoint runs on the torch backend, not {backend!r}")
+        if record is not None:
+            raise EngineError("an in-memory checkpoint carries its own record; pass record= only with a path")
         return engine_class("torch").from_checkpoint(path_or_checkpoint, device=device or "cpu", **options)
     path = Path(path_or_checkpoint)
     if not path.exists():
@@ -155,4 +160,6 @@ def open(path_or_checkpoint: Any, backend: str = "auto", device: str | None = No
     problem = available_backends()[chosen] if chosen != "torch" else None
     if problem is not None:
         raise BackendUnavailableError(f"engine: {chosen} | unavailable: {problem}")
+    if record is not None:
+        return cls(path, record, device=device, **options)
     return cls.from_path(path, device=device, **options)

@@ -27,8 +27,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from resunetpp.artifact import INPUT_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, write_sidecar
 from resunetpp.atomic import atomic_path
 from resunetpp.errors import ResUNetError
@@ -262,7 +260,7 @@ def module_groups(scopes: dict[str, str], depth: int = 2) -> dict[str, list[str]
     return {k: sorted(v) for k, v in sorted(groups.items())}
 
 
-# ---- writing and running -----------------------------------------------------------------------
+# ---- writing -----------------------------------------------------------------------
 def embed_record(model, record: dict) -> None:
     for i, prop in enumerate(model.metadata_props):
         if prop.key == ONNX_METADATA_KEY:
@@ -283,26 +281,3 @@ def write_onnx_artifact(model, path: str | Path, record: dict) -> Path:
         onnx.save_model(model, str(tmp))
         write_sidecar(path, record)
     return path
-
-
-def ort_session(model):
-    """A CPU ONNX Runtime session over a path, serialized bytes or a ``ModelProto``."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if hasattr(model, "SerializeToString"):
-        model = model.SerializeToString()
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-
-
-def ort_predict_fn(model):
-    """``predict(x (N,C,H,W) float32) -> probs (N,K,H,W) float32`` on ONNX Runtime CPU."""
-    session = ort_session(model)
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        out = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
-        return np.asarray(out, dtype=np.float32)
-
-    return predict

@@ -6,7 +6,8 @@ them into a hidden temporary folder beside the target, and after verification mo
 ``.bin`` and then the ``.xml`` into place, the sidecar written before either -- an interrupted
 export leaves no IR under a final name.
 
-Verification compiles for the CPU plugin with ``INFERENCE_PRECISION_HINT=f32``: the plugin's
+Verification runs the IR as an OpenVINO engine (:mod:`resunetpp.engines.openvino_engine`) on the
+CPU plugin with ``INFERENCE_PRECISION_HINT=f32`` (the engine's ``precision="f32"``): the plugin's
 default on CPUs with bf16 support (this AMD EPYC) is bf16, which would blur the comparison with
 PyTorch FP32. FP16 IR weights are decompressed to FP32 at load time on CPU, so its check measures
 the weight rounding; the INT8 IR's non-quantized parts also run in FP32 under the same hint.
@@ -21,10 +22,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-
-from resunetpp.artifact import INPUT_NAME
 
 VERIFY_PRECISION_HINT = "f32"
 
@@ -70,29 +67,6 @@ def save_ir(ov_model, xml_path: str | Path, *, compress_to_fp16: bool) -> Path:
 
     ov.save_model(ov_model, str(xml_path), compress_to_fp16=compress_to_fp16)
     return Path(xml_path)
-
-
-def compile_model(model, precision_hint: str | None = VERIFY_PRECISION_HINT):
-    """Compile an ``ov.Model`` or an ``.xml`` path for the CPU plugin."""
-    import openvino as ov
-
-    core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": precision_hint} if precision_hint else {}
-    source = str(model) if isinstance(model, (str, Path)) else model
-    return core.compile_model(source, "CPU", config)
-
-
-def ov_predict_fn(model, precision_hint: str | None = VERIFY_PRECISION_HINT):
-    """``predict(x (N,C,H,W) float32) -> probs`` on the OpenVINO CPU plugin."""
-    compiled = compile_model(model, precision_hint)
-    request = compiled.create_infer_request()
-    output = compiled.output(0)
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        result = request.infer({INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
-        return np.array(result[output], dtype=np.float32)
-
-    return predict
 
 
 def cpu_description() -> dict:

@@ -29,10 +29,12 @@ import numpy as np
 from resunetpp.export import calibration as cal
 from resunetpp.export.fp16 import FP16Recipe, FP16Result
 from resunetpp.export.onnx_format import DEFAULT_OPSET, ShapeSpec
+from resunetpp.export.openvino_format import VERIFY_PRECISION_HINT
 from resunetpp.export.quantize import NNCFRecipe, QDQRecipe
 from resunetpp.export.report import NullReporter, Reporter
 from resunetpp.export.tensorrt_format import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_MIB
-from resunetpp.export.verify import FP32_MAX_ABS_ERROR, Gate, compare_outputs, gate_for, predict_batched
+from resunetpp.export.verify import (FP32_MAX_ABS_ERROR, Gate, artifact_predict, compare_outputs, engine_predict,
+                                     gate_for, predict_batched)
 from resunetpp.artifact import write_sidecar
 from resunetpp.atomic import atomic_path, write_json_atomic
 from resunetpp.checkpoint import Checkpoint, load_checkpoint
@@ -317,6 +319,13 @@ class _Run:
         return artifact_record(self.ckpt, self.pre, fmt=fmt, precision=precision, file=path,
                                shape=self.spec.record(), calibration=calib, accuracy=accuracy, **extra)
 
+    def staged(self, path: Path, fmt: str, precision: str, **extra: object):
+        """``predict`` of an artifact not yet written (no sidecar): opened as an engine of the backend
+        that runs ``fmt``, with the record it will have (less its accuracy); a context manager."""
+        backend = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}[fmt]
+        options = {"precision": VERIFY_PRECISION_HINT} if backend == "openvino" else {}
+        return artifact_predict(path, backend, self.record(fmt, precision, path, None, **extra), **options)
+
     def measure(self, label: str, predict: Callable[[np.ndarray], np.ndarray], precision: str = "fp32") -> dict:
         v = self.vset
         reference = v.int8_reference if precision == "int8" and v.int8_reference is not None else v.reference
@@ -353,27 +362,31 @@ class _Run:
 
     # -- steps --
     def reference(self) -> None:
-        from resunetpp.evaluation import torch_predict_fn
-
         v = self.vset
-        predict = torch_predict_fn(self.ckpt.build_model())
         with self.r.task("PyTorch FP32 reference", total=len(v.inputs)) as advance:
-            for x in _batches(v.inputs, VERIFY_BATCH, fixed=False):
-                v.reference.extend(predict(x))
-                advance(len(x))
+            v.reference.extend(self._torch_outputs(self.ckpt, advance))
         if self.ref_ckpt is not None:
-            predict = torch_predict_fn(self.ref_ckpt.build_model())
-            v.int8_reference = []
             with self.r.task(f"PyTorch FP32 reference for INT8 ({self.o.reference.name})", total=len(v.inputs)) as adv:
-                for x in _batches(v.inputs, VERIFY_BATCH, fixed=False):
-                    v.int8_reference.extend(predict(x))
-                    adv(len(x))
+                v.int8_reference = self._torch_outputs(self.ref_ckpt, adv)
             v.int8_reference_record = {"path": str(self.o.reference), "sha256": self.ref_ckpt.sha256}
+
+    def _torch_outputs(self, ckpt: Checkpoint, advance) -> list[np.ndarray]:
+        """The checkpoint's probabilities on the verification images, as the torch engine gives them
+        (NCHW memory format: the eager model exactly as trained)."""
+        from resunetpp import engines
+
+        out: list[np.ndarray] = []
+        with engines.open(ckpt, device="cpu", channels_last=False) as engine:
+            predict = engine_predict(engine)
+            for x in _batches(self.vset.inputs, VERIFY_BATCH, fixed=False):
+                out.extend(predict(x))
+                advance(len(x))
+        return out
 
     def onnx_fp32(self, write: bool) -> None:
         import onnx
 
-        from resunetpp.export.onnx_format import export_onnx, ort_predict_fn, write_onnx_artifact
+        from resunetpp.export.onnx_format import export_onnx, write_onnx_artifact
         from resunetpp.model import WithActivation
 
         with self.r.task(f"export ONNX (opset {self.o.opset}, torch dynamo exporter)"):
@@ -383,9 +396,9 @@ class _Run:
         path = self.work / "fp32.onnx"
         onnx.save_model(model, str(path))
         self.onnx_paths["fp32"] = path
-        predict = ort_predict_fn(path)
-        metrics = self.measure("ONNX FP32 (ONNX Runtime)", predict)
-        metrics["dynamic_axes_check"] = self._check_dynamic(predict)
+        with self.staged(path, "onnx", "fp32") as predict:
+            metrics = self.measure("ONNX FP32 (ONNX Runtime)", predict)
+            metrics["dynamic_axes_check"] = self._check_dynamic(predict)
         gate = gate_for("fp32", metrics)
         if not gate.passed:
             raise ResUNetError(f"the exported ONNX graph does not match PyTorch: {gate.reason}")
@@ -435,7 +448,7 @@ class _Run:
         import onnx
 
         from resunetpp.export.fp16 import build_fp16
-        from resunetpp.export.onnx_format import ort_predict_fn, write_onnx_artifact
+        from resunetpp.export.onnx_format import write_onnx_artifact
 
         probe = self._probe_inputs()
         with self.r.task(f"FP16 ONNX (range probe on {len(probe)} images)"):
@@ -446,7 +459,8 @@ class _Run:
         self.onnx_paths["fp16"] = path
         if not write:
             return
-        metrics = self.measure("ONNX FP16 (ONNX Runtime)", ort_predict_fn(path))
+        with self.staged(path, "onnx", "fp16") as predict:
+            metrics = self.measure("ONNX FP16 (ONNX Runtime)", predict)
         gate, keep = self.judge("onnx", "fp16", metrics)
         final = self.final("onnx", "fp16")
         if keep:
@@ -543,7 +557,7 @@ class _Run:
     def onnx_int8(self, write: bool) -> None:
         import onnx
 
-        from resunetpp.export.onnx_format import ort_predict_fn, write_onnx_artifact
+        from resunetpp.export.onnx_format import write_onnx_artifact
         from resunetpp.export.quantize import calibrate_ranges, quantize_qdq
 
         recipe = self.o.qdq
@@ -559,7 +573,8 @@ class _Run:
         self.qdq_record = {**result.record(), **self._source_record()}
         if not write:
             return
-        metrics = self.measure("ONNX INT8 Q/DQ (ONNX Runtime)", ort_predict_fn(result.path), "int8")
+        with self.staged(result.path, "onnx", "int8") as predict:
+            metrics = self.measure("ONNX INT8 Q/DQ (ONNX Runtime)", predict, "int8")
         gate, keep = self.judge("onnx", "int8", metrics)
         final = self.final("onnx", "int8")
         if keep:
@@ -584,8 +599,8 @@ class _Run:
                 ov_model, extra = self._nncf(ov_model)
         with ovx.staged_ir(final) as stage:
             ovx.save_ir(ov_model, stage.xml, compress_to_fp16=precision == "fp16")
-            metrics = self.measure(f"OpenVINO {precision.upper()} IR (CPU, f32 hint)", ovx.ov_predict_fn(stage.xml),
-                                   precision)
+            with self.staged(stage.xml, "openvino", precision) as predict:
+                metrics = self.measure(f"OpenVINO {precision.upper()} IR (CPU, f32 hint)", predict, precision)
             gate, keep = self.judge("openvino", precision, metrics)
             if keep:
                 rec = self.record("openvino", precision, final, {**metrics, "gate": gate.as_dict(self.o.allow_accuracy_drop)},
@@ -652,13 +667,15 @@ class _Run:
             batches = None
             if plan.calibrator:
                 batches = list(_batches(self.calib.inputs(self.pre), shapes.opt[0], fixed=True))
+            staged = self.work / final.name  # built and verified here, moved into place once its sidecar is written
             try:
                 with atomic_path(final) as tmp:
                     with self.r.task(f"build TensorRT {precision} engine"):
-                        facts = trtx.build_engine(plan, src, tmp, shapes, workspace_mib=t.workspace_mib,
+                        facts = trtx.build_engine(plan, src, staged, shapes, workspace_mib=t.workspace_mib,
                                                   timing_cache=timing, calibration_batches=batches,
                                                   calibration_cache=calib_cache)
-                    metrics = self.measure(f"TensorRT {precision} engine", trtx.engine_predict_fn(tmp), precision)
+                    with self.staged(staged, "tensorrt", precision, tensorrt=facts) as predict:
+                        metrics = self.measure(f"TensorRT {precision} engine", predict, precision)
                     gate, keep = self.judge("tensorrt", precision, metrics)
                     if not keep:
                         raise _Refused
@@ -670,6 +687,7 @@ class _Run:
                                                 "trtexec": line},
                                       verification={**self.vset.record(), "runtime": "TensorRT"},
                                       **self._trt_int8_extra(precision, plan))
+                    os.replace(staged, tmp)
                     write_sidecar(final, rec)
             except _Refused:
                 self.add("tensorrt", precision, final, False, metrics, gate)

@@ -3,9 +3,10 @@
 Everything up to the TensorRT calls -- which ONNX to build from, strong typing or precision
 flags, the optimization profile, workspace, timing and calibration cache paths, the equivalent
 ``trtexec`` command line -- is decided by :func:`plan_build`, :func:`profile_shapes` and
-:func:`trtexec_command`, which need no TensorRT and are tested everywhere. :func:`build_engine`,
-:func:`engine_predict_fn` and the entropy calibrator import ``tensorrt`` and ``cuda-python``
-lazily and follow the TensorRT 10.x / 11.x Python API.
+:func:`trtexec_command`, which need no TensorRT and are tested everywhere. :func:`build_engine` and
+the entropy calibrator import ``tensorrt`` and ``cuda-python`` lazily and follow the TensorRT
+10.x / 11.x Python API. A built engine is run (verified) as a :mod:`resunetpp.engines` TensorRT
+engine, like any other artifact.
 
 Build paths, by detected version (:func:`plan_build`):
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from resunetpp.export.onnx_format import ShapeSpec
-from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
+from resunetpp.artifact import INPUT_NAME
 from resunetpp.atomic import write_bytes_atomic
 from resunetpp.errors import ResUNetError
 from resunetpp.model import SIZE_MULTIPLE
@@ -212,34 +213,14 @@ def gpu_info(device: int | None = None) -> dict:
     return {"device": int(dev), "name": name, "compute_capability": f"{prop.major}.{prop.minor}"}
 
 
-class _DeviceBuffer:
-    def __init__(self, nbytes: int) -> None:
-        from cuda.bindings import runtime as cudart
-
-        self.nbytes = int(nbytes)
-        self.ptr = _cuda(cudart.cudaMalloc(max(self.nbytes, 1)))
-
-    def upload(self, array: np.ndarray) -> None:
-        from cuda.bindings import runtime as cudart
-
-        _cuda(cudart.cudaMemcpy(self.ptr, array.ctypes.data, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
-
-    def download(self, array: np.ndarray) -> None:
-        from cuda.bindings import runtime as cudart
-
-        _cuda(cudart.cudaMemcpy(array.ctypes.data, self.ptr, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
-
-    def free(self) -> None:
-        from cuda.bindings import runtime as cudart
-
-        if self.ptr:
-            cudart.cudaFree(self.ptr)
-            self.ptr = 0
-
-
 def make_entropy_calibrator(batches: Sequence[np.ndarray], cache_path: str | Path):
-    """An ``IInt8EntropyCalibrator2`` (TensorRT 10.x) over (N,C,H,W) float32 ``batches``."""
+    """An ``IInt8EntropyCalibrator2`` (TensorRT 10.x) over (N,C,H,W) float32 ``batches``; its device
+    memory is :class:`resunetpp.engines.tensorrt_engine.CudaPythonBuffers`. Call its ``close()``
+    after the build."""
     import tensorrt as trt
+    from cuda.bindings import runtime as cudart
+
+    from resunetpp.engines.tensorrt_engine import CudaPythonBuffers
 
     cache_path = Path(cache_path)
     data = [np.ascontiguousarray(b, dtype=np.float32) for b in batches]
@@ -250,7 +231,7 @@ def make_entropy_calibrator(batches: Sequence[np.ndarray], cache_path: str | Pat
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self._next = 0
-            self._buffer = _DeviceBuffer(data[0].nbytes)
+            self._buffers = CudaPythonBuffers(_cuda(cudart.cudaGetDevice()))  # the engines' device buffers
 
         def get_batch_size(self) -> int:
             return int(data[0].shape[0])
@@ -258,15 +239,20 @@ def make_entropy_calibrator(batches: Sequence[np.ndarray], cache_path: str | Pat
         def get_batch(self, names):  # noqa: ARG002 - one input
             if self._next >= len(data):
                 return None
-            self._buffer.upload(data[self._next])
+            ptr = self._buffers.upload("images", data[self._next])
+            _cuda(cudart.cudaStreamSynchronize(self._buffers.stream))  # the copy is done before TensorRT reads
             self._next += 1
-            return [int(self._buffer.ptr)]
+            return [int(ptr)]
 
         def read_calibration_cache(self):
             return cache_path.read_bytes() if cache_path.is_file() else None
 
         def write_calibration_cache(self, cache) -> None:
             write_bytes_atomic(cache_path, bytes(cache))
+
+        def close(self) -> None:
+            """Free the device buffer and the stream (after the build)."""
+            self._buffers.close()
 
     return EntropyCalibrator()
 
@@ -325,7 +311,7 @@ def build_engine(plan: BuildPlan, onnx_path: str | Path, engine_path: str | Path
         serialized = builder.build_serialized_network(network, config)
     finally:
         if calibrator is not None:
-            calibrator._buffer.free()
+            calibrator.close()
     if serialized is None:
         raise ResUNetError(f"TensorRT failed to build the {plan.precision} engine from {onnx_path} "
                            "(see the TensorRT log above)")
@@ -334,36 +320,3 @@ def build_engine(plan: BuildPlan, onnx_path: str | Path, engine_path: str | Path
         write_bytes_atomic(timing_cache, bytes(cache.serialize()))
     return {"version": trt.__version__, "gpu": gpu_info(), "build_seconds": round(time.perf_counter() - start, 2),
             "dla_core": plan.dla_core, "workspace_mib": int(workspace_mib)}
-
-
-def engine_predict_fn(engine_path: str | Path):
-    """``predict(x (N,C,H,W) float32) -> probs`` with a TensorRT engine (for export verification)."""
-    import tensorrt as trt
-    from cuda.bindings import runtime as cudart
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise ResUNetError(f"{engine_path}: TensorRT cannot deserialize the engine")
-    context = engine.create_execution_context()
-    stream = _cuda(cudart.cudaStreamCreate())
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        context.set_input_shape(INPUT_NAME, x.shape)
-        out = np.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)), dtype=np.float32)
-        src, dst = _DeviceBuffer(x.nbytes), _DeviceBuffer(out.nbytes)
-        try:
-            src.upload(x)
-            context.set_tensor_address(INPUT_NAME, int(src.ptr))
-            context.set_tensor_address(OUTPUT_NAME, int(dst.ptr))
-            if not context.execute_async_v3(stream):
-                raise ResUNetError(f"{engine_path}: TensorRT inference failed")
-            _cuda(cudart.cudaStreamSynchronize(stream))
-            dst.download(out)
-        finally:
-            src.free()
-            dst.free()
-        return out
-
-    return predict
