@@ -11,7 +11,7 @@ Every score is against the *original* FP32 model's logits, per image at the netw
 Subcommands (``python -m resunetpp.bench.int8_study --help``):
 
 ``leave-one-out``
-    PyTorch simulation of the default INT8 recipe (``export.qat.QuantSim``: equalization, bias
+    PyTorch simulation of the default INT8 recipe (``export.quantsim.QuantSim``: equalization, bias
     correction, percentile ranges, the default kept modules in float) on held-out *training*
     images -- a seeded sample outside the calibration set, never validation images -- then each
     remaining convolution back in float in turn, with its share of the FLOPs. Ranks what each
@@ -118,7 +118,7 @@ class Study:
 
         from resunetpp.export.bias_correction import bias_correct
         from resunetpp.export.equalize import equalize
-        from resunetpp.export.qat import QuantSim
+        from resunetpp.export.quantsim import QuantSim
 
         m = self.ckpt.build_model().eval()
         if alpha is not None:
@@ -212,7 +212,8 @@ def artifacts(
     x = [a[None] for a in ims.inputs(ckpt.preprocessing)]
     ref = Study.logits(ckpt.build_model().eval(), x)
     for f in files:  # as the export verifies them: ONNX Runtime's CPU provider, OpenVINO's CPU with the f32 hint
-        backend, options = ("onnxruntime", {}) if f.suffix == ".onnx" else ("openvino", {"precision": VERIFY_PRECISION_HINT})
+        onnx = f.suffix == ".onnx"
+        backend, options = ("onnxruntime", {}) if onnx else ("openvino", {"precision": VERIFY_PRECISION_HINT})
         with artifact_predict(f, backend, **options) as run:
             probs = [run(a) for a in x]
         lg = [np.log(np.clip(p, 1e-7, 1 - 1e-7) / np.clip(1 - p, 1e-7, 1)) for p in probs]

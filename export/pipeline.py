@@ -32,6 +32,7 @@ from resunetpp.export.onnx_format import DEFAULT_OPSET, ShapeSpec
 from resunetpp.export.openvino_format import VERIFY_PRECISION_HINT
 from resunetpp.export.quantize import NNCFRecipe, QDQRecipe
 from resunetpp.export.report import NullReporter, Reporter
+from resunetpp.export.results import AccuracyGateError, ArtifactResult, ExportReport
 from resunetpp.export.tensorrt_format import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_MIB
 from resunetpp.export.verify import (FP32_MAX_ABS_ERROR, Gate, artifact_predict, compare_outputs, engine_predict,
                                      gate_for, predict_batched)
@@ -109,55 +110,6 @@ class ExportOptions:
         if self.openvino_int8 not in OPENVINO_INT8_SOURCES:
             raise ResUNetError(f"OpenVINO INT8 source must be one of {', '.join(OPENVINO_INT8_SOURCES)}, "
                                f"got {self.openvino_int8!r}")
-
-
-@dataclass
-class ArtifactResult:
-    format: str
-    precision: str
-    path: Path
-    written: bool
-    size_bytes: int | None
-    metrics: dict
-    gate: dict
-
-    @property
-    def name(self) -> str:
-        return f"{self.format} {self.precision}"
-
-    def as_dict(self) -> dict:
-        return {"format": self.format, "precision": self.precision, "path": str(self.path), "written": self.written,
-                "size_bytes": self.size_bytes, "accuracy": self.metrics, "gate": self.gate}
-
-
-@dataclass
-class ExportReport:
-    out: Path
-    artifacts: list[ArtifactResult] = field(default_factory=list)
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)
-    trtexec: list[str] = field(default_factory=list)
-    verification: dict | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def refused(self) -> list[ArtifactResult]:
-        return [a for a in self.artifacts if not a.gate["passed"] and not a.written]
-
-    def raise_for_gate(self) -> None:
-        """Raise :class:`AccuracyGateError` naming every artifact refused by its gate."""
-        if self.refused:
-            parts = [f"{a.name}: {a.gate['reason']}" for a in self.refused]
-            raise AccuracyGateError("accuracy gate failed, not written -- " + "; ".join(parts)
-                                    + " (pass --allow-accuracy-drop to write them anyway)")
-
-    def as_dict(self) -> dict:
-        return {"out": str(self.out), "artifacts": [a.as_dict() for a in self.artifacts],
-                "skipped": [{"format": f, "precision": p, "reason": r} for f, p, r in self.skipped],
-                "trtexec": self.trtexec, "verification": self.verification, "warnings": self.warnings}
-
-
-class AccuracyGateError(ResUNetError):
-    """An artifact's accuracy against the FP32 reference is below its gate."""
 
 
 # ---- inputs ------------------------------------------------------------------------------------------
@@ -538,7 +490,7 @@ class _Run:
             steps.append("equalized")
         if recipe.bias_correction_images:
             from resunetpp.export.bias_correction import bias_correct
-            from resunetpp.export.qat import sim_ranges
+            from resunetpp.export.quantsim import sim_ranges
 
             n = min(recipe.bias_correction_images, len(self.calib))
             with self.r.task(f"correct INT8 biases ({n} images, simulated INT8)", total=n) as adv:

@@ -268,7 +268,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     from resunetpp.export.bias_correction import bias_correct
     from resunetpp.export.equalize import equalize
     from resunetpp.export.onnx_format import ShapeSpec, export_onnx
-    from resunetpp.export.qat import sim_ranges
+    from resunetpp.export.quantsim import sim_ranges
     from resunetpp.export.quantize import CALIBRATION_METHODS, calibrate_ranges
     from resunetpp.atomic import write_json_atomic
     from resunetpp.checkpoint import load_checkpoint
