@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from resunetpp.export.onnx_format import check_onnx, node_scopes, nodes_in_modules
+from resunetpp.export.onnx_graph import check_onnx, node_scopes, nodes_in_modules
 from resunetpp.artifact import INPUT_NAME
 from resunetpp.errors import ResUNetError
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from resunetpp.export.metadata import graph_record
-from resunetpp.export.onnx_format import module_groups, node_scopes
+from resunetpp.export.onnx_graph import module_groups, node_scopes
 from resunetpp.export.quantize import DEFAULT_BIAS_CORRECTION_IMAGES, DEFAULT_EQUALIZE_ALPHA, QDQRecipe, quantize_qdq
 from resunetpp.export.verify import artifact_predict, compare_outputs, predict_batched
 from resunetpp.errors import ResUNetError
@@ -267,7 +267,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     from resunetpp.export import calibration as cal
     from resunetpp.export.bias_correction import bias_correct
     from resunetpp.export.equalize import equalize
-    from resunetpp.export.onnx_format import ShapeSpec, export_onnx
+    from resunetpp.export.onnx_graph import ShapeSpec, export_onnx
     from resunetpp.export.quantsim import sim_ranges
     from resunetpp.export.quantize import CALIBRATION_METHODS, calibrate_ranges
     from resunetpp.atomic import write_json_atomic

@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import resunetpp.export.onnx_format as onnx_export
+import resunetpp.export.onnx_graph as onnx_export
 from resunetpp.cli import app
 from resunetpp.export import calibration as cal
 from resunetpp.export.fp16 import FP16Recipe, activation_ranges, build_fp16, convert_to_fp16, resolve_fp32_nodes
 from resunetpp import engines
 from resunetpp.export.metadata import graph_record
-from resunetpp.export.onnx_format import ShapeSpec, node_scopes, nodes_in_modules
+from resunetpp.export.onnx_graph import ShapeSpec, node_scopes, nodes_in_modules
 from resunetpp.export.openvino_format import VERIFY_PRECISION_HINT
 from resunetpp.export.pipeline import ExportOptions, artifact_name, run_export
 from resunetpp.export.quantize import DEFAULT_EQUALIZE_ALPHA, DEFAULT_INT8_KEEP_MODULES, QDQRecipe, calibrate_ranges, quantize_qdq
@@ -431,8 +431,8 @@ def test_unsupported_opset_is_refused(workspace, tmp_path):
 
 
 # ---- interruption --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("target, patch", [("onnx", "resunetpp.export.onnx_format.write_sidecar"),
-                                           ("openvino", "resunetpp.export.pipeline.write_sidecar")])
+@pytest.mark.parametrize("target, patch", [("onnx", "resunetpp.export.onnx_graph.write_sidecar"),
+                                           ("openvino", "resunetpp.export.openvino_format.write_sidecar")])
 def test_interrupted_export_leaves_no_partial_artifact(workspace, tmp_path, monkeypatch, target, patch):
     def interrupt(path, record):
         assert any(p.name.endswith(".partial") for p in Path(path).parent.iterdir())  # mid-write

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from resunetpp.export import tensorrt_format as trtx
-from resunetpp.export.onnx_format import ShapeSpec
+from resunetpp.export.onnx_graph import ShapeSpec
 from resunetpp.errors import ResUNetError
 
 TRT_OK, TRT_INFO = trtx.tensorrt_status()
@@ -233,7 +233,7 @@ def test_real_engine_matches_onnx_runtime(tmp_path, precision):
     import torch
 
     from resunetpp.export.fp16 import build_fp16
-    from resunetpp.export.onnx_format import export_onnx
+    from resunetpp.export.onnx_graph import export_onnx
     from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
 
     torch.manual_seed(0)
@@ -259,7 +259,7 @@ def test_real_int8_engine_from_qdq(tmp_path):
     import tensorrt as trt
     import torch
 
-    from resunetpp.export.onnx_format import export_onnx
+    from resunetpp.export.onnx_graph import export_onnx
     from resunetpp.export.quantize import QDQRecipe, calibrate_ranges, quantize_qdq
     from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
 
