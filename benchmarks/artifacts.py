@@ -117,7 +117,7 @@ def artifact_key(ckpt: Checkpoint, pre: Preprocessing, calibration: cal.ImageSet
 
     from resunetpp.export.onnx_format import DEFAULT_OPSET
     from resunetpp.export.pipeline import ExportOptions
-    from resunetpp import __version__
+    from resunetpp._version import __version__
     from resunetpp.engines.info import libraries, library_version
 
     fields = {

@@ -11,7 +11,7 @@ Every score is against the *original* FP32 model's logits, per image at the netw
 Subcommands (``python -m resunetpp.bench.int8_study --help``):
 
 ``leave-one-out``
-    PyTorch simulation of the default INT8 recipe (``export.qat.QuantSim``: equalization, bias
+    PyTorch simulation of the default INT8 recipe (``export.quantsim.QuantSim``: equalization, bias
     correction, percentile ranges, the default kept modules in float) on held-out *training*
     images -- a seeded sample outside the calibration set, never validation images -- then each
     remaining convolution back in float in turn, with its share of the FLOPs. Ranks what each
@@ -19,8 +19,8 @@ Subcommands (``python -m resunetpp.bench.int8_study --help``):
 ``simulate``
     The same simulation for one set of kept modules (bias correction redone for that set).
 ``artifacts``
-    The written INT8 artifacts (``*.onnx`` on ONNX Runtime's CPU provider, ``*.xml`` on OpenVINO
-    with f32 float ops) on any split: what the product command's own numbers are made of.
+    The written INT8 artifacts, run as :mod:`resunetpp.engines` engines (``*.onnx`` on ONNX Runtime's
+    CPU provider, ``*.xml`` on OpenVINO with f32 float ops) on any split: what the product command's own numbers are made of.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class Study:
 
         from resunetpp.export.bias_correction import bias_correct
         from resunetpp.export.equalize import equalize
-        from resunetpp.export.qat import QuantSim
+        from resunetpp.export.quantsim import QuantSim
 
         m = self.ckpt.build_model().eval()
         if alpha is not None:
@@ -202,8 +202,8 @@ def artifacts(
     import torch
 
     from resunetpp.export.calibration import select_images
-    from resunetpp.export.onnx_format import ort_predict_fn
-    from resunetpp.export.openvino_format import ov_predict_fn
+    from resunetpp.export.openvino_format import VERIFY_PRECISION_HINT
+    from resunetpp.export.verify import artifact_predict
     from resunetpp.checkpoint import load_checkpoint
 
     torch.set_grad_enabled(False)
@@ -211,9 +211,11 @@ def artifacts(
     ims = select_images(data, split, None, role="evaluation", default_split="val")
     x = [a[None] for a in ims.inputs(ckpt.preprocessing)]
     ref = Study.logits(ckpt.build_model().eval(), x)
-    for f in files:
-        run = ort_predict_fn(f) if f.suffix == ".onnx" else ov_predict_fn(f)  # as the export verifies them
-        probs = [run(a) for a in x]
+    for f in files:  # as the export verifies them: ONNX Runtime's CPU provider, OpenVINO's CPU with the f32 hint
+        onnx = f.suffix == ".onnx"
+        backend, options = ("onnxruntime", {}) if onnx else ("openvino", {"precision": VERIFY_PRECISION_HINT})
+        with artifact_predict(f, backend, **options) as run:
+            probs = [run(a) for a in x]
         lg = [np.log(np.clip(p, 1e-7, 1 - 1e-7) / np.clip(1 - p, 1e-7, 1)) for p in probs]
         s = score(lg, ref)
         worst = sorted(zip(s["dices"], ims.stems))[:3]

@@ -117,6 +117,8 @@ def open(path_or_checkpoint: Any, backend: str = "auto", device: str | None = No
         runner = next(b for b in registry.backends() if b.opens_checkpoints)
         if backend not in ("auto", runner.name):
             raise EngineError(f"an in-memory checkpoint runs on the {runner.name} backend, not {backend!r}")
+        if record is not None:
+            raise EngineError("an in-memory checkpoint carries its own record; pass record= only with a path")
         return runner.engine.from_checkpoint(path_or_checkpoint, device=device or runner.default_device, **options)
     path = Path(path_or_checkpoint)
     if not path.exists():

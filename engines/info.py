@@ -128,7 +128,7 @@ def backends(only: tuple[str, ...] | None = None) -> tuple[dict[str, list[str] |
 
 def collect_info() -> dict:
     """Everything ``resunetpp info`` reports, JSON-serialisable."""
-    from resunetpp import __version__
+    from resunetpp._version import __version__
 
     found, problems = backends()
     model = default_model_path()

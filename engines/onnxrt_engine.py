@@ -66,6 +66,20 @@ def providers_for(device: str, available: list[str], precision: str = "fp32") ->
     return [p for p in chain if p[0] in available] + [CPU]
 
 
+def cpu_session(model: Any, log_severity_level: int = 3):
+    """A bare ``onnxruntime.InferenceSession`` on the CPU provider over a path, serialized bytes or a
+    ``ModelProto``, ORT's default optimizations. For tools that read what an engine does not give:
+    the FP16 export's range probe runs a copy of the graph with every intermediate tensor made an
+    output. To run an artifact, open it as an engine (:func:`resunetpp.engines.open`)."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = int(log_severity_level)
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, opts, providers=[CPU])
+
+
 def devices() -> list[str]:
     """The execution providers this onnxruntime build offers."""
     return list(_ort().get_available_providers())

@@ -117,7 +117,7 @@ def _check(result):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-class _CudaPythonBuffers:
+class CudaPythonBuffers:
     """Device input/output buffers and a stream through cuda-python; grown on demand, reused."""
 
     def __init__(self, device: int) -> None:
@@ -271,7 +271,7 @@ class TensorRTEngine(Engine):
             except ImportError:
                 kind = "cuda-python"
         self._buffer_kind = kind
-        return _TorchBuffers(self._index) if kind == "torch" else _CudaPythonBuffers(self._index)
+        return _TorchBuffers(self._index) if kind == "torch" else CudaPythonBuffers(self._index)
 
     def _current_gpu(self) -> dict:
         cudart = _cudart()

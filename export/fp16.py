@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from resunetpp.export.onnx_format import check_onnx, node_scopes, nodes_in_modules, ort_session
+from resunetpp.export.onnx_graph import check_onnx, node_scopes, nodes_in_modules
 from resunetpp.artifact import INPUT_NAME
 from resunetpp.errors import ResUNetError
 
@@ -90,7 +90,9 @@ def activation_ranges(model, inputs: Iterable[np.ndarray]) -> dict[str, float]:
             if name in floats and name not in known and name in vi:
                 probe.graph.output.append(vi[name])
                 known.add(name)
-    session = ort_session(probe)
+    from resunetpp.engines.onnxrt_engine import cpu_session  # a raw session: every tensor is an output
+
+    session = cpu_session(probe)
     names = [o.name for o in session.get_outputs()]
     batch = session.get_inputs()[0].shape[0]
     repeat = batch if isinstance(batch, int) and batch > 1 else 1  # a static-batch graph

@@ -1,308 +1,180 @@
-"""PyTorch -> ONNX FP32, the source of every other artifact.
-
-Exporter choice (torch 2.13, measured on this project's model): the dynamo exporter
-(``torch.onnx.export(..., dynamo=True)``, the default and the only one not deprecated) gives the
-cleaner graph -- BatchNorm folded into the convolutions that precede it, ``Gemm`` for the SE
-blocks, no ``Identity``/``Constant`` clutter (157 nodes against 220 for the TorchScript
-exporter) -- and its dynamic batch and height/width run correctly in ONNX Runtime and OpenVINO.
-Its node names are generic (``node_Conv_282``), but every node carries the module path it came
-from in ``metadata_props`` (``pkg.torch.onnx.name_scopes``); :func:`node_scopes` reads them, so
-INT8/FP16 exclusions are given per module (``decoder1.attention``, ``head``). onnxslim drops
-node metadata, so it is copied back by node name after simplification.
-
-Constraints found on the way: height and width are declared as multiples of 8
-(``8 * Dim(...)``; a free symbol makes torch.export fail on the stride-2 stages), the example
-batch is 2 (size-1 dimensions specialise), and the lowest opset is 18 (the exporter's
-down-conversion to 17 fails on ``ReduceMean`` and silently keeps 18).
+"""The ONNX format: FP32 (the source of every artifact, verified against PyTorch with its dynamic
+axes exercised; the export stops if it does not match), FP16 (:mod:`export.fp16`) and INT8 Q/DQ
+(:mod:`export.quantize`, from the INT8 source model of :mod:`export.int8_source`), each verified
+on ONNX Runtime's CPU provider before it is written. The graph building blocks (exporter, node
+scopes, writing) are :mod:`export.onnx_graph`.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import json
-import logging
-import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from resunetpp.artifact import INPUT_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, write_sidecar
-from resunetpp.atomic import atomic_path
+from resunetpp.export import onnx_graph
+from resunetpp.export.inputs import batches
+from resunetpp.export.int8_source import int8_source, source_record
+# Also the ONNX graph API callers outside export use (DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact);
+# new code imports them from export.onnx_graph.
+from resunetpp.export.onnx_graph import DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact  # noqa: F401
+from resunetpp.export.verify import FP32_MAX_ABS_ERROR, PredictFn, gate_for
 from resunetpp.errors import ResUNetError
-from resunetpp.model import SIZE_MULTIPLE
 
-MIN_OPSET = 18
-DEFAULT_OPSET = 18
-#: Upper bounds declared to torch.export for the dynamic dimensions.
-MAX_BATCH = 1024
-MAX_SIDE = 8192
-DIM_NAMES = ("batch", "height", "width")
-SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-#: The attribute under which :class:`resunetpp.model.WithActivation` holds the network.
-WRAPPED_PREFIX = "model"
+if TYPE_CHECKING:
+    from resunetpp.export.context import ExportRun
+
+#: The engine backend ONNX artifacts are verified on (CPU provider).
+BACKEND = "onnxruntime"
+#: Images the FP16 range probe runs (calibration images when given, else verification images).
+RANGE_PROBE_IMAGES = 32
 
 
-@dataclass(frozen=True)
-class ShapeSpec:
-    """Input geometry of an export: channels, classes, example (H, W), static or dynamic axes."""
-
-    channels: int
-    num_classes: int
-    size: tuple[int, int]
-    batch: int | None = None  # None: dynamic
-    dynamic_size: bool = True
-
-    def __post_init__(self) -> None:
-        if self.batch is not None and self.batch < 1:
-            raise ResUNetError(f"batch must be 'dynamic' or a positive integer, got {self.batch}")
-        if any(s <= 0 or s % SIZE_MULTIPLE for s in self.size):
-            raise ResUNetError(f"image size must be positive multiples of {SIZE_MULTIPLE}, got "
-                               f"{self.size[0]}x{self.size[1]}")
-
-    @property
-    def example_batch(self) -> int:
-        return self.batch if self.batch is not None else 2
-
-    def example_shape(self, batch: int | None = None) -> tuple[int, int, int, int]:
-        return (batch or self.example_batch, self.channels, *self.size)
-
-    def dims(self, channels: int) -> list[int | str]:
-        b = "batch" if self.batch is None else self.batch
-        h, w = ("height", "width") if self.dynamic_size else self.size
-        return [b, channels, h, w]
-
-    def record(self) -> dict:
-        return {
-            "input_shape": self.dims(self.channels),
-            "output_shape": self.dims(self.num_classes),
-            "example_shape": list(self.example_shape(1 if self.batch is None else self.batch)),
-            "dynamic": {"batch": self.batch is None, "height": self.dynamic_size, "width": self.dynamic_size},
-        }
+def build(run: ExportRun, precisions: list[str]) -> None:
+    """Build, verify and write the ONNX artifacts of ``precisions`` (FP32 first: every other
+    artifact is built from it)."""
+    if "fp32" in precisions:
+        fp32(run, write=True)
+    if "fp16" in precisions:
+        fp16(run, write=True)
+    if "int8" in precisions:
+        int8(run, write=True)
 
 
-# ---- export ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's optional-dependency warnings (torchvision ops) and deprecations."""
-    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+def fp32(run: ExportRun, write: bool) -> None:
+    import onnx
+
+    from resunetpp.model import WithActivation
+
+    with run.r.task(f"export ONNX (opset {run.o.opset}, torch dynamo exporter)"):
+        model = onnx_graph.export_onnx(WithActivation(run.ckpt.build_model()), run.spec, opset=run.o.opset,
+                                       simplify=run.o.simplify)
+    run.fp32_model = model
+    path = run.work / "fp32.onnx"
+    onnx.save_model(model, str(path))
+    run.onnx_paths["fp32"] = path
+    with run.staged(path, "onnx", "fp32", BACKEND) as predict:
+        metrics = run.measure("ONNX FP32 (ONNX Runtime)", predict)
+        metrics["dynamic_axes_check"] = _check_dynamic(run, predict)
+    gate = gate_for("fp32", metrics)
+    if not gate.passed:
+        raise ResUNetError(f"the exported ONNX graph does not match PyTorch: {gate.reason}")
+    if write:
+        final = run.final("onnx", "fp32")
+        rec = run.record("onnx", "fp32", final, {**metrics, "gate": gate.as_dict()}, onnx=_onnx_info(run, model),
+                         verification={**run.vset.record(), "runtime": "onnxruntime CPUExecutionProvider"})
+        write_onnx_artifact(model, final, rec)
+        run.add("onnx", "fp32", final, True, metrics, gate)
 
 
-def _dynamic_shapes(spec: ShapeSpec) -> dict | None:
-    from torch.export import Dim
-
-    axes: dict[int, object] = {}
-    if spec.batch is None:
-        axes[0] = Dim("batch", min=1, max=MAX_BATCH)
-    if spec.dynamic_size:
-        axes[2] = SIZE_MULTIPLE * Dim("h", min=1, max=MAX_SIDE // SIZE_MULTIPLE)
-        axes[3] = SIZE_MULTIPLE * Dim("w", min=1, max=MAX_SIDE // SIZE_MULTIPLE)
-    return {"images": axes} if axes else None
+def _onnx_info(run: ExportRun, model) -> dict:
+    opset = {o.domain: o.version for o in model.opset_import}.get("", run.o.opset)
+    return {"opset": opset, "exporter": "torch.onnx.export(dynamo=True)", "simplified": run.o.simplify,
+            "nodes": len(model.graph.node), "ir_version": model.ir_version}
 
 
-def export_onnx(module, spec: ShapeSpec, *, opset: int = DEFAULT_OPSET, simplify: bool = True):
-    """Export ``module`` (a :class:`~resunetpp.model.WithActivation`) to an ONNX ``ModelProto``.
-
-    Input ``images`` (N, C, H, W) float32, output ``probs``; dynamic axes named ``batch``,
-    ``height``, ``width``. The graph is checked (``onnx.checker`` full check, strict shape
-    inference) before it is returned. Raises :class:`ResUNetError` with one line on failure.
-    """
+def _check_dynamic(run: ExportRun, predict: PredictFn) -> dict | None:
+    """Run shapes other than the example through the graph and PyTorch (dynamic axes really work)."""
     import torch
 
-    if opset < MIN_OPSET:
-        raise ResUNetError(f"opset {opset} is not supported: the torch {torch.__version__.split('+')[0]} "
-                           f"exporter produces opset {MIN_OPSET} or newer (use --opset {MIN_OPSET})")
-    module = module.eval()
-    example = torch.randn(*spec.example_shape(), generator=torch.Generator().manual_seed(0))
-    try:
-        with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
-                module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=_dynamic_shapes(spec), dynamo=True, opset_version=opset,
-                optimize=True, verbose=False, external_data=False)
-    except Exception as e:  # the exporter raises many types; the first line names the cause
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ResUNetError(f"ONNX export failed: {first[:300]}") from e
-    model = program.model_proto
-    got = {o.domain: o.version for o in model.opset_import}.get("", 0)
-    if got != opset:
-        raise ResUNetError(f"ONNX export produced opset {got}, not the requested {opset}")
-    _name_dynamic_dims(model, spec)
-    if simplify:
-        model = simplify_onnx(model)
-    return check_onnx(model)
+    from resunetpp.model import WithActivation
 
-
-def _name_dynamic_dims(model, spec: ShapeSpec) -> None:
-    """Give the graph inputs/outputs' symbolic dims readable names (``batch``, ``height``, ``width``)."""
-    for value in list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
-            if dims[axis].dim_param:
-                dims[axis].dim_param = name
-    # Internal value_info may still use the exporter's symbols; shape inference recomputes them.
-    del model.graph.value_info[:]
-
-
-def simplify_onnx(model):
-    """onnxslim simplification, keeping node names and copying the node metadata back."""
-    import onnxslim
-
-    before = {n.name: list(n.metadata_props) for n in model.graph.node}
-    with _quiet_exporter():
-        slim = onnxslim.slim(model)
-    for node in slim.graph.node:
-        if not node.metadata_props and node.name in before:
-            node.metadata_props.extend(before[node.name])
-    return slim
-
-
-def check_onnx(model):
-    """``onnx.checker`` (full) and strict shape inference; returns the shape-inferred model."""
-    import onnx
-
-    try:
-        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ResUNetError(f"exported ONNX graph is invalid: {str(e).splitlines()[0][:300]}") from e
-    return model
-
-
-# ---- node -> module scopes ------------------------------------------------------------------
-def _module_of(node) -> str | None:
-    props = {p.key: p.value for p in node.metadata_props}
-    raw = props.get(SCOPE_KEY)
-    if raw:
-        try:
-            scopes = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            scopes = None
-        if isinstance(scopes, list) and scopes:
-            return str(scopes[-2]) if len(scopes) >= 2 else ""
-    namespace = props.get("namespace")
-    if namespace:  # ": Cls/model: Cls/model.stem: Cls" -> "model.stem"
-        return namespace.split("/")[-1].split(":")[0].strip()
-    return None
-
-
-def _strip_wrapper(path: str) -> str:
-    if path == WRAPPED_PREFIX:
-        return ""
-    return path.removeprefix(WRAPPED_PREFIX + ".")
-
-
-def node_scopes(model) -> dict[str, str]:
-    """``{node name: module path}`` of an exported graph, e.g. ``{"node_mul_390": "decoder1.attention"}``.
-
-    Paths are those of :class:`~resunetpp.model.ResUNetPlusPlus` (``stem.body.0``, ``head``);
-    nodes of the wrapper itself (the output activation) map to ``""``. Nodes without exporter
-    metadata (added later, e.g. by quantization) are left out.
-    """
-    out: dict[str, str] = {}
-    for node in model.graph.node:
-        module = _module_of(node)
-        if module is not None and node.name:
-            own = _conv_module(node)
-            out[node.name] = _strip_wrapper(own if own is not None else module)
-    return out
-
-
-def _conv_module(node) -> str | None:
-    """The convolution module a Conv node computes, from its weight's name (``model.stem.body.0.weight``).
-
-    The exporter folds BatchNorm into the preceding convolution and the fused node keeps the
-    *BatchNorm's* metadata (``stem.body.1``); its weight keeps the convolution's parameter name, so
-    ``--keep-float stem.body.0`` names the convolution as the user sees it in the model."""
-    if node.op_type not in ("Conv", "ConvTranspose") or len(node.input) < 2:
+    shapes = []
+    _, c, h, w = run.spec.example_shape(1)
+    if run.spec.batch is None:
+        shapes.append((3, c, h, w))
+    if run.spec.dynamic_size:
+        shapes.append((run.spec.batch or 1, c, h, w + 2 * 8))
+    if not shapes:
         return None
-    weight = node.input[1]
-    if weight.startswith(WRAPPED_PREFIX + ".") and weight.endswith(".weight"):
-        return weight.removesuffix(".weight")
-    return None
+    net = WithActivation(run.ckpt.build_model())
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for shape in shapes:
+        x = rng.standard_normal(shape).astype(np.float32)
+        with torch.no_grad():
+            ref = net(torch.from_numpy(x)).numpy()
+        got = predict(x)
+        if got.shape != ref.shape:
+            raise ResUNetError(f"exported ONNX graph returns {got.shape} for input {shape}, PyTorch {ref.shape}")
+        worst = max(worst, float(np.abs(got - ref).max()))
+    if worst > FP32_MAX_ABS_ERROR:
+        raise ResUNetError(f"exported ONNX graph differs from PyTorch by {worst:.3g} on inputs {shapes} "
+                           "(dynamic axes)")
+    return {"shapes": [list(s) for s in shapes], "max_abs_error": worst}
 
-
-def in_module(scope: str, module: str) -> bool:
-    return scope == module or scope.startswith(module + ".")
-
-
-def nodes_in_modules(scopes: dict[str, str], modules: Iterable[str]) -> list[str]:
-    """Node names inside any of ``modules`` (a module and its children); unknown modules raise."""
-    names: list[str] = []
-    for module in modules:
-        hit = [n for n, s in scopes.items() if in_module(s, module)]
-        if not hit:
-            known = sorted({s.split(".")[0] for s in scopes.values() if s})
-            raise ResUNetError(f"module {module!r} matches no node of the graph (top-level modules: "
-                               f"{', '.join(known)})")
-        names.extend(hit)
-    return sorted(set(names))
-
-
-def module_groups(scopes: dict[str, str], depth: int = 2) -> dict[str, list[str]]:
-    """Nodes grouped by their module path cut to ``depth`` parts (``decoder1.attention``): the
-    units a sensitivity analysis quantizes or keeps in float one at a time."""
-    groups: dict[str, list[str]] = {}
-    for name, scope in scopes.items():
-        key = ".".join(scope.split(".")[:depth]) if scope else "<output>"
-        groups.setdefault(key, []).append(name)
-    return {k: sorted(v) for k, v in sorted(groups.items())}
-
-
-# ---- writing and running -----------------------------------------------------------------------
-def embed_record(model, record: dict) -> None:
-    for i, prop in enumerate(model.metadata_props):
-        if prop.key == ONNX_METADATA_KEY:
-            del model.metadata_props[i]
-            break
-    entry = model.metadata_props.add()
-    entry.key = ONNX_METADATA_KEY
-    entry.value = json.dumps(record, default=str)
-
-
-def write_onnx_artifact(model, path: str | Path, record: dict) -> Path:
-    """Embed ``record``, write the graph under a temporary name, write the sidecar, rename."""
+def fp16(run: ExportRun, write: bool) -> None:
     import onnx
 
-    path = Path(path)
-    embed_record(model, record)
-    with atomic_path(path) as tmp:
-        onnx.save_model(model, str(tmp))
-        write_sidecar(path, record)
-    return path
+    from resunetpp.export.fp16 import build_fp16
+
+    probe = _probe_inputs(run)
+    with run.r.task(f"FP16 ONNX (range probe on {len(probe)} images)"):
+        result = build_fp16(run.fp32_model, run.o.fp16, probe)
+    run.fp16_result = result
+    path = run.work / "fp16.onnx"
+    onnx.save_model(result.model, str(path))
+    run.onnx_paths["fp16"] = path
+    if not write:
+        return
+    with run.staged(path, "onnx", "fp16", BACKEND) as predict:
+        metrics = run.measure("ONNX FP16 (ONNX Runtime)", predict)
+    gate, keep = run.judge("onnx", "fp16", metrics)
+    final = run.final("onnx", "fp16")
+    if keep:
+        rec = run.record("onnx", "fp16", final, {**metrics, "gate": gate.as_dict(run.o.allow_accuracy_drop)},
+                         onnx=_onnx_info(run, result.model), fp16=result.record(),
+                         verification={**run.vset.record(), "runtime": "onnxruntime CPUExecutionProvider "
+                                       "(FP16 ops without a CPU kernel run in FP32 between casts)"})
+        write_onnx_artifact(result.model, final, rec)
+    run.add("onnx", "fp16", final, keep, metrics, gate)
 
 
-def ort_session(model):
-    """A CPU ONNX Runtime session over a path, serialized bytes or a ``ModelProto``."""
-    import onnxruntime as ort
+def _probe_inputs(run: ExportRun) -> list[np.ndarray]:
+    if run.calib is not None:
+        out = []
+        for x in run.calib.inputs(run.pre):
+            out.append(x)
+            if len(out) == RANGE_PROBE_IMAGES:
+                break
+        return out
+    return run.vset.inputs[:RANGE_PROBE_IMAGES]
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if hasattr(model, "SerializeToString"):
-        model = model.SerializeToString()
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+def int8(run: ExportRun, write: bool) -> None:
+    import onnx
 
+    from resunetpp.export.quantize import calibrate_ranges, quantize_qdq
 
-def ort_predict_fn(model):
-    """``predict(x (N,C,H,W) float32) -> probs (N,K,H,W) float32`` on ONNX Runtime CPU."""
-    session = ort_session(model)
+    recipe = run.o.qdq
+    source, _ = int8_source(run)
+    cache = run.work / f"ranges_{recipe.method}.json"
+    with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, ONNX Runtime)", total=len(run.calib)) as adv:
+        calibrate_ranges(source, batches(run.calib.inputs(run.pre), run.o.batch or 1, fixed=run.o.batch is not None),
+                         cache, method=recipe.method, percentile=recipe.percentile, progress=adv)
+    with run.r.task("quantize Q/DQ ONNX (ONNX Runtime quantize_static)"):
+        result = quantize_qdq(source, cache, run.work / "int8_qdq.onnx", recipe)
+    run.onnx_paths["int8_qdq"] = result.path
+    run.qdq_record = {**result.record(), **source_record(run)}
+    if not write:
+        return
+    with run.staged(result.path, "onnx", "int8", BACKEND) as predict:
+        metrics = run.measure("ONNX INT8 Q/DQ (ONNX Runtime)", predict, "int8")
+    gate, keep = run.judge("onnx", "int8", metrics)
+    final = run.final("onnx", "int8")
+    if keep:
+        model = onnx.load(str(result.path))
+        rec = run.record("onnx", "int8", final, {**metrics, "gate": gate.as_dict(run.o.allow_accuracy_drop)},
+                         calibration=run.calibration_record({"tool": "onnxruntime", "method": recipe.method}),
+                         quantization=run.qdq_record, onnx=_onnx_info(run, model),
+                         verification={**run.vset.record(), "runtime": "onnxruntime CPUExecutionProvider"})
+        write_onnx_artifact(model, final, rec)
+    run.add("onnx", "int8", final, keep, metrics, gate)
 
-    def predict(x: np.ndarray) -> np.ndarray:
-        out = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
-        return np.asarray(out, dtype=np.float32)
-
-    return predict
+def ensure_source(run: ExportRun, source: str) -> None:
+    """Build the intermediate ONNX ``source`` (``fp16`` or ``int8_qdq``) another format is built from,
+    without writing it, unless this export has it already (``fp32`` always has been)."""
+    if source in run.onnx_paths:
+        return
+    if source == "fp16":
+        fp16(run, write=False)
+    elif source == "int8_qdq":
+        int8(run, write=False)

@@ -6,7 +6,8 @@ them into a hidden temporary folder beside the target, and after verification mo
 ``.bin`` and then the ``.xml`` into place, the sidecar written before either -- an interrupted
 export leaves no IR under a final name.
 
-Verification compiles for the CPU plugin with ``INFERENCE_PRECISION_HINT=f32``: the plugin's
+Verification runs the IR as an OpenVINO engine (:mod:`resunetpp.engines.openvino_engine`) on the
+CPU plugin with ``INFERENCE_PRECISION_HINT=f32`` (the engine's ``precision="f32"``): the plugin's
 default on CPUs with bf16 support (this AMD EPYC) is bf16, which would blur the comparison with
 PyTorch FP32. FP16 IR weights are decompressed to FP32 at load time on CPU, so its check measures
 the weight rounding; the INT8 IR's non-quantized parts also run in FP32 under the same hint.
@@ -19,14 +20,23 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from resunetpp.artifact import INPUT_NAME
+from resunetpp.export import onnx_format
+from resunetpp.export.int8_source import int8_source, source_record
+from resunetpp.artifact import write_sidecar
+
+if TYPE_CHECKING:
+    from resunetpp.export.context import ExportRun
 
 VERIFY_PRECISION_HINT = "f32"
+#: The engine backend an IR is verified on, and its options there.
+BACKEND = "openvino"
+VERIFY_OPTIONS = {"precision": VERIFY_PRECISION_HINT}
 
 
 def convert_onnx(onnx_path: str | Path):
@@ -72,29 +82,6 @@ def save_ir(ov_model, xml_path: str | Path, *, compress_to_fp16: bool) -> Path:
     return Path(xml_path)
 
 
-def compile_model(model, precision_hint: str | None = VERIFY_PRECISION_HINT):
-    """Compile an ``ov.Model`` or an ``.xml`` path for the CPU plugin."""
-    import openvino as ov
-
-    core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": precision_hint} if precision_hint else {}
-    source = str(model) if isinstance(model, (str, Path)) else model
-    return core.compile_model(source, "CPU", config)
-
-
-def ov_predict_fn(model, precision_hint: str | None = VERIFY_PRECISION_HINT):
-    """``predict(x (N,C,H,W) float32) -> probs`` on the OpenVINO CPU plugin."""
-    compiled = compile_model(model, precision_hint)
-    request = compiled.create_infer_request()
-    output = compiled.output(0)
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        result = request.infer({INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
-        return np.array(result[output], dtype=np.float32)
-
-    return predict
-
-
 def cpu_description() -> dict:
     """The CPU the IR was verified on and the plugin's default inference precision there."""
     import openvino as ov
@@ -103,3 +90,70 @@ def cpu_description() -> dict:
     return {"device": core.get_property("CPU", "FULL_DEVICE_NAME"),
             "default_inference_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
             "verified_with_precision_hint": VERIFY_PRECISION_HINT}
+
+
+# ---- the export steps ----------------------------------------------------------------------------------
+def build(run: ExportRun, precisions: list[str]) -> None:
+    """Convert, verify and write the IRs of ``precisions``."""
+    for precision in precisions:
+        _ir(run, precision)
+
+
+def _ir(run: ExportRun, precision: str) -> None:
+    final = run.final("openvino", precision)
+    extra: dict = {}
+    if precision == "int8" and run.o.openvino_int8 == "qdq":
+        ov_model, extra = _from_qdq(run)
+    else:
+        ov_model = convert_onnx(int8_source(run)[0] if precision == "int8" else run.onnx_paths["fp32"])
+        if precision == "int8":
+            ov_model, extra = _nncf(run, ov_model)
+    with staged_ir(final) as stage:
+        save_ir(ov_model, stage.xml, compress_to_fp16=precision == "fp16")
+        with run.staged(stage.xml, "openvino", precision, BACKEND, VERIFY_OPTIONS) as predict:
+            metrics = run.measure(f"OpenVINO {precision.upper()} IR (CPU, f32 hint)", predict, precision)
+        gate, keep = run.judge("openvino", precision, metrics)
+        if keep:
+            rec = run.record("openvino", precision, final, {**metrics, "gate": gate.as_dict(run.o.allow_accuracy_drop)},
+                             openvino={"weights": "fp16" if precision == "fp16" else ("int8" if precision == "int8"
+                                                                                     else "fp32"),
+                                       "bin": final.with_suffix(".bin").name, **cpu_description()},
+                             verification={**run.vset.record(), "runtime": "OpenVINO CPU plugin"}, **extra)
+            write_sidecar(final, rec)
+        else:
+            stage.discard()
+    run.add("openvino", precision, final, keep, metrics, gate)
+
+
+def _from_qdq(run: ExportRun):
+    """The INT8 IR converted from the Q/DQ ONNX: OpenVINO turns each Q/DQ pair into a
+    FakeQuantize and runs the convolutions in INT8 (low-precision transformations)."""
+    onnx_format.ensure_source(run, "int8_qdq")
+    with run.r.task("convert the INT8 Q/DQ ONNX to OpenVINO IR"):
+        ov_model = convert_onnx(run.onnx_paths["int8_qdq"])
+    fq = sum(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ordered_ops())
+    calib = run.calibration_record({"tool": "onnxruntime", "method": run.o.qdq.method})
+    return ov_model, {"calibration": calib,
+                      "quantization": {**run.qdq_record, "openvino": "converted from the INT8 Q/DQ ONNX",
+                                       "fake_quantize_ops": fq}}
+
+
+def _nncf(run: ExportRun, ov_model):
+    from resunetpp.export.quantize import quantize_openvino
+    from resunetpp.imageio import read_image
+
+    pre = run.pre
+    n = run.o.batch or 1  # a static-batch graph takes exactly n images per call
+    paths = list(run.calib.paths)
+    groups = [paths[i:i + n] for i in range(0, len(paths), n)]
+    groups[-1] = groups[-1] + [groups[-1][-1]] * (n - len(groups[-1]))
+
+    def load(group: list[Path]) -> np.ndarray:
+        return np.stack([pre.apply(read_image(p, pre.channels)) for p in group])
+
+    recipe = replace(run.o.nncf, subset_size=len(groups))
+    with run.r.task(f"quantize OpenVINO IR (NNCF, {recipe.preset} preset, {len(paths)} images)"):
+        result = quantize_openvino(ov_model, int8_source(run)[1], groups, load, recipe)
+    calib = run.calibration_record({"tool": "nncf", "preset": recipe.preset,
+                                    "range_estimator": recipe.range_estimator})
+    return result.model, {"calibration": calib, "quantization": {**result.record(), **source_record(run)}}

@@ -17,7 +17,7 @@ convolution's *inputs* and weights get Q/DQ pairs (as NNCF and TensorRT place th
 pair on every convolution's output, ONNX Runtime's own default, only adds rounding -- on the
 shipped Kvasir-SEG model it cost 0.007 mean Dice vs FP32 and more on the worst image
 (benchmarks/INT8.md, section 7). Nothing else is changed in the graph (no ORT pre-processing
-pass), so node names stay those of the FP32 export and :func:`export.onnx_format.node_scopes` maps them
+pass), so node names stay those of the FP32 export and :func:`export.onnx_graph.node_scopes` maps them
 to modules.
 
 :func:`quantize_openvino` (``export --openvino-int8 nncf``) quantizes the OpenVINO IR with NNCF
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resunetpp.export.onnx_format import node_scopes, nodes_in_modules
+from resunetpp.export.onnx_graph import node_scopes, nodes_in_modules
 from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
 from resunetpp.errors import ResUNetError
 

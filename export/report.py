@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from resunetpp.export.pipeline import ExportReport
+    from resunetpp.export.results import ExportReport
 
 Advance = Callable[..., None]
 

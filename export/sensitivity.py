@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from resunetpp.export.onnx_format import module_groups, node_scopes, ort_predict_fn
+from resunetpp.export.metadata import graph_record
+from resunetpp.export.onnx_graph import module_groups, node_scopes
 from resunetpp.export.quantize import DEFAULT_BIAS_CORRECTION_IMAGES, DEFAULT_EQUALIZE_ALPHA, QDQRecipe, quantize_qdq
-from resunetpp.export.verify import compare_outputs, predict_batched
+from resunetpp.export.verify import artifact_predict, compare_outputs, predict_batched
 from resunetpp.errors import ResUNetError
 from resunetpp.flops import FlopCount
 
@@ -125,9 +126,14 @@ class Evaluator:
         self.all_nodes = [n.name for n in self.model.graph.node]
         self._tmp = tempfile.TemporaryDirectory(prefix="resunetpp-sens-") if work is None else None
         self.work = Path(work) if work is not None else Path(self._tmp.name)
-        self.reference = (list(reference) if reference is not None
-                          else predict_batched(ort_predict_fn(self.fp32_onnx), self.inputs, batch_size))
+        self.record = graph_record(self.model)  # what an engine needs to run the graph and its probes
+        self.reference = list(reference) if reference is not None else self._run(self.fp32_onnx)
         self.runs = 0
+
+    def _run(self, path: Path) -> list[np.ndarray]:
+        """Outputs of the graph at ``path`` on the evaluation inputs (ONNX Runtime, CPU)."""
+        with artifact_predict(path, "onnxruntime", self.record) as predict:
+            return predict_batched(predict, self.inputs, self.batch_size)
 
     def groups(self, depth: int = 2) -> dict[str, list[str]]:
         return module_groups(self.scopes, depth)
@@ -136,7 +142,7 @@ class Evaluator:
         path = self.work / f"probe_{self.runs}.onnx"
         self.runs += 1
         quantize_qdq(self.fp32_onnx, self.ranges_cache, path, recipe)
-        probs = predict_batched(ort_predict_fn(path), self.inputs, self.batch_size)
+        probs = self._run(path)
         path.unlink(missing_ok=True)
         return compare_outputs(probs, self.reference, num_classes=self.num_classes)
 
@@ -261,8 +267,8 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     from resunetpp.export import calibration as cal
     from resunetpp.export.bias_correction import bias_correct
     from resunetpp.export.equalize import equalize
-    from resunetpp.export.onnx_format import ShapeSpec, export_onnx
-    from resunetpp.export.qat import sim_ranges
+    from resunetpp.export.onnx_graph import ShapeSpec, export_onnx
+    from resunetpp.export.quantsim import sim_ranges
     from resunetpp.export.quantize import CALIBRATION_METHODS, calibrate_ranges
     from resunetpp.atomic import write_json_atomic
     from resunetpp.checkpoint import load_checkpoint

@@ -1,47 +1,38 @@
-"""TensorRT engines from the exported ONNX graphs: the plan in plain Python, the build kept thin.
+"""The TensorRT format: engines built from the exported ONNX graphs, the build kept thin.
 
 Everything up to the TensorRT calls -- which ONNX to build from, strong typing or precision
 flags, the optimization profile, workspace, timing and calibration cache paths, the equivalent
-``trtexec`` command line -- is decided by :func:`plan_build`, :func:`profile_shapes` and
-:func:`trtexec_command`, which need no TensorRT and are tested everywhere. :func:`build_engine`,
-:func:`engine_predict_fn` and the entropy calibrator import ``tensorrt`` and ``cuda-python``
-lazily and follow the TensorRT 10.x / 11.x Python API.
-
-Build paths, by detected version (:func:`plan_build`):
-
-* **TensorRT >= 11** is always strongly typed: there are no precision flags and no calibrators.
-  FP32 builds from ``model_fp32.onnx``, FP16 from ``model_fp16.onnx`` (this toolkit's FP16 graph
-  with overflow-prone nodes kept FP32, the role ModelOpt AutoCast plays), INT8 from the Q/DQ
-  ONNX (explicit quantization).
-* **TensorRT 10.x**: the same strongly typed builds by default (``STRONGLY_TYPED`` network flag,
-  ``trtexec --stronglyTyped``), and on request the legacy paths: ``fp16_mode="flag"`` (FP32 ONNX
-  + ``BuilderFlag.FP16``, TensorRT picks per layer) and ``calibrator="entropy"`` (FP32 ONNX +
-  ``BuilderFlag.INT8`` + ``IInt8EntropyCalibrator2`` with a calibration cache file). DLA builds
-  on 10.x use the flag paths (DLA takes FP16/INT8 only, with GPU fallback).
+``trtexec`` command line -- is decided by :mod:`export.tensorrt_plan` (:func:`plan_build`,
+:func:`profile_shapes`, :func:`trtexec_command`), which needs no TensorRT and is tested
+everywhere. :func:`build_engine` and the entropy calibrator import ``tensorrt`` and ``cuda-python``
+lazily and follow the TensorRT 10.x / 11.x Python API. A built engine is verified as a
+:mod:`resunetpp.engines` TensorRT engine, like any other artifact, before it is moved into place.
+Without TensorRT, the export prints the ``trtexec`` lines that build the engines on the target.
 """
 
 from __future__ import annotations
 
-import shlex
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from resunetpp.export.onnx_format import ShapeSpec
-from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME
-from resunetpp.atomic import write_bytes_atomic
+from resunetpp.export import onnx_format
+from resunetpp.export.inputs import batches as stacked_batches
+from resunetpp.export.tensorrt_plan import (DEFAULT_WORKSPACE_MIB, BuildPlan, ProfileShapes, plan_build,
+                                            profile_shapes, trt_major, trtexec_command)
+from resunetpp.artifact import INPUT_NAME, write_sidecar
+from resunetpp.atomic import atomic_path, write_bytes_atomic
 from resunetpp.errors import ResUNetError
-from resunetpp.model import SIZE_MULTIPLE
 
-PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_WORKSPACE_MIB = 2048
-DEFAULT_MAX_BATCH = 8
-CALIBRATORS = ("entropy",)
-FP16_MODES = ("onnx", "flag")
-MIN_MAJOR = 10
+if TYPE_CHECKING:
+    from resunetpp.export.context import ExportRun
+
+#: The engine backend an engine is verified on.
+BACKEND = "tensorrt"
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -51,143 +42,6 @@ def tensorrt_status() -> tuple[bool, str]:
     except Exception as e:  # ImportError, or a broken install raising OSError on its libraries
         return False, f"the tensorrt Python package is not importable ({type(e).__name__}: {e})"
     return True, str(trt.__version__)
-
-
-def trt_major(version: str) -> int:
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        raise ResUNetError(f"cannot read the TensorRT version {version!r}") from None
-
-
-# ---- profile --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProfileShapes:
-    """One optimization profile for the input ``images``: min / opt / max (N, C, H, W)."""
-
-    min: tuple[int, int, int, int]
-    opt: tuple[int, int, int, int]
-    max: tuple[int, int, int, int]
-
-    @property
-    def static(self) -> bool:
-        return self.min == self.opt == self.max
-
-    def as_dict(self) -> dict:
-        return {k: list(v) for k, v in asdict(self).items()}
-
-
-def _round8(v: float) -> int:
-    return max(SIZE_MULTIPLE, int(-(-v // SIZE_MULTIPLE)) * SIZE_MULTIPLE)
-
-
-def profile_shapes(spec: ShapeSpec, *, max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int = 1,
-                   min_size: tuple[int, int] | None = None, max_size: tuple[int, int] | None = None) -> ProfileShapes:
-    """Profile from the export geometry: batch 1..``max_batch`` (opt ``opt_batch``) when dynamic;
-    height/width ``size/2 .. 2*size`` (multiples of 8, opt = ``size``) when dynamic."""
-    c = spec.channels
-    h, w = spec.size
-    if spec.batch is None:
-        if not 1 <= opt_batch <= max_batch:
-            raise ResUNetError(f"TensorRT profile: need 1 <= opt batch ({opt_batch}) <= max batch ({max_batch})")
-        b = (1, opt_batch, max_batch)
-    else:
-        b = (spec.batch,) * 3
-    if spec.dynamic_size:
-        lo = min_size or (_round8(h / 2), _round8(w / 2))
-        hi = max_size or (2 * h, 2 * w)
-        if not (lo[0] <= h <= hi[0] and lo[1] <= w <= hi[1]):
-            raise ResUNetError(f"TensorRT profile: size {h}x{w} is outside {lo[0]}x{lo[1]} .. {hi[0]}x{hi[1]}")
-        hs, ws = (lo[0], h, hi[0]), (lo[1], w, hi[1])
-    else:
-        hs, ws = (h,) * 3, (w,) * 3
-    return ProfileShapes(*((b[i], c, hs[i], ws[i]) for i in range(3)))
-
-
-# ---- plan -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BuildPlan:
-    """How one engine is built: from which ONNX, strongly typed or with which builder flags."""
-
-    precision: str
-    source: str  # "fp32" | "fp16" | "int8_qdq": which exported ONNX the engine is parsed from
-    strongly_typed: bool
-    flags: tuple[str, ...]
-    calibrator: str | None
-    dla_core: int | None
-    trt_version: str
-    description: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def plan_build(trt_version: str, precision: str, *, calibrator: str | None = None, fp16_mode: str = "onnx",
-               dla_core: int | None = None) -> BuildPlan:
-    """Choose the build path for ``precision`` on TensorRT ``trt_version`` (see module docstring)."""
-    if precision not in PRECISIONS:
-        raise ResUNetError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if calibrator is not None and calibrator not in CALIBRATORS:
-        raise ResUNetError(f"TensorRT calibrator must be one of {', '.join(CALIBRATORS)}, got {calibrator!r}")
-    if fp16_mode not in FP16_MODES:
-        raise ResUNetError(f"TensorRT FP16 mode must be one of {', '.join(FP16_MODES)}, got {fp16_mode!r}")
-    major = trt_major(trt_version)
-    if major < MIN_MAJOR:
-        raise ResUNetError(f"TensorRT {trt_version} is too old: {MIN_MAJOR}.x or newer is needed")
-    if dla_core is not None and precision == "fp32":
-        raise ResUNetError("DLA cores run FP16 and INT8 only: use --precision fp16 or int8 with --dla-core")
-    dla = ("GPU_FALLBACK",) if dla_core is not None else ()
-    mk = lambda src, typed, flags, cal, why: BuildPlan(precision, src, typed, tuple(flags) + dla, cal,  # noqa: E731
-                                                      dla_core, str(trt_version), why)
-    if major >= 11:
-        if calibrator:
-            raise ResUNetError(f"TensorRT {trt_version} has no INT8 calibrators (removed in 11): INT8 engines "
-                               "build from the Q/DQ ONNX; drop --calibrator")
-        if fp16_mode == "flag":
-            raise ResUNetError(f"TensorRT {trt_version} has no FP16 builder flag (removed in 11): FP16 engines "
-                               "build from the FP16 ONNX")
-        src = {"fp32": "fp32", "fp16": "fp16", "int8": "int8_qdq"}[precision]
-        return mk(src, True, (), None, f"TensorRT {major}: strongly typed network from the {src} ONNX")
-    if precision == "fp32":
-        return mk("fp32", False, (), None, "TensorRT 10: FP32 network, no precision flags")
-    if precision == "fp16":
-        if fp16_mode == "flag" or dla_core is not None:
-            return mk("fp32", False, ("FP16",), None, "TensorRT 10: FP32 ONNX with BuilderFlag.FP16 (weak typing)")
-        return mk("fp16", True, (), None, "TensorRT 10: strongly typed network from the FP16 ONNX")
-    if calibrator == "entropy":
-        return mk("fp32", False, ("INT8",), "entropy",
-                  "TensorRT 10: implicit INT8 with IInt8EntropyCalibrator2 and a calibration cache (legacy)")
-    if dla_core is not None:
-        return mk("int8_qdq", False, ("INT8", "FP16"), None,
-                  "TensorRT 10: Q/DQ ONNX with BuilderFlag.INT8 + FP16 (weak typing, for DLA)")
-    return mk("int8_qdq", True, (), None, "TensorRT 10: strongly typed network from the Q/DQ ONNX (explicit INT8)")
-
-
-def _shape_arg(shape: Sequence[int]) -> str:
-    return f"{INPUT_NAME}:" + "x".join(str(int(d)) for d in shape)
-
-
-def trtexec_command(plan: BuildPlan, onnx_path: str | Path, engine_path: str | Path, shapes: ProfileShapes, *,
-                    workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache: str | Path | None = None,
-                    calibration_cache: str | Path | None = None) -> str:
-    """The ``trtexec`` line that builds the same engine (for reproducing it on a Jetson)."""
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    if shapes.static:
-        args.append(f"--shapes={_shape_arg(shapes.opt)}")
-    else:
-        args += [f"--minShapes={_shape_arg(shapes.min)}", f"--optShapes={_shape_arg(shapes.opt)}",
-                 f"--maxShapes={_shape_arg(shapes.max)}"]
-    if plan.strongly_typed and trt_major(plan.trt_version) < 11:
-        args.append("--stronglyTyped")
-    args += [f"--{flag.lower()}" for flag in plan.flags if flag in ("FP16", "INT8")]
-    if plan.calibrator and calibration_cache:
-        args.append(f"--calib={calibration_cache}")
-    args.append(f"--memPoolSize=workspace:{int(workspace_mib)}M")
-    if timing_cache:
-        args.append(f"--timingCacheFile={timing_cache}")
-    if plan.dla_core is not None:
-        args += [f"--useDLACore={plan.dla_core}", "--allowGPUFallback"]
-    return shlex.join(args)
 
 
 # ---- CUDA helpers (cuda-python) ----------------------------------------------------------------------
@@ -212,34 +66,14 @@ def gpu_info(device: int | None = None) -> dict:
     return {"device": int(dev), "name": name, "compute_capability": f"{prop.major}.{prop.minor}"}
 
 
-class _DeviceBuffer:
-    def __init__(self, nbytes: int) -> None:
-        from cuda.bindings import runtime as cudart
-
-        self.nbytes = int(nbytes)
-        self.ptr = _cuda(cudart.cudaMalloc(max(self.nbytes, 1)))
-
-    def upload(self, array: np.ndarray) -> None:
-        from cuda.bindings import runtime as cudart
-
-        _cuda(cudart.cudaMemcpy(self.ptr, array.ctypes.data, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
-
-    def download(self, array: np.ndarray) -> None:
-        from cuda.bindings import runtime as cudart
-
-        _cuda(cudart.cudaMemcpy(array.ctypes.data, self.ptr, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
-
-    def free(self) -> None:
-        from cuda.bindings import runtime as cudart
-
-        if self.ptr:
-            cudart.cudaFree(self.ptr)
-            self.ptr = 0
-
-
 def make_entropy_calibrator(batches: Sequence[np.ndarray], cache_path: str | Path):
-    """An ``IInt8EntropyCalibrator2`` (TensorRT 10.x) over (N,C,H,W) float32 ``batches``."""
+    """An ``IInt8EntropyCalibrator2`` (TensorRT 10.x) over (N,C,H,W) float32 ``batches``; its device
+    memory is :class:`resunetpp.engines.tensorrt_engine.CudaPythonBuffers`. Call its ``close()``
+    after the build."""
     import tensorrt as trt
+    from cuda.bindings import runtime as cudart
+
+    from resunetpp.engines.tensorrt_engine import CudaPythonBuffers
 
     cache_path = Path(cache_path)
     data = [np.ascontiguousarray(b, dtype=np.float32) for b in batches]
@@ -250,7 +84,7 @@ def make_entropy_calibrator(batches: Sequence[np.ndarray], cache_path: str | Pat
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self._next = 0
-            self._buffer = _DeviceBuffer(data[0].nbytes)
+            self._buffers = CudaPythonBuffers(_cuda(cudart.cudaGetDevice()))  # the engines' device buffers
 
         def get_batch_size(self) -> int:
             return int(data[0].shape[0])
@@ -258,15 +92,20 @@ def make_entropy_calibrator(batches: Sequence[np.ndarray], cache_path: str | Pat
         def get_batch(self, names):  # noqa: ARG002 - one input
             if self._next >= len(data):
                 return None
-            self._buffer.upload(data[self._next])
+            ptr = self._buffers.upload("images", data[self._next])
+            _cuda(cudart.cudaStreamSynchronize(self._buffers.stream))  # the copy is done before TensorRT reads
             self._next += 1
-            return [int(self._buffer.ptr)]
+            return [int(ptr)]
 
         def read_calibration_cache(self):
             return cache_path.read_bytes() if cache_path.is_file() else None
 
         def write_calibration_cache(self, cache) -> None:
             write_bytes_atomic(cache_path, bytes(cache))
+
+        def close(self) -> None:
+            """Free the device buffer and the stream (after the build)."""
+            self._buffers.close()
 
     return EntropyCalibrator()
 
@@ -325,7 +164,7 @@ def build_engine(plan: BuildPlan, onnx_path: str | Path, engine_path: str | Path
         serialized = builder.build_serialized_network(network, config)
     finally:
         if calibrator is not None:
-            calibrator._buffer.free()
+            calibrator.close()
     if serialized is None:
         raise ResUNetError(f"TensorRT failed to build the {plan.precision} engine from {onnx_path} "
                            "(see the TensorRT log above)")
@@ -336,34 +175,78 @@ def build_engine(plan: BuildPlan, onnx_path: str | Path, engine_path: str | Path
             "dla_core": plan.dla_core, "workspace_mib": int(workspace_mib)}
 
 
-def engine_predict_fn(engine_path: str | Path):
-    """``predict(x (N,C,H,W) float32) -> probs`` with a TensorRT engine (for export verification)."""
-    import tensorrt as trt
-    from cuda.bindings import runtime as cudart
+# ---- the export steps ----------------------------------------------------------------------------------
+class _Refused(Exception):
+    """Internal: leave an atomic write without renaming (artifact failed its gate)."""
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise ResUNetError(f"{engine_path}: TensorRT cannot deserialize the engine")
-    context = engine.create_execution_context()
-    stream = _cuda(cudart.cudaStreamCreate())
 
-    def predict(x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        context.set_input_shape(INPUT_NAME, x.shape)
-        out = np.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)), dtype=np.float32)
-        src, dst = _DeviceBuffer(x.nbytes), _DeviceBuffer(out.nbytes)
+def build(run: ExportRun, precisions: list[str]) -> None:
+    """Build, verify and write the engines of ``precisions`` on this machine's GPU."""
+    _ok, trt_version = tensorrt_status()
+    t = run.o.tensorrt
+    shapes = profile_shapes(run.spec, max_batch=t.max_batch, opt_batch=t.opt_batch)
+    folder = run.o.out / "tensorrt"
+    timing = folder / "timing.cache"
+    for precision in precisions:
+        plan = plan_build(trt_version, precision, calibrator=t.calibrator, fp16_mode=t.fp16_mode, dla_core=t.dla_core)
+        onnx_format.ensure_source(run, plan.source)
+        src = run.onnx_paths[plan.source]
+        final = run.final("tensorrt", precision)
+        calib_cache = folder / "calibration.cache" if plan.calibrator else None
+        line = trtexec_command(plan, src, final, shapes, workspace_mib=t.workspace_mib,
+                               timing_cache=timing, calibration_cache=calib_cache)
+        run.r.info(f"tensorrt {precision}: {plan.description}\n  equivalent: {line}")
+        batches = None
+        if plan.calibrator:
+            batches = list(stacked_batches(run.calib.inputs(run.pre), shapes.opt[0], fixed=True))
+        staged = run.work / final.name  # built and verified here, moved into place once its sidecar is written
         try:
-            src.upload(x)
-            context.set_tensor_address(INPUT_NAME, int(src.ptr))
-            context.set_tensor_address(OUTPUT_NAME, int(dst.ptr))
-            if not context.execute_async_v3(stream):
-                raise ResUNetError(f"{engine_path}: TensorRT inference failed")
-            _cuda(cudart.cudaStreamSynchronize(stream))
-            dst.download(out)
-        finally:
-            src.free()
-            dst.free()
-        return out
+            with atomic_path(final) as tmp:
+                with run.r.task(f"build TensorRT {precision} engine"):
+                    facts = build_engine(plan, src, staged, shapes, workspace_mib=t.workspace_mib,
+                                         timing_cache=timing, calibration_batches=batches,
+                                         calibration_cache=calib_cache)
+                with run.staged(staged, "tensorrt", precision, BACKEND, tensorrt=facts) as predict:
+                    metrics = run.measure(f"TensorRT {precision} engine", predict, precision)
+                gate, keep = run.judge("tensorrt", precision, metrics)
+                if not keep:
+                    raise _Refused
+                rec = run.record("tensorrt", precision, final,
+                                 {**metrics, "gate": gate.as_dict(run.o.allow_accuracy_drop)},
+                                 tensorrt={**facts, "plan": plan.as_dict(), "profile": shapes.as_dict(),
+                                           "source_onnx": src.name, "timing_cache": str(timing),
+                                           "calibration_cache": str(calib_cache) if calib_cache else None,
+                                           "trtexec": line},
+                                 verification={**run.vset.record(), "runtime": "TensorRT"},
+                                 **_int8_extra(run, precision, plan))
+                os.replace(staged, tmp)
+                write_sidecar(final, rec)
+        except _Refused:
+            run.add("tensorrt", precision, final, False, metrics, gate)
+            continue
+        run.add("tensorrt", precision, final, True, metrics, gate)
 
-    return predict
+
+def _int8_extra(run: ExportRun, precision: str, plan: BuildPlan) -> dict:
+    if precision != "int8":
+        return {}
+    tool = "tensorrt IInt8EntropyCalibrator2" if plan.calibrator else "onnxruntime"
+    return {"calibration": run.calibration_record({"tool": tool, "method": "entropy" if plan.calibrator
+                                                   else run.o.qdq.method}),
+            "quantization": None if plan.calibrator else run.qdq_record}
+
+
+def trtexec_hints(run: ExportRun, precisions: list[str]) -> None:
+    """Without TensorRT here: the trtexec lines that build the engines from the written ONNX files."""
+    t = run.o.tensorrt
+    shapes = profile_shapes(run.spec, max_batch=t.max_batch, opt_batch=t.opt_batch)
+    for precision in precisions:
+        plan = plan_build("10", precision, dla_core=t.dla_core if precision != "fp32" else None)
+        src = {"fp32": run.final("onnx", "fp32"), "fp16": run.final("onnx", "fp16"),
+               "int8_qdq": run.final("onnx", "int8")}[plan.source]
+        if src.is_file():
+            engine = Path("tensorrt") / f"model_{precision}.engine"
+            run.report.trtexec.append(
+                "# on the target (TensorRT 10; drop --stronglyTyped on 11): "
+                + trtexec_command(plan, src.name, engine, shapes, workspace_mib=t.workspace_mib,
+                                  timing_cache=Path("tensorrt") / "timing.cache"))

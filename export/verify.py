@@ -18,8 +18,11 @@ ground-truth masks -- a Dice vs ground truth at most :data:`INT8_MAX_GT_DROP` be
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +66,44 @@ def predict_batched(predict: PredictFn, inputs: Sequence[np.ndarray], batch_size
         out.extend(probs[k].astype(np.float32, copy=False) for k in range(n))
         i = j
     return out
+
+
+# ---- running artifacts (through resunetpp.engines) -------------------------------------------------
+#: Where export verification runs each backend when no device is given: TensorRT on the GPU, the
+#: others on the CPU.
+VERIFY_DEVICE = {"torch": "cpu", "onnxruntime": "cpu", "openvino": "cpu", "tensorrt": "cuda"}
+
+
+def engine_predict(engine: Any) -> PredictFn:
+    """``predict(x (N,C,H,W) float32) -> probs`` through ``engine.predict`` (every check of
+    :meth:`~resunetpp.engines.Engine.infer`), for verification: a batch whose output holds NaN or
+    Inf is run again one image at a time, and an image that still is not finite comes back as
+    NaN, so that the gates count it (``nonfinite_images``) and refuse the artifact instead of the
+    export stopping on the engine's error."""
+    from resunetpp.engines import NonFiniteOutputError
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        try:
+            return engine.predict(x)
+        except NonFiniteOutputError:
+            if len(x) == 1:
+                h, w = x.shape[2:]
+                return np.full((1, engine.num_classes, h, w), np.nan, np.float32)
+        return np.concatenate([predict(x[i:i + 1]) for i in range(len(x))])
+
+    return predict
+
+
+@contextlib.contextmanager
+def artifact_predict(path: str | Path, backend: str, record: dict | None = None, device: str | None = None,
+                     **options: Any) -> Iterator[PredictFn]:
+    """Open ``path`` on ``backend`` (:func:`resunetpp.engines.open`, with ``record`` when the file has
+    no sidecar yet) and yield its :func:`engine_predict`; the engine is closed on exit."""
+    from resunetpp import engines
+
+    with engines.open(path, backend=backend, device=device or VERIFY_DEVICE[backend], record=record,
+                      **options) as engine:
+        yield engine_predict(engine)
 
 
 def _restore(probs: np.ndarray, pre: Preprocessing | None, size: tuple[int, int] | None) -> np.ndarray:

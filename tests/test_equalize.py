@@ -99,7 +99,7 @@ def _conv_means(model, convs: dict, xs: list[torch.Tensor]) -> dict[str, torch.T
 
 def _int8_mean_shift(model: ResUNetPlusPlus, ref: ResUNetPlusPlus, batches: list[np.ndarray]) -> float:
     """Sum over convolutions of the largest per-channel |mean(simulated INT8 out) - mean(FP32 out)|."""
-    from resunetpp.export.qat import QuantSim
+    from resunetpp.export.quantsim import QuantSim
 
     xs = [torch.as_tensor(b) for b in batches]
     reference = _conv_means(ref, {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Conv2d)}, xs)

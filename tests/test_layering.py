@@ -17,8 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("core", "engines", "export", "bench", "cli")
-#: Entry points that sit above everything they start.
-ENTRY_POINTS = {"resunetpp.__main__": "cli"}
+#: Entry points and the public face sit above everything they start or re-export: ``resunetpp``'s
+#: ``__init__`` lazily re-exports ``resunetpp.load`` (engines) and the model; nothing imports it back.
+ENTRY_POINTS = {"resunetpp.__main__": "cli", "resunetpp": "cli"}
 
 
 def package_dirs() -> dict[str, Path]:

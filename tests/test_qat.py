@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from resunetpp.cli import app
 from resunetpp.export.calibration import synthetic_images
 from resunetpp.export.pipeline import ExportOptions, run_export
-from resunetpp.export.qat import QATOptions, QuantSim, _AbsHistogram, _TopK, distillation_loss, mask_dice_loss, qat_finetune, sim_ranges
+from resunetpp.export.qat import QATOptions, distillation_loss, mask_dice_loss, qat_finetune
+from resunetpp.export.quantsim import QuantSim, _AbsHistogram, _TopK, sim_ranges
 from resunetpp.export.ranges import mse_range
 from resunetpp.export.quantize import NNCFRecipe, QDQRecipe
 from resunetpp.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint

@@ -280,3 +280,10 @@ def test_registration_is_checked(echo: registry.Backend) -> None:
     with pytest.raises(TypeError, match="sets no backend name"):
         register_backend(suffixes=(".x",), runtime="json", install_hint="-")(Nameless)
     assert "clash" not in engines.BACKENDS
+
+
+def test_readme_backend_table_is_the_registry() -> None:
+    """The README's backend table is derived, not hand-kept: it must equal the registry's table."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    between = readme.split("<!-- backends:start -->\n", 1)[1].split("\n<!-- backends:end -->", 1)[0]
+    assert between == registry.markdown_table()

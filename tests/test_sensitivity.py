@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from resunetpp.cli import app
 from resunetpp.export.calibration import synthetic_images
-from resunetpp.export.onnx_format import ShapeSpec, export_onnx, node_scopes
+from resunetpp.export.onnx_graph import ShapeSpec, export_onnx, node_scopes
 from resunetpp.export.quantize import DEFAULT_EQUALIZE_ALPHA, QDQRecipe, calibrate_ranges
 from resunetpp.export.sensitivity import Evaluator, Goal, analyze, run_analysis, search
 from resunetpp.checkpoint import Checkpoint, save_checkpoint

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from resunetpp.export import tensorrt_format as trtx
-from resunetpp.export.onnx_format import ShapeSpec
+from resunetpp.export.onnx_graph import ShapeSpec
 from resunetpp.errors import ResUNetError
 
 TRT_OK, TRT_INFO = trtx.tensorrt_status()
@@ -213,6 +213,18 @@ def _gpu_reason() -> str | None:
     return None
 
 
+def _run(path: Path, graph: Path, **artifact):
+    """``path`` (a built engine, or an ONNX graph) run through :mod:`resunetpp.engines` as export
+    verifies it, with the minimal record of its ONNX ``graph`` (plus ``artifact`` facts)."""
+    from resunetpp import engines
+    from resunetpp.export.metadata import graph_record
+
+    record = graph_record(graph)
+    record["artifact"].update(artifact)
+    backend, device = ("onnxruntime", "cpu") if path.suffix == ".onnx" else ("tensorrt", "cuda")
+    return engines.open(path, backend=backend, device=device, record=record).predict
+
+
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_real_engine_matches_onnx_runtime(tmp_path, precision):
@@ -221,7 +233,7 @@ def test_real_engine_matches_onnx_runtime(tmp_path, precision):
     import torch
 
     from resunetpp.export.fp16 import build_fp16
-    from resunetpp.export.onnx_format import export_onnx, ort_predict_fn
+    from resunetpp.export.onnx_graph import export_onnx
     from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
 
     torch.manual_seed(0)
@@ -236,9 +248,9 @@ def test_real_engine_matches_onnx_runtime(tmp_path, precision):
     facts = trtx.build_engine(plan, src, tmp_path / "e.engine", shapes, timing_cache=tmp_path / "timing.cache")
     assert facts["gpu"]["name"] and (tmp_path / "timing.cache").stat().st_size > 0
     x = np.random.default_rng(0).standard_normal((3, 3, 64, 96)).astype(np.float32)
-    got = trtx.engine_predict_fn(tmp_path / "e.engine")(x)
+    got = _run(tmp_path / "e.engine", src, tensorrt=facts)(x)
     tol = 1e-3 if precision == "fp32" else 1e-2  # TF32 convolutions by default on Ampere+
-    assert np.abs(got - ort_predict_fn(src)(x)).max() < tol
+    assert np.abs(got - _run(src, src)(x)).max() < tol
 
 
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
@@ -247,7 +259,7 @@ def test_real_int8_engine_from_qdq(tmp_path):
     import tensorrt as trt
     import torch
 
-    from resunetpp.export.onnx_format import export_onnx, ort_predict_fn
+    from resunetpp.export.onnx_graph import export_onnx
     from resunetpp.export.quantize import QDQRecipe, calibrate_ranges, quantize_qdq
     from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
 
@@ -261,10 +273,10 @@ def test_real_int8_engine_from_qdq(tmp_path):
                              tmp_path / "ranges.json")
     q = quantize_qdq(fp32, cache, tmp_path / "q.onnx", QDQRecipe())
     plan = trtx.plan_build(trt.__version__, "int8")
-    trtx.build_engine(plan, q.path, tmp_path / "e.engine", trtx.profile_shapes(spec, max_batch=2))
+    facts = trtx.build_engine(plan, q.path, tmp_path / "e.engine", trtx.profile_shapes(spec, max_batch=2))
     x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
-    got = trtx.engine_predict_fn(tmp_path / "e.engine")(x)
-    assert np.isfinite(got).all() and np.abs(got - ort_predict_fn(q.path)(x)).mean() < 0.05
+    got = _run(tmp_path / "e.engine", q.path, tensorrt=facts)(x)
+    assert np.isfinite(got).all() and np.abs(got - _run(q.path, q.path)(x)).mean() < 0.05
 
 
 def test_skip_reason_is_stated():

@@ -1,0 +1,156 @@
+"""One export in progress: its options, checkpoint, geometry, image sets, work folder and report,
+and what every format's steps share -- the metadata record, verification through an engine, the
+gate's verdict, the report entry. The steps themselves live with their format
+(:mod:`export.onnx_format`, :mod:`export.openvino_format`, :mod:`export.tensorrt_format`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from resunetpp.export import calibration as cal
+from resunetpp.export.fp16 import FP16Result
+from resunetpp.export.formats import artifact_name
+from resunetpp.export.inputs import VERIFY_BATCH, VerificationSet, batches
+from resunetpp.export.onnx_graph import ShapeSpec
+from resunetpp.export.options import ExportOptions
+from resunetpp.export.outdir import remove_stale
+from resunetpp.export.report import Reporter
+from resunetpp.export.results import ArtifactResult, ExportReport
+from resunetpp.export.verify import (Gate, PredictFn, artifact_predict, compare_outputs, engine_predict, gate_for,
+                                     predict_batched)
+from resunetpp.checkpoint import Checkpoint, load_checkpoint
+from resunetpp.errors import ResUNetError
+from resunetpp.preprocess import Preprocessing
+
+
+class ExportRun:
+    """State of one export: checkpoint, geometry, image sets, work folder, results."""
+
+    def __init__(self, options: ExportOptions, reporter: Reporter, work: Path) -> None:
+        self.o = options
+        self.r = reporter
+        self.work = work
+        self.ckpt = load_checkpoint(options.checkpoint)
+        self.ref_ckpt = load_checkpoint(options.reference) if options.reference else None
+        if self.ref_ckpt is not None:
+            mine, theirs = self.ckpt, self.ref_ckpt
+            if (theirs.config.num_classes, theirs.config.in_channels) != (mine.config.num_classes, mine.config.in_channels) \
+                    or theirs.preprocessing != mine.preprocessing:
+                raise ResUNetError(f"{options.reference}: the INT8 reference must take the same input and give the "
+                                   f"same output as {options.checkpoint} (classes, channels, preprocessing)")
+        self.pre = self._preprocessing()
+        self.spec = ShapeSpec(self.pre.channels, self.ckpt.config.num_classes, self.pre.size, options.batch,
+                              options.dynamic_size)
+        self.report = ExportReport(options.out)
+        self.onnx_paths: dict[str, Path] = {}
+        self.fp32_model = None
+        self.fp16_result: FP16Result | None = None
+        self.qdq_record: dict | None = None
+        self.int8_source_model = None
+        self.equalization_record: dict | None = None
+        self.bias_correction_record: dict | None = None
+        self.calib: cal.ImageSet | None = None  # set by the pipeline once the options are checked
+        self.eval: cal.ImageSet | None = None
+        self.vset: VerificationSet | None = None
+
+    def _preprocessing(self) -> Preprocessing:
+        try:
+            pre = self.ckpt.preprocessing.with_size(self.o.image_size)
+        except ValueError as e:
+            raise ResUNetError(f"--image-size: {e}") from None
+        if pre.mode == "pad" and not self.o.dynamic_size:
+            raise ResUNetError("this checkpoint pads images to any size (preprocessing mode 'pad'): "
+                               "it needs dynamic height and width (drop --static-size)")
+        if pre.channels != self.ckpt.config.in_channels:
+            raise ResUNetError(f"preprocessing gives {pre.channels} channels, the model takes "
+                               f"{self.ckpt.config.in_channels}")
+        return pre
+
+    # -- helpers --
+    def warn(self, message: str) -> None:
+        self.report.warnings.append(message)
+        self.r.warn(message)
+
+    def record(self, fmt: str, precision: str, path: Path, accuracy: dict, **extra: object) -> dict:
+        from resunetpp.export.metadata import artifact_record
+
+        calib = extra.pop("calibration", None)
+        return artifact_record(self.ckpt, self.pre, fmt=fmt, precision=precision, file=path,
+                               shape=self.spec.record(), calibration=calib, accuracy=accuracy, **extra)
+
+    def staged(self, path: Path, fmt: str, precision: str, backend: str, options: dict | None = None,
+               **extra: object) -> contextlib.AbstractContextManager[PredictFn]:
+        """``predict`` of an artifact not yet written (no sidecar): opened as a ``backend`` engine (with
+        ``options``) on the record it will have, less its accuracy; a context manager."""
+        return artifact_predict(path, backend, self.record(fmt, precision, path, None, **extra), **(options or {}))
+
+    def measure(self, label: str, predict: Callable[[np.ndarray], np.ndarray], precision: str = "fp32") -> dict:
+        v = self.vset
+        reference = v.int8_reference if precision == "int8" and v.int8_reference is not None else v.reference
+        with self.r.task(f"verify {label}", total=len(v.inputs)) as advance:
+            def counted(x: np.ndarray) -> np.ndarray:
+                out = predict(x)
+                advance(len(x))
+                return out
+
+            outputs = predict_batched(counted, v.inputs, VERIFY_BATCH, self.o.batch)
+        return compare_outputs(outputs, reference, masks=v.masks, pre=self.pre, sizes=v.sizes, names=v.names,
+                               num_classes=self.ckpt.config.num_classes)
+
+    def judge(self, fmt: str, precision: str, metrics: dict) -> tuple[Gate, bool]:
+        """The gate's outcome and whether the artifact is written."""
+        gate = gate_for(precision, metrics)
+        keep = gate.passed or self.o.allow_accuracy_drop
+        if not gate.passed:
+            (self.warn if keep else self.r.warn)(f"{fmt} {precision}: {gate.reason}"
+                                                 + (" (kept: --allow-accuracy-drop)" if keep else " -- not written"))
+        return gate, keep
+
+    def add(self, fmt: str, precision: str, path: Path, written: bool, metrics: dict, gate: Gate) -> None:
+        size = None
+        if not written:
+            remove_stale(path)
+        else:
+            size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if fmt == "openvino" else 0)
+        self.report.artifacts.append(ArtifactResult(fmt, precision, path, written, size, metrics,
+                                                    gate.as_dict(self.o.allow_accuracy_drop)))
+
+    def final(self, fmt: str, precision: str) -> Path:
+        return self.o.out / artifact_name(fmt, precision)
+
+    # -- the FP32 reference every artifact is compared with --
+    def reference(self) -> None:
+        v = self.vset
+        with self.r.task("PyTorch FP32 reference", total=len(v.inputs)) as advance:
+            v.reference.extend(self._torch_outputs(self.ckpt, advance))
+        if self.ref_ckpt is not None:
+            with self.r.task(f"PyTorch FP32 reference for INT8 ({self.o.reference.name})", total=len(v.inputs)) as adv:
+                v.int8_reference = self._torch_outputs(self.ref_ckpt, adv)
+            v.int8_reference_record = {"path": str(self.o.reference), "sha256": self.ref_ckpt.sha256}
+
+    def _torch_outputs(self, ckpt: Checkpoint, advance) -> list[np.ndarray]:
+        """The checkpoint's probabilities on the verification images, as the torch engine gives them
+        (NCHW memory format: the eager model exactly as trained)."""
+        from resunetpp import engines
+
+        out: list[np.ndarray] = []
+        with engines.open(ckpt, device="cpu", channels_last=False) as engine:
+            predict = engine_predict(engine)
+            for x in batches(self.vset.inputs, VERIFY_BATCH, fixed=False):
+                out.extend(predict(x))
+                advance(len(x))
+        return out
+
+    def calibration_record(self, method: dict) -> dict:
+        assert self.calib is not None and self.eval is not None
+        rec = self.calib.record()
+        rec["method"] = method
+        rec["held_out_evaluation"] = self.eval.record()
+        return rec
+
+
+__all__ = ["ExportRun"]
