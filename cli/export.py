@@ -10,9 +10,10 @@ import typer
 from resunetpp.cli.common import app, choice_enum, fail
 from resunetpp.errors import ResUNetError
 from resunetpp.cli.common import sigterm_as_interrupt
-from resunetpp.export.pipeline import FORMATS, OPENVINO_INT8_SOURCES, PRECISIONS
+from resunetpp.export.formats import FORMATS, PRECISIONS
+from resunetpp.export.options import OPENVINO_INT8_SOURCES
 from resunetpp.export.quantize import CALIBRATION_METHODS, INT8_OPS, NNCF_PRESETS
-from resunetpp.export.tensorrt_format import CALIBRATORS, FP16_MODES
+from resunetpp.export.tensorrt_plan import CALIBRATORS, FP16_MODES
 
 ExportFormat = choice_enum("ExportFormat", FORMATS)
 ExportPrecision = choice_enum("ExportPrecision", PRECISIONS)
