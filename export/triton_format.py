@@ -406,9 +406,9 @@ def _readme(models: list[TritonModel], records: dict[str, dict], checked: str) -
             else "take the argmax over the channels (class indices)")
     return f"""# Triton model repository (resunetpp)
 
-Written by `resunetpp export --format triton` from artifacts the export had already verified
-against the PyTorch checkpoint (each only written after passing its accuracy gate, unless the
-export was run with `--allow-accuracy-drop`). The files are copies of those artifacts; nothing
+Written by resunetpp's Triton writer (`resunetpp.export.triton_format`) from artifacts that
+`resunetpp export` had already verified against the PyTorch checkpoint (each only written after
+passing its accuracy gate, unless the export was run with `--allow-accuracy-drop`). The files are copies of those artifacts; nothing
 was re-exported. Start a server on this folder with, e.g.,
 `tritonserver --model-repository=$PWD` (the NGC image `nvcr.io/nvidia/tritonserver:<yy.mm>-py3`).
 
