@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, fail
+from resunetpp.cli.common import app, choice_enum, fail, sigterm_as_interrupt
 from resunetpp.errors import ResUNetError
 from resunetpp import engines
 from resunetpp.engines.infer import PROBS_DTYPES
@@ -66,13 +66,13 @@ def infer_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities).")],
     backend: Annotated[InferBackend, typer.Option(help="auto: from the model's suffix.")] = InferBackend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N]; onnxruntime also tensorrt[:N]; openvino also gpu, npu.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call (equal input sizes are batched).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images per engine call (equal input sizes are batched).")] = 1,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png (fill and contour over the image).")] = False,
     save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write <stem>_probs.npy (K, H, W) at the original size.")] = False,
     probs_dtype: Annotated[InferProbsDtype, typer.Option(help="dtype of the saved probabilities.")] = InferProbsDtype.float16,
     tta: Annotated[bool, typer.Option("--tta", help="Average the predictions of the image and its horizontal and vertical flips.")] = False,
     threshold: Annotated[float, typer.Option(help="Foreground threshold on the probability (one-class models).")] = 0.5,
-    threads: Annotated[int, typer.Option(min=1, help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
+    threads: Annotated[int, typer.Option(help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", "-O", help="Backend option KEY=VALUE, repeatable (e.g. precision=f32, channels_last=true, intra_op_num_threads=4).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the run summary and failures here (JSON).")] = None,
 ) -> None:
@@ -100,9 +100,12 @@ def infer_command(
             model = str(shipped)
         options = InferOptions(out=out, batch_size=batch_size, overlay=overlay, save_probs=save_probs,
                                probs_dtype=probs_dtype.value, tta=tta, threshold=threshold, threads=threads)
-        result = infer_path(model, inputs, options, backend=backend.value, device=device,
-                            engine_options=_infer_engine_options(engine_option or []),
-                            progress_factory=_infer_progress(err_console) if show_bar else None, on_error=report)
+        with sigterm_as_interrupt():
+            result = infer_path(model, inputs, options, backend=backend.value, device=device,
+                                engine_options=_infer_engine_options(engine_option or []),
+                                progress_factory=_infer_progress(err_console) if show_bar else None, on_error=report,
+                                on_wait=lambda line: typer.echo(line, err=True),
+                                other_outputs=[json_path] if json_path is not None else [])
         if json_path is not None:
             try:
                 write_json_atomic(json_path, result.as_dict())
@@ -110,6 +113,9 @@ def infer_command(
                 raise ResUNetError(f"{json_path}: cannot write the summary ({e.strerror or e})") from None
     except ResUNetError as e:
         fail(e)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: finished masks are kept, nothing half-written
+        typer.echo(f"interrupted; masks finished before the interrupt are in {out}, nothing half-written", err=True)
+        raise typer.Exit(130) from None
     Console().print(summary_table(result, title=Path(model).name))
     if result.failures:
         typer.echo(f"{len(result.failures)} of {result.images} image(s) failed; the others are in {out}", err=True)
