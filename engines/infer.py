@@ -34,11 +34,14 @@ limit of :mod:`resunetpp.imageio`, 100 Mpx by default):
   is decoded again by the writer, so waiting items hold only their network input;
 * the overlay is blended in bands of rows (:func:`resunetpp.outputs.overlay_image`).
 
-Budget: with ``P`` the largest image's pixels and ``T`` the threads, the pipeline needs about
-``T x 3P`` bytes decoding, ``T x 12P`` writing (restored probabilities 4P per class, mask and
-PNG 2P, overlay image and result 6P) and ``(2 x batch + 2T) x 12`` bytes per network-input pixel
-in flight, plus the engine: about 1.6 GB for a folder of 10000x10000 images at ``--threads 2
---overlay`` (it was 12 GB), 15-25 MB for Kvasir-SEG-sized images.
+Budget: with ``P`` the largest image's pixels and ``T`` the threads (``--threads``, 2 by
+default), about ``T x 27P`` bytes whatever the batch size and the number of images (per reader
+thread ~7 bytes a pixel: PIL's decoded image and its array; per writer thread ~20: the restored
+probabilities, 4 a pixel a class, the mask and its PNG, the image decoded again, the overlay and
+PIL's copy of it), plus the engine and ``(2 x batch + 2T)`` network inputs in flight (12 bytes a
+network-input pixel). Measured: eight 10000x10000 PNGs (100 Mpx, the default limit) with
+``--overlay --batch-size 4`` peak at 5.3 GB RSS (12.3 GB before issue 20); Kvasir-SEG-sized
+images (at most 2 Mpx) need about 0.1 GB besides the engine.
 """
 
 from __future__ import annotations
@@ -282,6 +285,7 @@ class _Run:
         out, key = self.opt.out, loaded.item.key
         if self.opt.save_probs:
             save_npy_atomic(out / f"{key}_probs.npy", full.astype(self.opt.probs_dtype))
+        del full  # 4 bytes a pixel a class: gone before the overlay decodes the image again
         if self.opt.overlay:
             image = loaded.image if loaded.image is not None else loaded.item.load(self.pre.channels)
             write_png_atomic(out / f"{key}_overlay.png", overlay_image(image, mask, self.num_classes))

@@ -48,14 +48,15 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: 
     """``image`` (H, W, C uint8) with each class region filled translucently and outlined.
 
     Computed in bands of :data:`OVERLAY_BAND_ROWS` rows (each band's outline filter sees its
-    neighbours' rows), so beyond the result (3 bytes a pixel, plus PIL's copy) it needs
-    ``O(band x W)`` memory, not ~40 bytes a pixel of float temporaries; the pixels are the same.
+    neighbours' rows) and pasted into the result, so beyond the result itself (PIL's 4 bytes a
+    pixel) it needs ``O(band x W)`` memory, not ~40 bytes a pixel of whole-image temporaries; the
+    pixels are the same.
     """
     height = mask.shape[0]
     colors = palette(num_classes).astype(np.float32)
     width = 3 if min(mask.shape) < 512 else 5
     halo = width // 2
-    result = np.empty((height, mask.shape[1], 3), np.uint8)
+    result = Image.new("RGB", (mask.shape[1], height))  # filled band by band: no whole-image array
     for r0 in range(0, height, OVERLAY_BAND_ROWS):
         r1 = min(height, r0 + OVERLAY_BAND_ROWS)
         band = image[r0:r1]
@@ -71,8 +72,8 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: 
         lo = np.asarray(m.filter(ImageFilter.MinFilter(width)))[keep]
         edge = (hi != lo) & (hi > 0)
         out[edge] = colors[hi[edge]]
-        result[r0:r1] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
-    return Image.fromarray(result, "RGB")
+        result.paste(Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB"), (0, r0))
+    return result
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
