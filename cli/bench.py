@@ -44,8 +44,8 @@ def bench_command(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8",
     image_size: Annotated[Optional[int], typer.Option(
         help="Network input side (a multiple of 8, at most 4096; default: the checkpoint's).")] = None,
-    warmup_s: Annotated[float, typer.Option(min=0.0, help="Warm-up seconds before each timing.")] = 1.0,
-    duration_s: Annotated[float, typer.Option(min=0.001, help="Seconds each timing window lasts.")] = 3.0,
+    warmup_s: Annotated[float, typer.Option(min=0.0, help="Warm-up seconds before each timing (at most 3600).")] = 1.0,
+    duration_s: Annotated[float, typer.Option(min=0.001, help="Seconds each timing window lasts (at most 3600).")] = 3.0,
     threads: Annotated[Optional[int], typer.Option(
         help="Threads for torch, ONNX Runtime and OpenVINO (at least 1; default: each runtime's own).")] = None,
     device: Annotated[BenchDevice, typer.Option(
