@@ -6,8 +6,9 @@ An :class:`Engine` is opened on one artifact and its metadata record
 activation is part of every artifact). The base class checks inputs and outputs, so every
 backend refuses the same bad batches with the same message::
 
-    engine: onnxruntime | input (1, 3, 250, 256) float32 | expected (N, 3, H, W) float32 with H, W multiples of 8
+    model.onnx: engine: onnxruntime | input (1, 3, 250, 256) float32 | expected (N, 3, H, W) float32 with H, W multiples of 8
 
+(every :class:`EngineError` an engine's public methods raise starts with the artifact's path),
 and a batch whose output holds NaN or Inf raises :class:`NonFiniteOutputError` instead of
 returning it. Subclasses implement only ``_load_impl``, ``_infer_impl`` and ``_close_impl``.
 """
