@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 import tempfile
 import time
@@ -52,9 +53,12 @@ from resunetpp.export.verify import compare_outputs, predict_batched
 from resunetpp.checkpoint import Checkpoint, load_checkpoint
 from resunetpp.errors import ResUNetError
 from resunetpp.metrics import scores
+from resunetpp.model import input_size_problem
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 
 #: The row every other is measured against (its backend opens the checkpoint itself).
+#: The longest warm-up or timing window ``bench`` accepts (seconds; ``inf`` would never end).
+MAX_WINDOW_S = 3600.0
 REFERENCE = ("torch", "fp32")
 
 
@@ -130,11 +134,14 @@ class BenchOptions:
                 raise ResUNetError(f"{name}: give at least one of {', '.join(known)}")
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise ResUNetError(f"--batch-sizes: positive integers expected, got {list(self.batch_sizes)}")
-        if self.warmup_s < 0 or self.duration_s <= 0:
-            raise ResUNetError(f"--warmup-s must be >= 0 and --duration-s > 0 (got {self.warmup_s}, "
-                               f"{self.duration_s})")
+        if not (math.isfinite(self.warmup_s) and math.isfinite(self.duration_s)) or self.warmup_s < 0 \
+                or self.duration_s <= 0 or max(self.warmup_s, self.duration_s) > MAX_WINDOW_S:
+            raise ResUNetError(f"--warmup-s must be >= 0 and --duration-s > 0, both finite and at most "
+                               f"{MAX_WINDOW_S:g} s (got {self.warmup_s}, {self.duration_s})")
         if self.threads is not None and self.threads < 1:
             raise ResUNetError(f"--threads must be at least 1, got {self.threads}")
+        if self.image_size is not None and input_size_problem(self.image_size):
+            raise ResUNetError(f"--image-size {input_size_problem(self.image_size)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ResUNetError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 

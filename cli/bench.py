@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, comma_list, fail
+from resunetpp.cli.common import app, choice_enum, comma_list, fail, sigterm_as_interrupt
 from resunetpp.bench import harness
 from resunetpp.defaults import TORCH_DEVICES
 from resunetpp.errors import ResUNetError
@@ -43,11 +43,11 @@ def bench_command(
         metavar="NAMES", help=f"Comma-separated or repeated: {', '.join(harness.precisions())} (default: all).")] = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8",
     image_size: Annotated[Optional[int], typer.Option(
-        min=8, help="Network input side (a multiple of 8; default: the checkpoint's).")] = None,
-    warmup_s: Annotated[float, typer.Option(min=0.0, help="Warm-up seconds before each timing.")] = 1.0,
-    duration_s: Annotated[float, typer.Option(min=0.001, help="Seconds each timing window lasts.")] = 3.0,
+        help="Network input side (a multiple of 8, at most 4096; default: the checkpoint's).")] = None,
+    warmup_s: Annotated[float, typer.Option(min=0.0, help="Warm-up seconds before each timing (at most 3600).")] = 1.0,
+    duration_s: Annotated[float, typer.Option(min=0.001, help="Seconds each timing window lasts (at most 3600).")] = 3.0,
     threads: Annotated[Optional[int], typer.Option(
-        min=1, help="Threads for torch, ONNX Runtime and OpenVINO (default: each runtime's own).")] = None,
+        help="Threads for torch, ONNX Runtime and OpenVINO (at least 1; default: each runtime's own).")] = None,
     device: Annotated[BenchDevice, typer.Option(
         help="Where torch (and ONNX Runtime with CUDA) run; OpenVINO runs on the CPU, TensorRT on CUDA.")]
     = BenchDevice.auto,
@@ -84,7 +84,7 @@ def bench_command(
     try:
         progress = RichReporter(Console(stderr=True)) if sys.stderr.isatty() \
             else LineReporter(lambda line: typer.echo(line, err=True))
-        with progress as reporter:
+        with sigterm_as_interrupt(), progress as reporter:
             result = run_bench(options, reporter)
         print_report(result, Console())
         for path, write in ((json_path, write_json), (markdown, write_markdown), (plot, write_plot)):

@@ -30,6 +30,15 @@ def fail(error: BaseException) -> NoReturn:
     raise typer.Exit(1)
 
 
+def fail_os(error: OSError, where: object = None) -> NoReturn:
+    """:func:`fail` for an :class:`OSError` a library let through (disk full in a runtime's own
+    writer): ``error: <file>: <reason>``, never a traceback."""
+    path = error.filename or where
+    text = str(error).strip()
+    reason = error.strerror or (text.splitlines()[0] if text else type(error).__name__)
+    fail(RuntimeError(f"{path}: {reason}" if path else reason))
+
+
 def comma_list(values: Optional[list[str]], choices: tuple[str, ...], option: str) -> tuple[str, ...] | None:
     """Repeatable and/or comma-separated choices (``--backends torch,openvino``); ``None``: all."""
     if not values:

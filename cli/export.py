@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, fail
+from resunetpp.cli.common import app, choice_enum, fail, fail_os
 from resunetpp.errors import ResUNetError
 from resunetpp.cli.common import sigterm_as_interrupt
 from resunetpp.export.formats import FORMATS, PRECISIONS
@@ -187,6 +187,8 @@ def export_command(
     except _ExportError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except OSError as e:  # a runtime's own writer (disk full: OSError 28) -- one line, not a traceback
+        fail_os(e, out)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: temporary files are gone, finished artifacts kept
         typer.echo("interrupted; artifacts finished before the interrupt are kept, nothing half-written",
                    err=True)

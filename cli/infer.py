@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, fail
+from resunetpp.cli.common import app, choice_enum, fail, sigterm_as_interrupt
 from resunetpp.errors import ResUNetError
 from resunetpp import engines
 from resunetpp.engines.infer import PROBS_DTYPES
@@ -66,13 +66,13 @@ def infer_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities).")],
     backend: Annotated[InferBackend, typer.Option(help="auto: from the model's suffix.")] = InferBackend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N]; onnxruntime also tensorrt[:N]; openvino also gpu, npu.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call (equal input sizes are batched).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images per engine call (equal input sizes are batched).")] = 1,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png (fill and contour over the image).")] = False,
     save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write <stem>_probs.npy (K, H, W) at the original size.")] = False,
     probs_dtype: Annotated[InferProbsDtype, typer.Option(help="dtype of the saved probabilities.")] = InferProbsDtype.float16,
     tta: Annotated[bool, typer.Option("--tta", help="Average the predictions of the image and its horizontal and vertical flips.")] = False,
     threshold: Annotated[float, typer.Option(help="Foreground threshold on the probability (one-class models).")] = 0.5,
-    threads: Annotated[int, typer.Option(min=1, help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
+    threads: Annotated[int, typer.Option(help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", "-O", help="Backend option KEY=VALUE, repeatable (e.g. precision=f32, channels_last=true, intra_op_num_threads=4).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the run summary and failures here (JSON).")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", rich_help_panel="Ray cluster", help="Run on Ray: 'local' (a Ray on this machine), 'auto' (this node's cluster or RAY_ADDRESS), 'ray://HOST:10001' or HOST:PORT. Outputs already complete are skipped (a rerun resumes). Needs resunetpp[ray].")] = None,
@@ -105,20 +105,23 @@ def infer_command(
                                probs_dtype=probs_dtype.value, tta=tta, threshold=threshold, threads=threads)
         progress = _infer_progress(err_console) if show_bar else None
         table = summary_table
-        if ray is None:
-            if workers is not None or threads_per_worker is not None:
-                raise ResUNetError("--workers and --threads-per-worker need --ray ADDRESS (e.g. --ray local)")
-            result = infer_path(model, inputs, options, backend=backend.value, device=device,
-                                engine_options=_infer_engine_options(engine_option or []),
-                                progress_factory=progress, on_error=report)
-        else:
-            from resunetpp.engines.ray_batch import RayOptions, run_ray_batch, summary_table as ray_table
+        engine_options = _infer_engine_options(engine_option or [])
+        with sigterm_as_interrupt():
+            if ray is None:
+                if workers is not None or threads_per_worker is not None:
+                    raise ResUNetError("--workers and --threads-per-worker need --ray ADDRESS (e.g. --ray local)")
+                result = infer_path(model, inputs, options, backend=backend.value, device=device,
+                                    engine_options=engine_options, progress_factory=progress, on_error=report,
+                                    on_wait=lambda line: typer.echo(line, err=True),
+                                    other_outputs=[json_path] if json_path is not None else [])
+            else:
+                from resunetpp.engines.ray_batch import RayOptions, run_ray_batch, summary_table as ray_table
 
-            table = ray_table
-            ray_options = RayOptions(address=ray, workers=workers or 2, threads_per_worker=threads_per_worker or 1)
-            result = run_ray_batch(model, inputs, options, ray_options, backend=backend.value, device=device,
-                                   engine_options=_infer_engine_options(engine_option or []),
-                                   progress_factory=progress, on_error=report)
+                table = ray_table
+                ray_options = RayOptions(address=ray, workers=workers or 2, threads_per_worker=threads_per_worker or 1)
+                result = run_ray_batch(model, inputs, options, ray_options, backend=backend.value, device=device,
+                                       engine_options=engine_options, progress_factory=progress, on_error=report,
+                                       on_wait=lambda line: typer.echo(line, err=True))
         if json_path is not None:
             try:
                 write_json_atomic(json_path, result.as_dict())
@@ -126,6 +129,9 @@ def infer_command(
                 raise ResUNetError(f"{json_path}: cannot write the summary ({e.strerror or e})") from None
     except ResUNetError as e:
         fail(e)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: finished masks are kept, nothing half-written
+        typer.echo(f"interrupted; masks finished before the interrupt are in {out}, nothing half-written", err=True)
+        raise typer.Exit(130) from None
     Console().print(table(result, title=Path(model).name))
     if result.failures:
         typer.echo(f"{len(result.failures)} of {result.images} image(s) failed; the others are in {out}", err=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, fail
+from resunetpp.cli.common import app, choice_enum, fail, sigterm_as_interrupt
 from resunetpp.defaults import TORCH_DEVICES
 from resunetpp.errors import ResUNetError
 from resunetpp.model import ARCHITECTURES
@@ -25,8 +25,8 @@ def train(
     train_split: Annotated[Optional[str], typer.Option(help="Split file or name (DATA/NAME.txt); default DATA/train.txt if present, else all images.")] = None,
     val_split: Annotated[Optional[str], typer.Option(help="Split file or name; default DATA/val.txt if present, else no validation.")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default 100; on --resume, the interrupted run's).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    image_size: Annotated[int, typer.Option(min=8, help="Training resolution (square, a multiple of 8).")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per step (at least 1).")] = 16,
+    image_size: Annotated[int, typer.Option(help="Training resolution (square, a multiple of 8, at most 4096).")] = 256,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, warmup + cosine).")] = 1e-3,
     device: Annotated[Optional[Device], typer.Option(help="auto picks cuda when torch sees a GPU (default auto).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
@@ -60,7 +60,8 @@ def train(
                               time_budget_s=time_budget_s, warmup_epochs=warmup_epochs,
                               init_from=str(init_from) if init_from else None,
                               architecture=architecture.value)
-        result = run_training(cfg, resume=resume)
+        with sigterm_as_interrupt():
+            result = run_training(cfg, resume=resume)
     except (ResUNetError, FloatingPointError) as e:
         fail(e)
     except KeyboardInterrupt:
@@ -78,7 +79,7 @@ def evaluate(
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder in the Kvasir-SEG layout (default: the shipped sample data).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split file or name (DATA/NAME.txt); default every image.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the scores and per-image rows here (JSON).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images per engine call (at least 1).")] = 1,
     device: Annotated[Device, typer.Option(help="Where torch runs a checkpoint.")] = Device.auto,
 ) -> None:
     """Mean Dice, IoU, precision and recall, per image at the original mask resolution."""

@@ -24,6 +24,7 @@ if __name__ != "resunetpp.engines":  # the folder `engines/` installs as `resune
     raise ImportError(f"import resunetpp.engines, not {__name__}: this folder is installed as resunetpp.engines "
                       "(pip install -e . or pip install resunetpp)")
 
+import builtins
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,20 @@ def backend_for(path: str | Path) -> str:
     return backend
 
 
+def readable_model(path: Path) -> None:
+    """Refuse a model file this process may not read with the reason (a file without read
+    permission is not "No such file", whatever the runtime would say)."""
+    try:
+        with builtins.open(path, "rb") as f:
+            f.read(1)
+    except PermissionError:
+        raise InputFileError(path, "cannot read the model file (Permission denied)") from None
+    except IsADirectoryError:
+        raise InputFileError(path, "is a folder; pass a model file (a checkpoint, .onnx, .xml or .engine)") from None
+    except OSError as e:
+        raise InputFileError(path, f"cannot read the model file ({e.strerror or e})") from None
+
+
 def engine_class(backend: str) -> type[Engine]:
     """The engine class of ``backend`` (imports its module, not its runtime)."""
     return registry.get(backend).engine
@@ -133,7 +148,8 @@ def open(path_or_checkpoint: Any, backend: str = "auto", device: str | None = No
                                    f"(it runs {', '.join(chosen.suffixes)}); try --backend auto")
     problem = chosen.problem()
     if problem is not None:
-        raise BackendUnavailableError(f"engine: {chosen.name} | unavailable: {problem}")
+        raise BackendUnavailableError(f"{path}: engine: {chosen.name} | unavailable: {problem}")
+    readable_model(path)
     if record is not None:
         return chosen.engine(path, record, device=device, **options)
     return chosen.engine.from_path(path, device=device, **options)

@@ -6,14 +6,16 @@ An :class:`Engine` is opened on one artifact and its metadata record
 activation is part of every artifact). The base class checks inputs and outputs, so every
 backend refuses the same bad batches with the same message::
 
-    engine: onnxruntime | input (1, 3, 250, 256) float32 | expected (N, 3, H, W) float32 with H, W multiples of 8
+    model.onnx: engine: onnxruntime | input (1, 3, 250, 256) float32 | expected (N, 3, H, W) float32 with H, W multiples of 8
 
+(every :class:`EngineError` an engine's public methods raise starts with the artifact's path),
 and a batch whose output holds NaN or Inf raises :class:`NonFiniteOutputError` instead of
 returning it. Subclasses implement only ``_load_impl``, ``_infer_impl`` and ``_close_impl``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from resunetpp.artifact import check_record
 from resunetpp.errors import InputFileError, ResUNetError
 from resunetpp.model import SIZE_MULTIPLE
 from resunetpp.preprocess import Preprocessing
@@ -47,6 +50,36 @@ class EngineOutputError(EngineError):
 
 class NonFiniteOutputError(EngineError, FloatingPointError):
     """A backend answered with NaN or Inf (overflow in reduced precision, a broken artifact)."""
+
+
+def name_file(error: EngineError, path: str | Path) -> EngineError:
+    """``error`` with its message starting with ``path`` (``model.onnx: engine: onnxruntime | ...``),
+    unless it names it already; the same object (type and traceback kept)."""
+    text = str(error)
+    if not text.startswith(str(path)):
+        error.args = (f"{path}: {text}",)
+    return error
+
+
+def _names_file(method: Callable) -> Callable:
+    """Wrap an :class:`Engine` method so the :class:`EngineError` it raises starts with the file."""
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except EngineError as e:
+            where = getattr(self, "path", None) or (args[0] if method.__name__ == "__init__" and args else None)
+            if where is None:
+                raise
+            raise name_file(e, where)
+
+    wrapper.__names_file__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+#: Engine methods whose errors name the artifact (in every subclass that defines them, too).
+FILE_NAMING_METHODS = ("__init__", "load", "infer", "predict", "runtime_call", "check_input", "check_output",
+                       "infer_async_many", "optimal_requests", "kernels")
 
 
 def _fmt_shape(shape: tuple) -> str:
@@ -125,6 +158,15 @@ class Engine:
     #: Options the backend understands; anything else is refused when the engine is created.
     option_names: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every :class:`EngineError` of the public methods starts with the artifact's path
+        (``model.onnx: engine: onnxruntime | input ...``), in subclasses as in the base."""
+        super().__init_subclass__(**kwargs)
+        for name in FILE_NAMING_METHODS:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "__names_file__", False):
+                setattr(cls, name, _names_file(method))
+
     def __init__(self, path: str | Path, record: dict, *, device: str = "cpu", **options: Any) -> None:
         self.path = Path(path)
         self.device = device
@@ -134,8 +176,8 @@ class Engine:
             raise EngineError(f"engine: {self.backend} | unknown option(s) {', '.join(unknown)} | "
                               f"known: {known}")
         self.options = options
-        self._record = record
         where = self.path
+        self._record = check_record(record, where)  # every field typed and in range (read_record checked a file's)
         try:
             self._preprocessing = Preprocessing.from_dict(_record_value(record, "preprocessing", where))
         except (TypeError, ValueError) as e:
@@ -323,3 +365,9 @@ class Engine:
 
     def _details(self) -> dict:
         return {}
+
+
+for _name in FILE_NAMING_METHODS:  # the base's own methods (subclasses are wrapped by __init_subclass__)
+    if _name in Engine.__dict__:
+        setattr(Engine, _name, _names_file(Engine.__dict__[_name]))
+del _name

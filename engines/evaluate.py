@@ -16,7 +16,7 @@ import numpy as np
 
 from resunetpp import engines
 from resunetpp.data import Sample, SegmentationDataset
-from resunetpp.errors import ResUNetError
+from resunetpp.errors import InputFileError, ResUNetError
 from resunetpp.metrics import Scores, mean_scores, scores
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 
@@ -47,7 +47,10 @@ def batched_predictions(predict: PredictFn, items: Iterable[tuple[Sample, np.nda
         pending.clear()
 
     for sample, image, mask in items:
-        x = pre.apply(image)
+        try:
+            x = pre.apply(image)
+        except ValueError as e:  # e.g. an image over the 'pad' mode's largest network input
+            raise InputFileError(sample.image_path, f"cannot preprocess ({e})") from None
         if pending and (len(pending) >= batch_size or pending[0][3].shape != x.shape):
             yield from flush()
         pending.append((sample, mask, image.shape[:2], x))

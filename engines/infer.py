@@ -16,10 +16,37 @@ written.
 
 ``tta``: the mean of the original, horizontally flipped and vertically flipped predictions
 (the test-time augmentation of the ResUNet++ authors' follow-up work), in one engine call.
+
+The output folder: created with a one-line error when it cannot be (a file, a dangling symbolic
+link, a path under a file, a read-only place), locked for the run (``OUT/.infer.lock``,
+:mod:`resunetpp.locking`: a second infer into it waits, so every file comes from one run), and
+swept of the temporaries a killed run left there (:func:`resunetpp.atomic.clean_stale_temporaries`).
+No output is written over a file that is an input of the run (same file, through any path or
+symbolic link): such a run is refused, naming the file, before that item's outputs are written.
+
+Memory is bounded by design, whatever the images' size (each at most the ``RESUNETPP_MAX_PIXELS``
+limit of :mod:`resunetpp.imageio`, 100 Mpx by default):
+
+* a batch holds at most :data:`MAX_BATCH_PIXELS` network-input pixels (a batch is flushed early
+  rather than exceed it); ``pad`` mode runs images of at most 4096 a side
+  (:data:`~resunetpp.model.MAX_INPUT_SIZE`);
+* an image is kept decoded for its overlay only up to :data:`KEEP_DECODED_PIXELS`; a larger one
+  is decoded again by the writer, so waiting items hold only their network input;
+* the overlay is blended in bands of rows (:func:`resunetpp.outputs.overlay_image`).
+
+Budget: with ``P`` the largest image's pixels and ``T`` the threads (``--threads``, 2 by
+default), about ``T x 27P`` bytes whatever the batch size and the number of images (per reader
+thread ~7 bytes a pixel: PIL's decoded image and its array; per writer thread ~20: the restored
+probabilities, 4 a pixel a class, the mask and its PNG, the image decoded again, the overlay and
+PIL's copy of it), plus the engine and ``(2 x batch + 2T)`` network inputs in flight (12 bytes a
+network-input pixel). Measured: eight 10000x10000 PNGs (100 Mpx, the default limit) with
+``--overlay --batch-size 4`` peak at 5.3 GB RSS (12.3 GB before issue 20); Kvasir-SEG-sized
+images (at most 2 Mpx) need about 0.1 GB besides the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,14 +58,24 @@ from typing import Any
 import numpy as np
 
 from resunetpp import engines
+from resunetpp.atomic import clean_stale_temporaries, make_output_folder
 from resunetpp.engines.base import Engine, NonFiniteOutputError
 from resunetpp.errors import InputFileError, ResUNetError
 from resunetpp.imageio import write_png_atomic
+from resunetpp.locking import INFER_LOCK_NAME, OutLock
+from resunetpp.model import MAX_INPUT_SIZE
 from resunetpp.outputs import mask_image, overlay_image, save_npy_atomic
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 from resunetpp.sources import Item, Source, open_source
 
 PROBS_DTYPES = ("float16", "float32")
+#: Network-input pixels one batch may hold (one 4096x4096 input, or 256 of 256x256); a batch that
+#: would exceed it is run first.
+MAX_BATCH_PIXELS = MAX_INPUT_SIZE * MAX_INPUT_SIZE
+#: Images up to this many pixels stay decoded for their overlay; larger ones are decoded again.
+KEEP_DECODED_PIXELS = 4_000_000
+#: The files each item writes into ``--out``: ``<key><suffix>``.
+OUTPUT_SUFFIXES = {"mask": "_mask.png", "overlay": "_overlay.png", "probs": "_probs.npy"}
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------
@@ -107,7 +144,36 @@ class _Loaded:
     item: Item
     x: np.ndarray  # (C, h, w) float32, preprocessed
     size: tuple[int, int]  # original (H, W)
-    image: np.ndarray | None  # kept for the overlay only
+    image: np.ndarray | None  # kept for the overlay only, up to KEEP_DECODED_PIXELS
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()  # follows symbolic links: the file that would be written over
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class InputGuard:
+    """Refuses outputs that would be written over an input file of the run.
+
+    Inputs are identified by device and inode, so the same file reached through another path,
+    a symbolic link or a hard link counts; an output that does not exist yet cannot be an input.
+    """
+
+    def __init__(self, inputs: Iterable[str | Path]) -> None:
+        self.ids = {i for i in (_file_id(Path(p)) for p in inputs) if i is not None}
+
+    def add(self, path: str | Path) -> None:
+        file_id = _file_id(Path(path))
+        if file_id is not None:
+            self.ids.add(file_id)
+
+    def check(self, output: Path, option: str = "--out") -> None:
+        if self.ids and _file_id(output) in self.ids:
+            raise InputFileError(output, f"is an input of this run; writing there would overwrite it "
+                                         f"(choose another {option})")
 
 
 def tta_predict(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -168,14 +234,25 @@ class _Run:
         self.on_error(message)
         self.progress(1)
 
+    def outputs(self, key: str) -> list[Path]:
+        """The files an item of this key writes."""
+        kinds = ["mask"] + (["overlay"] if self.opt.overlay else []) + (["probs"] if self.opt.save_probs else [])
+        return [self.opt.out / f"{key}{OUTPUT_SUFFIXES[k]}" for k in kinds]
+
     def items(self, source: Source) -> Iterator[Item]:
-        """The source's items, counted; a key seen twice would overwrite outputs, so it raises."""
+        """The source's items, counted; a key seen twice would overwrite outputs, so it raises, and
+        so does an item whose outputs would be written over an input file (:class:`InputGuard`)."""
         keys: set[str] = set()
+        guard = InputGuard(source.files())
         for item in source:
             if item.key in keys:
                 raise ValueError(f"{item.origin}: the {type(source).__name__} source yields the key "
                                  f"{item.key!r} twice; outputs would overwrite each other")
             keys.add(item.key)
+            if isinstance(item.origin, (str, Path)):
+                guard.add(item.origin)
+            for path in self.outputs(item.key):
+                guard.check(path)
             self.images += 1
             yield item
 
@@ -185,7 +262,8 @@ class _Run:
             x = self.pre.apply(image)
         except ValueError as e:
             raise InputFileError(item.origin, f"cannot preprocess ({e})") from None
-        return _Loaded(item, x, image.shape[:2], image if self.opt.overlay else None)
+        keep = self.opt.overlay and image.shape[0] * image.shape[1] <= KEEP_DECODED_PIXELS
+        return _Loaded(item, x, image.shape[:2], image if keep else None)
 
     def predict(self, batch: list[_Loaded]) -> np.ndarray | None:
         x = np.stack([it.x for it in batch])
@@ -208,8 +286,11 @@ class _Run:
         out, key = self.opt.out, loaded.item.key
         if self.opt.save_probs:
             save_npy_atomic(out / f"{key}_probs.npy", full.astype(self.opt.probs_dtype))
-        if self.opt.overlay and loaded.image is not None:
-            write_png_atomic(out / f"{key}_overlay.png", overlay_image(loaded.image, mask, self.num_classes))
+        del full  # 4 bytes a pixel a class: gone before the overlay decodes the image again
+        if self.opt.overlay:
+            image = loaded.image if loaded.image is not None else loaded.item.load(self.pre.channels)
+            write_png_atomic(out / f"{key}_overlay.png", overlay_image(image, mask, self.num_classes))
+            del image
         write_png_atomic(out / f"{key}_mask.png", mask_image(mask, self.num_classes))
 
     def drain(self, keep: int) -> None:
@@ -221,6 +302,9 @@ class _Run:
             except OSError as e:
                 origin = loaded.item.origin
                 self.fail(origin, f"{origin}: cannot write its outputs to {self.opt.out} ({e.strerror or e})")
+                continue
+            except ResUNetError as e:  # the image could not be decoded again for its overlay
+                self.fail(loaded.item.origin, str(e))
                 continue
             self.written += 1
             self.progress(1)
@@ -244,7 +328,8 @@ class _Run:
                         self.fail(item.origin, str(got))
                         continue
                     assert isinstance(got, _Loaded)
-                    if batch and (len(batch) >= self.opt.batch_size or batch[0].x.shape != got.x.shape):
+                    if batch and (len(batch) >= self.opt.batch_size or batch[0].x.shape != got.x.shape
+                                  or (len(batch) + 1) * got.x[0].size > MAX_BATCH_PIXELS):
                         self.flush(batch, writer)
                     batch.append(got)
                 if batch:
@@ -258,47 +343,68 @@ class _Run:
 
 def run_inference(engine: Engine, source: Source, options: InferOptions, *,
                   progress: Callable[[int], None] | None = None,
-                  on_error: Callable[[str], None] | None = None) -> InferResult:
+                  on_error: Callable[[str], None] | None = None,
+                  on_wait: Callable[[str], None] | None = None, lock: bool = True) -> InferResult:
     """Segment the items of ``source`` with a loaded ``engine``, writing ``<key>_mask.png`` etc.
 
     ``source`` is a :class:`~resunetpp.sources.Source`: :func:`~resunetpp.sources.open_source`
     over command-line inputs, or e.g. ``ImageFiles(paths)`` (:mod:`resunetpp.sources.images`) for
     these exact files, repeats kept. The caller closes it. ``progress(n)`` is called as images
     finish (written or failed); ``on_error(line)`` once per failed image with a one-line message
-    naming it. Engine problems other than a non-finite prediction (a wrong input size for a
-    static engine, a runtime error) raise.
+    naming it; ``on_wait(line)`` once if another infer holds ``--out`` (this one waits for it).
+    Engine problems other than a non-finite prediction (a wrong input size for a static engine,
+    a runtime error) raise, and so does an output that would be written over an input file.
+    ``lock=False``: the caller already holds ``--out`` (:func:`claim_output_folder`), as the Ray
+    driver does for its workers (each worker runs this over its chunk).
     """
     if not isinstance(source, Source):
         raise TypeError(f"run_inference takes a resunetpp.sources.Source (e.g. ImageFiles(paths)), "
                         f"not {type(source).__name__}")
     options.validate()
-    options.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    run = _Run(engine, options, progress, on_error)
-    run.run(source)
-    return InferResult(run.images, run.written, run.failures, run.inferred, run.model_seconds,
-                       time.perf_counter() - start, engine.describe())
+    with claim_output_folder(options.out, on_wait) if lock else contextlib.nullcontext():
+        make_output_folder(options.out)
+        start = time.perf_counter()
+        run = _Run(engine, options, progress, on_error)
+        run.run(source)
+        return InferResult(run.images, run.written, run.failures, run.inferred, run.model_seconds,
+                           time.perf_counter() - start, engine.describe())
+
+
+@contextlib.contextmanager
+def claim_output_folder(out: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """``--out`` made (one-line errors), held against other infers (``OUT/.infer.lock``; a second run
+    waits) and swept of the temporaries a killed run left there, for the duration of the block."""
+    make_output_folder(out)
+    with OutLock(out, INFER_LOCK_NAME, what="infer", on_wait=on_wait):
+        clean_stale_temporaries(out)
+        yield
 
 
 def infer_path(model: str | Path, inputs: Sequence[str | Path], options: InferOptions, *,
                backend: str = "auto", device: str = "cpu", engine_options: dict | None = None,
                progress_factory: Callable[[int | None], tuple[Callable[[int], None], Callable[[], None]]]
                | None = None,
-               on_error: Callable[[str], None] | None = None) -> InferResult:
+               on_error: Callable[[str], None] | None = None,
+               on_wait: Callable[[str], None] | None = None,
+               other_outputs: Sequence[str | Path] = ()) -> InferResult:
     """Open ``inputs`` with :func:`~resunetpp.sources.open_source`, ``model`` with
     :func:`engines.open`, and run :func:`run_inference`.
 
     ``progress_factory(total)`` returns ``(advance, finish)`` callbacks (e.g. a rich progress bar);
-    ``total`` is ``None`` for a source of unknown length (a stream).
+    ``total`` is ``None`` for a source of unknown length (a stream). ``other_outputs`` (the CLI's
+    ``--json``) are refused up front when they are input files, like the masks.
     """
     options.validate()
     with open_source(inputs) as source:
         if source.count == 0:
             raise ResUNetError("no images found in the given inputs (" + ", ".join(str(i) for i in inputs) + ")")
+        guard = InputGuard(source.files())
+        for path in other_outputs:
+            guard.check(Path(path), "path")
         with engines.open(model, backend=backend, device=device, **(engine_options or {})) as engine:
             advance, finish = progress_factory(source.count) if progress_factory else (None, lambda: None)
             try:
-                return run_inference(engine, source, options, progress=advance, on_error=on_error)
+                return run_inference(engine, source, options, progress=advance, on_error=on_error, on_wait=on_wait)
             finally:
                 finish()
 

@@ -70,6 +70,69 @@ def cpu_properties() -> dict | None:
         return None
 
 
+def _check_onnx(path) -> None:
+    """Parse an ``.onnx`` with ``onnx`` before OpenVINO reads it: OpenVINO tries every frontend on
+    a file its ONNX frontend rejects, and its TensorFlow frontend logs parse errors to stderr."""
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and others
+        raise InputFileError(path, f"not a valid ONNX model ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") \
+            from None
+
+
+def _check_ir(path) -> None:
+    """An OpenVINO IR's ``.xml`` must be XML whose root is ``<net>`` (read before OpenVINO, for the
+    reason :func:`_check_onnx` gives)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        with open(path, "rb") as f:
+            root = next((elem.tag for _, elem in ET.iterparse(f, events=("start",))), None)
+    except (ET.ParseError, UnicodeDecodeError, ValueError):
+        root = None
+    if root != "net":
+        raise InputFileError(path, "not an OpenVINO IR (expected an XML file whose root element is <net>)")
+
+
+def _parse_count(name: str, value: Any) -> int | None:
+    """A positive integer option (``threads=4``); ``None``/``0``: the runtime's default."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EngineError(f"engine: openvino | {name} {value!r} | expected a positive integer")
+    return value or None
+
+
+def _parse_num_streams(value: Any) -> int | str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EngineError(f"engine: openvino | num_streams {value!r} | expected a positive integer or auto")
+    return value
+
+
+def _parse_shape(value: Any) -> tuple[int, int, int, int] | None:
+    """``shape``: four dimensions (``-1`` dynamic) as a sequence or text (``1,3,256,256``, ``1x3x256x256``)."""
+    if value is None:
+        return None
+    parts = value
+    if isinstance(value, str):
+        parts = [p for p in value.replace("x", ",").strip("()[] ").split(",") if p.strip()]
+    try:
+        dims = tuple(int(p) for p in parts) if not isinstance(parts, (int, float)) else ()
+    except (TypeError, ValueError):
+        dims = ()
+    if len(dims) != 4 or any(isinstance(p, bool) or isinstance(p, float) for p in parts) \
+            or any(d < -1 or d == 0 for d in dims):
+        raise EngineError(f"engine: openvino | shape {value!r} | expected 4 dimensions N,C,H,W "
+                          "(integers, -1 for a dynamic one), e.g. shape=1,3,256,256")
+    return dims  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class CompiledConv:
     """A single convolution compiled by the CPU plugin (:func:`compile_conv`), ready to time."""
@@ -146,6 +209,9 @@ class OpenVINOEngine(Engine):
         if precision is not None and str(precision).lower() not in PRECISIONS:
             raise EngineError(f"engine: openvino | precision {precision!r} | expected f32, bf16 or f16")
         self._precision_hint = PRECISIONS[str(precision).lower()] if precision is not None else None
+        self._num_streams = _parse_num_streams(options.get("num_streams"))
+        self._threads = _parse_count("threads", options.get("threads"))
+        self._shape = _parse_shape(options.get("shape"))
         self._compiled = None
         self._request = None
         self._ov_device = ""
@@ -172,18 +238,17 @@ class OpenVINOEngine(Engine):
         config: dict = {hints.performance_mode: getattr(hints.PerformanceMode, self._hint.upper())}
         if self._precision_hint is not None:
             config[hints.inference_precision] = getattr(ov.Type, self._precision_hint)
-        num_streams = self.options.get("num_streams")
-        if num_streams is not None:
-            config[streams.num] = streams.Num.AUTO if str(num_streams).lower() == "auto" else int(num_streams)
-        if self.options.get("threads"):
-            config[props.inference_num_threads] = int(self.options["threads"])
+        if self._num_streams is not None:
+            config[streams.num] = streams.Num.AUTO if self._num_streams == "auto" else self._num_streams
+        if self._threads:
+            config[props.inference_num_threads] = self._threads
         if self.options.get("cache_dir"):
             config[props.cache_dir] = str(self.options["cache_dir"])
         return config
 
     def _reshape(self, model, device: str) -> None:
         ov = _ov()
-        shape = self.options.get("shape")
+        shape = self._shape
         if shape is None and device.startswith("NPU") and model.input(0).get_partial_shape().is_dynamic:
             pre = self.preprocessing
             size = pre.size if pre.mode == "resize" else None
@@ -205,6 +270,11 @@ class OpenVINOEngine(Engine):
         if self.path.suffix.lower() == ".xml" and not weights.is_file():
             raise InputFileError(self.path, f"its weights file {weights.name} is missing (an OpenVINO IR is "
                                             "the .xml and the .bin beside it)")
+        suffixes = [x.lower() for x in self.path.suffixes]
+        if suffixes[-1:] == [".onnx"] or suffixes[-2:] == [".onnx", ".partial"]:  # also a staged ONNX
+            _check_onnx(self.path)
+        elif suffixes[-1:] == [".xml"] or suffixes[-2:] == [".xml", ".partial"]:
+            _check_ir(self.path)
         try:
             model = core.read_model(str(self.path))
         except RuntimeError as e:

@@ -44,7 +44,8 @@ import numpy as np
 
 from resunetpp import engines
 from resunetpp.engines import registry
-from resunetpp.engines.infer import InferFailure, InferOptions, InferResult, run_inference
+from resunetpp.engines.infer import (OUTPUT_SUFFIXES, InferFailure, InferOptions, InferResult, InputGuard,
+                                    claim_output_folder, run_inference)
 from resunetpp.errors import ResUNetError
 from resunetpp.imageio import read_image
 from resunetpp.sources import Item, Source, open_source
@@ -115,13 +116,8 @@ class RayBatchResult(InferResult):
 # ---- completeness ------------------------------------------------------------------------------------
 def expected_outputs(out: Path, key: str, options: InferOptions) -> list[Path]:
     """The files the local ``infer`` writes for ``key`` with these options (mask last)."""
-    paths = []
-    if options.save_probs:
-        paths.append(out / f"{key}_probs.npy")
-    if options.overlay:
-        paths.append(out / f"{key}_overlay.png")
-    paths.append(out / f"{key}_mask.png")
-    return paths
+    kinds = (["probs"] if options.save_probs else []) + (["overlay"] if options.overlay else []) + ["mask"]
+    return [out / f"{key}{OUTPUT_SUFFIXES[kind]}" for kind in kinds]
 
 
 def is_complete(out: Path, key: str, options: InferOptions) -> bool:
@@ -140,7 +136,6 @@ def complete_keys(out: Path, keys: Sequence[str], options: InferOptions) -> set[
     return {k for k in keys if all(p.name in names for p in expected_outputs(out, k, options))}
 
 
-_OUTPUT_SUFFIXES = ("_mask.png", "_overlay.png", "_probs.npy")
 
 
 def remove_partials(out: Path, keys: set[str]) -> int:
@@ -155,7 +150,7 @@ def remove_partials(out: Path, keys: set[str]) -> int:
         name = entry.name
         if not (name.startswith(".") and name.endswith(".partial")):
             continue
-        for suffix in _OUTPUT_SUFFIXES:
+        for suffix in OUTPUT_SUFFIXES.values():
             at = name.find(suffix + ".", 1)
             if at > 1 and name[1:at] in keys:
                 with contextlib.suppress(FileNotFoundError):
@@ -211,7 +206,7 @@ class SegmentWorker:
         failed: dict[str, str] = {}
         share = 0.0
         if todo:
-            result = run_inference(self.engine, _KeyedFiles(todo), self.options)
+            result = run_inference(self.engine, _KeyedFiles(todo), self.options, lock=False)  # the driver holds --out
             failed = {str(f.origin): f.message for f in result.failures}
             share = result.model_seconds / len(todo)
         pending = {k for k, _ in todo}
@@ -334,7 +329,8 @@ def run_ray_batch(model: str | Path, inputs: Sequence[str | Path], options: Infe
                   progress_factory: Callable[[int | None], tuple[Callable[[int], None], Callable[[], None]]]
                   | None = None,
                   on_error: Callable[[str], None] | None = None,
-                  on_row: Callable[[dict], None] | None = None) -> RayBatchResult:
+                  on_row: Callable[[dict], None] | None = None,
+                  on_wait: Callable[[str], None] | None = None) -> RayBatchResult:
     """Segment ``inputs`` (files, folders, globs) with ``model`` on a Ray cluster; see the module doc.
 
     ``options`` are the local ``infer``'s (outputs, batch size, threshold, TTA; ``threads`` are each
@@ -353,7 +349,17 @@ def run_ray_batch(model: str | Path, inputs: Sequence[str | Path], options: Infe
     backend = probe.name
     describe = probe.describe()
     pairs = _files(inputs)
-    options.out.mkdir(parents=True, exist_ok=True)
+    guard = InputGuard(p for _, p in pairs)  # no output of any chunk may land on an input of the run
+    for key, _ in pairs:
+        for path in expected_outputs(options.out, key, options):
+            guard.check(path)
+    with claim_output_folder(options.out, on_wait):  # one run into --out at a time, local or on Ray
+        return _run_claimed(model, pairs, options, ray_options, backend, device, engine_options, describe,
+                            progress_factory, on_error, on_row, start)
+
+
+def _run_claimed(model, pairs, options, ray_options, backend, device, engine_options, describe,
+                 progress_factory, on_error, on_row, start) -> RayBatchResult:
     done = complete_keys(options.out, [k for k, _ in pairs], options)
     todo = [(k, p) for k, p in pairs if k not in done]
     result = RayBatchResult(images=len(pairs), written=0, skipped=len(pairs) - len(todo), engine=describe,

@@ -44,22 +44,51 @@ def _cc_tuple(cc: str | tuple | list) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
+class MalformedBuildRecord(ValueError):
+    """A sidecar field about the TensorRT build that is not what it should be (see :func:`recorded_build`)."""
+
+
+def _mapping(value: object, field: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedBuildRecord(f"field {field}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _text(value: object, field: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise MalformedBuildRecord(f"field {field}: expected text, got {value!r}"[:200])
+    return value
+
+
 def recorded_build(record: dict) -> dict:
     """What the sidecar says about the build: TensorRT version, GPU, compatibility flags.
 
     Read from ``artifact.tensorrt`` (``version``, ``gpu: {name, compute_capability}``,
     ``hardware_compatibility``, ``version_compatible``), falling back to ``artifact.gpu`` and
-    ``artifact.tools.tensorrt``.
+    ``artifact.tools.tensorrt``. A field of the wrong type raises :class:`MalformedBuildRecord`
+    naming it.
     """
-    art = record.get("artifact") or {}
-    build = art.get("tensorrt") or art.get("build") or {}
-    gpu = build.get("gpu") or art.get("gpu") or {}
+    art = _mapping(record.get("artifact") if isinstance(record, dict) else record, "artifact")
+    build = _mapping(art.get("tensorrt") or art.get("build"), "artifact.tensorrt")
+    gpu = _mapping(build.get("gpu") or art.get("gpu"), "artifact.tensorrt.gpu")
+    tools = _mapping(art.get("tools"), "artifact.tools")
+    cc = gpu.get("compute_capability")
+    if cc is not None and not isinstance(cc, (str, list, tuple)) or isinstance(cc, bool):
+        raise MalformedBuildRecord(f"field artifact.tensorrt.gpu.compute_capability: expected 'major.minor', got {cc!r}")
+    flag = build.get("version_compatible", art.get("version_compatible"))
+    if flag is not None and not isinstance(flag, bool):
+        raise MalformedBuildRecord(f"field artifact.tensorrt.version_compatible: expected true or false, got {flag!r}")
     return {
-        "version": build.get("version") or (art.get("tools") or {}).get("tensorrt"),
-        "gpu_name": gpu.get("name"),
-        "compute_capability": gpu.get("compute_capability"),
-        "hardware_compatibility": build.get("hardware_compatibility") or art.get("hardware_compatibility"),
-        "version_compatible": bool(build.get("version_compatible") or art.get("version_compatible")),
+        "version": _text(build.get("version") or tools.get("tensorrt"), "artifact.tensorrt.version"),
+        "gpu_name": _text(gpu.get("name"), "artifact.tensorrt.gpu.name"),
+        "compute_capability": cc,
+        "hardware_compatibility": _text(build.get("hardware_compatibility") or art.get("hardware_compatibility"),
+                                        "artifact.tensorrt.hardware_compatibility"),
+        "version_compatible": bool(flag),
     }
 
 
@@ -67,9 +96,21 @@ def check_compatibility(record: dict, runtime_version: str, compute_capability: 
                         path: str | Path, gpu_name: str | None = None) -> None:
     """Refuse (:class:`~resunetpp.errors.InputFileError`) an engine built for another TensorRT or GPU.
 
-    Facts the sidecar does not record are not checked (TensorRT's own check still applies).
+    Facts the sidecar does not record are not checked (TensorRT's own check still applies); a
+    malformed one (``compute_capability: "abc"``, ``gpu: 7``) is refused naming the field.
     """
-    built = recorded_build(record)
+    try:
+        built = recorded_build(record)
+        if built["compute_capability"]:
+            b_cc = _cc_tuple(built["compute_capability"])
+        if built["version"] and not _version_tuple(built["version"]):
+            raise MalformedBuildRecord(f"field artifact.tensorrt.version: expected a version such as 10.3.0, "
+                                       f"got {built['version']!r}")
+    except MalformedBuildRecord as e:
+        raise InputFileError(path, f"malformed TensorRT build record: {e}") from None
+    except (TypeError, ValueError, IndexError):
+        raise InputFileError(path, "malformed TensorRT build record: field artifact.tensorrt.gpu.compute_capability: "
+                                   f"expected 'major.minor', got {built['compute_capability']!r}") from None
     if built["version"]:
         b, r = _version_tuple(built["version"]), _version_tuple(runtime_version)
         ok = (b[:1] == r[:1] and r >= b) if built["version_compatible"] else b == r
@@ -79,7 +120,7 @@ def check_compatibility(record: dict, runtime_version: str, compute_capability: 
             raise InputFileError(path, f"engine built with TensorRT {built['version']}, this machine has "
                                        f"TensorRT {runtime_version} ({rule}); re-export it here")
     if built["compute_capability"]:
-        b_cc, r_cc = _cc_tuple(built["compute_capability"]), _cc_tuple(compute_capability)
+        r_cc = _cc_tuple(compute_capability)
         level = str(built["hardware_compatibility"] or "").lower() or None
         lowest = HARDWARE_LEVELS.get(level) if level else None
         ok = r_cc >= lowest if lowest else b_cc == r_cc

@@ -18,10 +18,13 @@ Record keys: everything of :meth:`resunetpp.checkpoint.Checkpoint.metadata` (``m
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from resunetpp.atomic import write_json_atomic
-from resunetpp.errors import InputFileError
+from resunetpp.errors import InputFileError, RecordFieldError
+from resunetpp.model import MAX_CLASSES, MAX_INPUT_SIZE, input_size_problem, model_config_problem
+from resunetpp.preprocess import preprocessing_problem
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probs"
@@ -40,22 +43,122 @@ def write_sidecar(artifact: str | Path, record: dict) -> Path:
 
 
 def read_record(artifact: str | Path) -> dict:
-    """The record of ``artifact``: its sidecar, else (ONNX) its embedded metadata."""
+    """The record of ``artifact``: its sidecar, else (ONNX) its embedded metadata; checked by
+    :func:`check_record`, an invalid field named with the file it came from."""
     artifact = Path(artifact)
     side = sidecar_path(artifact)
     if side.is_file():
         try:
-            return json.loads(side.read_text(encoding="utf-8"))
+            record = json.loads(side.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputFileError(side, f"metadata sidecar is not valid JSON ({e})") from None
+        except OSError as e:
+            raise InputFileError(side, f"cannot read the metadata sidecar ({e.strerror or e})") from None
+        return check_record(record, side)
     if artifact.suffix == ".onnx":
         import onnx
 
         try:
             m = onnx.load(str(artifact), load_external_data=False)
+        except PermissionError:
+            raise InputFileError(artifact, "cannot read the model file (Permission denied)") from None
         except Exception as e:  # onnx raises DecodeError and others
             raise InputFileError(artifact, f"not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
         for p in m.metadata_props:
             if p.key == ONNX_METADATA_KEY:
-                return json.loads(p.value)
+                try:
+                    record = json.loads(p.value)
+                except json.JSONDecodeError as e:
+                    raise InputFileError(artifact, f"embedded resunetpp metadata is not valid JSON ({e})") from None
+                return check_record(record, artifact)
     raise InputFileError(artifact, f"no resunetpp metadata (expected {side.name} beside it)")
+
+
+# ---- validation ------------------------------------------------------------------------------------------
+ACTIVATIONS = ("sigmoid", "softmax")
+
+
+def record_problem(record: object) -> RecordFieldError | None:
+    """The first invalid field of a checkpoint's or an artifact's record, or ``None``.
+
+    Checked: ``preprocessing`` (:func:`~resunetpp.preprocess.preprocessing_problem`: finite
+    mean/std in range, sizes multiples of 8 up to the maximum), ``model``
+    (:func:`~resunetpp.model.model_config_problem`), ``class_names`` (strings, one per class),
+    ``activation`` (the one the class count implies), ``artifact`` (a mapping; ``input_shape`` four
+    dimensions, static ones in range) and ``provenance`` (a mapping). Absent fields are not
+    checked here (each reader has its defaults and its own message for a required one).
+    """
+    if not isinstance(record, Mapping):
+        return RecordFieldError("", f"the record is a {type(record).__name__}, expected a mapping")
+    pre = record.get("preprocessing")
+    if "preprocessing" in record:
+        problem = preprocessing_problem(pre)
+        if problem is not None:
+            return RecordFieldError(*problem).within("preprocessing")
+    model = record.get("model")
+    if model is not None:
+        problem = model_config_problem(model)
+        if problem is not None:
+            return RecordFieldError(*problem).within("model")
+    num_classes = model.get("num_classes") if isinstance(model, Mapping) else None
+    names = record.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names) \
+                or len(names) > MAX_CLASSES:
+            return RecordFieldError("class_names", f"must be a list of non-empty class names, got {names!r}"[:300])
+        if names and num_classes is not None and len(names) != num_classes:
+            return RecordFieldError("class_names", f"names {len(names)} classes for a {num_classes}-class model")
+    k = num_classes if num_classes is not None else (len(names) if names else 1)
+    activation = record.get("activation")
+    if activation is not None:
+        expected = "sigmoid" if k == 1 else "softmax"
+        if activation != expected:
+            return RecordFieldError("activation", f"must be {expected!r} for a {k}-class model, got {activation!r}")
+    art = record.get("artifact")
+    if art is not None:
+        if not isinstance(art, Mapping):
+            return RecordFieldError("artifact", f"must be a mapping, got {type(art).__name__}")
+        shape = art.get("input_shape")
+        if shape is not None:
+            problem = _input_shape_problem(shape, pre.get("channels", 3) if isinstance(pre, Mapping) else 3)
+            if problem:
+                return RecordFieldError("artifact.input_shape", problem)
+        if "precision" in art and not isinstance(art["precision"], str):
+            return RecordFieldError("artifact.precision", f"must be a string, got {art['precision']!r}")
+    if record.get("provenance") is not None and not isinstance(record["provenance"], Mapping):
+        return RecordFieldError("provenance", f"must be a mapping, got {type(record['provenance']).__name__}")
+    return None
+
+
+def _input_shape_problem(shape: object, channels: int) -> str | None:
+    def static(d: object) -> bool:
+        return isinstance(d, int) and not isinstance(d, bool)
+
+    if not isinstance(shape, list) or len(shape) != 4:
+        return f"must be 4 dimensions [N, C, H, W], got {shape!r}"
+    if not all(d is None or isinstance(d, str) or static(d) for d in shape):
+        return f"each dimension must be an integer or a name (dynamic), got {shape!r}"
+    n, c, h, w = shape
+    if static(n) and not 1 <= n <= MAX_INPUT_SIZE:
+        return f"batch must be from 1 to {MAX_INPUT_SIZE}, got {n}"
+    if static(c) and c != channels:
+        return f"has {c} channels, the preprocessing gives {channels}"
+    for side in (h, w):
+        if static(side) and input_size_problem(side):
+            return f"height and width {input_size_problem(side)}"
+    return None
+
+
+def check_record(record: object, where: str | Path) -> dict:
+    """``record`` if valid (:func:`record_problem`), else :class:`~resunetpp.errors.InputFileError`
+    naming ``where`` (the file the record came from) and the field."""
+    problem = record_problem(record)
+    if problem is not None:
+        raise record_error(where, problem)
+    return record  # type: ignore[return-value]
+
+
+def record_error(where: str | Path, problem: RecordFieldError) -> InputFileError:
+    """``<where>: invalid config record: field <field>: <problem>``."""
+    field = f"field {problem.field}: " if problem.field else ""
+    return InputFileError(where, f"invalid config record: {field}{problem.problem}")

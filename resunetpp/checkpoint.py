@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from resunetpp.artifact import record_error, record_problem
 from resunetpp.atomic import atomic_path
-from resunetpp.errors import CheckpointError
+from resunetpp.errors import CheckpointError, RecordFieldError
 from resunetpp.model import ModelConfig, ResUNetPlusPlus, is_official_state_dict, map_official_state_dict
 from resunetpp.preprocess import Preprocessing
 
@@ -66,7 +67,10 @@ class Checkpoint:
         }
 
     def build_model(self, device: str | torch.device = "cpu") -> ResUNetPlusPlus:
-        model = ResUNetPlusPlus(self.config)
+        try:
+            model = ResUNetPlusPlus(self.config)
+        except ValueError as e:  # a config whose blocks cannot be built (checked fields, impossible together)
+            raise CheckpointError(self.path or "<memory>", f"invalid config record ({e})") from None
         load_state_dict_checked(model, self.state_dict, self.path or "<memory>")
         return model.to(device).eval()
 
@@ -91,8 +95,13 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, path: str 
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``ckpt`` atomically as safetensors; ``dtype=torch.float16`` halves the file."""
-    from safetensors.torch import save_file
+    """Write ``ckpt`` atomically as safetensors; ``dtype=torch.float16`` halves the file.
+
+    The bytes are made in memory and written through :func:`~resunetpp.atomic.atomic_path` (not by
+    safetensors' own file writer, whose ``.tmpXXXXXX`` a killed process would leave behind), so a
+    full disk is one :class:`~resunetpp.errors.OutputWriteError` naming ``path``.
+    """
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {}
@@ -103,19 +112,30 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | Non
         tensors[k] = v
     meta = ckpt.metadata()
     meta["stored_dtype"] = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+        tmp.write_bytes(data)
     return path
 
 
 def _from_metadata(meta: dict, state: dict, path: Path) -> Checkpoint:
+    """The checkpoint of a record, every field checked (:func:`resunetpp.artifact.record_problem`):
+    a tampered record (``std`` infinite, ``num_classes`` ``"three"``) is refused naming the field."""
+    problem = record_problem(meta)
+    if problem is None and "model" not in meta:
+        problem = RecordFieldError("model", "missing")
+    if problem is not None:
+        raise CheckpointError(path, record_error(path, problem).problem)
     try:
         config = ModelConfig.from_dict(meta["model"])
-        pre = Preprocessing.from_dict(meta.get("preprocessing", {}))
-    except (KeyError, TypeError, ValueError) as e:
+        pre = Preprocessing.from_dict(meta.get("preprocessing") or {})
+    except (TypeError, ValueError) as e:
         raise CheckpointError(path, f"invalid config record ({e})") from None
     names = list(meta.get("class_names") or [f"class{i}" for i in range(config.num_classes)])
-    return Checkpoint(config, state, pre, names, dict(meta.get("provenance", {})))
+    if len(names) != config.num_classes:
+        raise CheckpointError(path, f"invalid config record: field class_names: names {len(names)} classes for a "
+                                    f"{config.num_classes}-class model")
+    return Checkpoint(config, state, pre, names, dict(meta.get("provenance") or {}))
 
 
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
@@ -125,6 +145,11 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         raise CheckpointError(path, "checkpoint not found")
     if path.stat().st_size == 0:
         raise CheckpointError(path, "file is empty")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:  # no read permission is not "not a valid file" (nor "No such file")
+        raise CheckpointError(path, f"cannot read the checkpoint ({e.strerror or e})") from None
     if path.suffix == ".safetensors":
         ckpt = _load_safetensors(path)
     else:

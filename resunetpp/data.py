@@ -7,6 +7,7 @@ and of any size; a mask must have its image's size. Problems raise
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,15 @@ class Sample:
     stem: str
     image_path: Path
     mask_path: Path | None
+
+
+#: What an image stem in a split file may look like; anything else is never echoed in a message
+#: (``--split /etc/passwd`` must not print the file's lines).
+_STEM = re.compile(r"[\w.\-+,()\[\] ]{1,160}")
+
+
+def looks_like_stem(name: str) -> bool:
+    return _STEM.fullmatch(name) is not None and not name.startswith(".")
 
 
 def read_split(path: str | Path) -> list[str]:
@@ -70,10 +80,14 @@ class SegmentationDataset:
         split_path = resolve_split(self.root, split)
         if split_path is not None:
             stems = read_split(split_path)
-            missing = [s for s in stems if s not in by_stem]
+            missing = [(i, s) for i, s in enumerate(stems) if s not in by_stem]
+            if len(missing) == len(stems):  # nothing matches: perhaps not a split file at all; echo none of it
+                raise InputFileError(split_path, f"none of its {len(stems)} entries names an image in {img_dir} "
+                                                 "(is this a split file? one image name a line)")
             if missing:
-                raise InputFileError(split_path, f"{len(missing)} listed image(s) not in {img_dir}, "
-                                                 f"e.g. {missing[0]!r}")
+                line, name = missing[0]
+                example = repr(name) if looks_like_stem(name) else f"entry {line + 1}"
+                raise InputFileError(split_path, f"{len(missing)} listed image(s) not in {img_dir}, e.g. {example}")
         else:
             stems = sorted(by_stem)
         if not stems:

@@ -39,20 +39,41 @@ def mask_image(mask: np.ndarray, num_classes: int) -> Image.Image:
     return img
 
 
+#: Rows of the image :func:`overlay_image` blends at a time: its float temporaries are
+#: ``OVERLAY_BAND_ROWS x W x 3`` float32, whatever the image's height.
+OVERLAY_BAND_ROWS = 256
+
+
 def overlay_image(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.4) -> Image.Image:
-    """``image`` (H, W, C uint8) with each class region filled translucently and outlined."""
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+    """``image`` (H, W, C uint8) with each class region filled translucently and outlined.
+
+    Computed in bands of :data:`OVERLAY_BAND_ROWS` rows (each band's outline filter sees its
+    neighbours' rows) and pasted into the result, so beyond the result itself (PIL's 4 bytes a
+    pixel) it needs ``O(band x W)`` memory, not ~40 bytes a pixel of whole-image temporaries; the
+    pixels are the same.
+    """
+    height = mask.shape[0]
     colors = palette(num_classes).astype(np.float32)
-    out = rgb.astype(np.float32)
-    inside = mask > 0
-    out[inside] = out[inside] * (1.0 - alpha) + colors[mask[inside]] * alpha
     width = 3 if min(mask.shape) < 512 else 5
-    m = Image.fromarray(mask.astype(np.uint8), "L")
-    hi = np.asarray(m.filter(ImageFilter.MaxFilter(width)))
-    lo = np.asarray(m.filter(ImageFilter.MinFilter(width)))
-    edge = (hi != lo) & (hi > 0)
-    out[edge] = colors[hi[edge]]
-    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+    halo = width // 2
+    result = Image.new("RGB", (mask.shape[1], height))  # filled band by band: no whole-image array
+    for r0 in range(0, height, OVERLAY_BAND_ROWS):
+        r1 = min(height, r0 + OVERLAY_BAND_ROWS)
+        band = image[r0:r1]
+        rgb = np.repeat(band, 3, axis=2) if band.shape[2] == 1 else band[:, :, :3]
+        out = rgb.astype(np.float32)
+        m_band = mask[r0:r1]
+        inside = m_band > 0
+        out[inside] = out[inside] * (1.0 - alpha) + colors[m_band[inside]] * alpha
+        lo_row, hi_row = max(0, r0 - halo), min(height, r1 + halo)
+        m = Image.fromarray(mask[lo_row:hi_row].astype(np.uint8), "L")
+        keep = slice(r0 - lo_row, r0 - lo_row + (r1 - r0))
+        hi = np.asarray(m.filter(ImageFilter.MaxFilter(width)))[keep]
+        lo = np.asarray(m.filter(ImageFilter.MinFilter(width)))[keep]
+        edge = (hi != lo) & (hi > 0)
+        out[edge] = colors[hi[edge]]
+        result.paste(Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB"), (0, r0))
+    return result
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:

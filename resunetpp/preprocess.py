@@ -13,7 +13,8 @@ must be multiples of 8):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -21,11 +22,70 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resunetpp.model import SIZE_MULTIPLE
+from resunetpp.errors import RecordFieldError
+from resunetpp.model import MAX_INPUT_SIZE, SIZE_MULTIPLE, input_size_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("resize", "pad")
+#: Accepted ranges of the normalisation, on the 0..1 pixel scale (pixels are divided by 255 first).
+MEAN_RANGE = (0.0, 1.0)
+STD_RANGE = (1e-3, 1.0)
+FIELDS = ("size", "mode", "mean", "std", "channels")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers_problem(values: object, channels: int, low: float, high: float) -> str | None:
+    if not isinstance(values, (list, tuple)) or not all(_is_number(v) for v in values):
+        return f"must be a list of {channels} numbers, got {values!r}"
+    if len(values) != channels:
+        return f"needs {channels} values (one per channel), got {len(values)}: {list(values)}"
+    if not all(math.isfinite(v) for v in values):
+        return f"must be finite numbers, got {list(values)}"
+    if not all(low <= v <= high for v in values):
+        return f"must lie in [{low:g}, {high:g}] (the 0..1 pixel scale), got {list(values)}"
+    return None
+
+
+def preprocessing_problem(d: object) -> tuple[str, str] | None:
+    """The first invalid field of a preprocessing record as ``(field, problem)``, or ``None``.
+
+    Strict about types (a record is data from a file): ``size`` two ints, multiples of
+    :data:`~resunetpp.model.SIZE_MULTIPLE` up to :data:`~resunetpp.model.MAX_INPUT_SIZE`; ``mode``
+    one of :data:`MODES`; ``channels`` 1 or 3; ``mean`` and ``std`` one finite number per channel
+    within :data:`MEAN_RANGE` and :data:`STD_RANGE`. A missing field takes its default.
+    """
+    if not isinstance(d, Mapping):
+        return "", f"must be a mapping, got {type(d).__name__}"
+    for key in d:
+        if key not in FIELDS:
+            return str(key), f"unknown field (known: {', '.join(FIELDS)})"
+    default = Preprocessing.__dataclass_fields__
+    channels = d.get("channels", default["channels"].default)
+    if isinstance(channels, bool) or channels not in (1, 3):
+        return "channels", f"must be 1 or 3, got {channels!r}"
+    mode = d.get("mode", default["mode"].default)
+    if not isinstance(mode, str) or mode not in MODES:
+        return "mode", f"must be one of {', '.join(MODES)}, got {mode!r}"
+    if "size" in d:
+        size = d["size"]
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            return "size", f"must be [height, width], got {size!r}"
+        for side in size:
+            problem = input_size_problem(side)
+            if problem:
+                return "size", f"each side {problem}"
+    for key, (low, high) in (("mean", MEAN_RANGE), ("std", STD_RANGE)):
+        if key in d:
+            problem = _numbers_problem(d[key], channels, low, high)
+            if problem:
+                return key, problem
+        elif channels != 3:
+            return key, f"is required for {channels}-channel preprocessing"
+    return None
 
 
 @dataclass(frozen=True)
@@ -44,12 +104,18 @@ class Preprocessing:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if len(self.size) != 2 or any(s <= 0 or s % SIZE_MULTIPLE for s in self.size):
             raise ValueError(f"size must be (height, width), positive multiples of {SIZE_MULTIPLE}; got {self.size}")
+        if any(s > MAX_INPUT_SIZE for s in self.size):
+            raise ValueError(f"size must be at most {MAX_INPUT_SIZE} a side, got {self.size}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean and std need {self.channels} values, got {self.mean} and {self.std}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be positive, got {self.std}")
+        for key, (low, high) in (("mean", MEAN_RANGE), ("std", STD_RANGE)):
+            problem = _numbers_problem(getattr(self, key), self.channels, low, high)
+            if problem:
+                raise ValueError(f"{key} {problem}")
 
     # ---- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -57,7 +123,12 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: Mapping) -> "Preprocessing":
+        """From a record; any invalid field raises :class:`~resunetpp.errors.RecordFieldError`
+        (:func:`preprocessing_problem`)."""
+        problem = preprocessing_problem(d)
+        if problem is not None:
+            raise RecordFieldError(*problem)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def with_size(self, size: int | Sequence[int] | None) -> "Preprocessing":
@@ -72,7 +143,11 @@ class Preprocessing:
         if self.mode == "resize":
             return self.size
         m = SIZE_MULTIPLE
-        return (-(-height // m) * m, -(-width // m) * m)
+        padded = (-(-height // m) * m, -(-width // m) * m)
+        if max(padded) > MAX_INPUT_SIZE:
+            raise ValueError(f"image is {width}x{height}; preprocessing mode 'pad' runs the network at the image's "
+                             f"size, at most {MAX_INPUT_SIZE}x{MAX_INPUT_SIZE}")
+        return padded
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """``(H, W, C)`` uint8 -> ``(C, h, w)`` float32, normalised, of an accepted size."""

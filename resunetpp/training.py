@@ -13,6 +13,7 @@ leaves the architecture untouched and keeps these maps bounded (see ``benchmarks
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resunetpp.atomic import atomic_path, write_json_atomic
+from resunetpp.atomic import atomic_path, clean_stale_temporaries, make_output_folder, write_json_atomic
 from resunetpp.augment import augment
 from resunetpp.checkpoint import Checkpoint, safe_torch_load, save_checkpoint
 from resunetpp.data import SegmentationDataset
@@ -71,15 +72,16 @@ class TrainConfig:
 
 def check_train_config(cfg: TrainConfig, resume: bool = False) -> None:
     """Refuse impossible settings with one line each, before any data is read."""
-    from resunetpp.model import SIZE_MULTIPLE
+    from resunetpp.model import input_size_problem
 
     problems = []
     for name in ("epochs", "batch_size", "num_classes", "val_every", "workers"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{name} must be a positive integer, got {value!r}")
-    if cfg.image_size < SIZE_MULTIPLE or cfg.image_size % SIZE_MULTIPLE:
-        problems.append(f"image_size must be a positive multiple of {SIZE_MULTIPLE}, got {cfg.image_size}")
+    size_problem = input_size_problem(cfg.image_size)
+    if size_problem:
+        problems.append(f"image_size {size_problem}")
     if not cfg.lr > 0:
         problems.append(f"lr must be positive, got {cfg.lr}")
     if cfg.range_reg < 0 or not cfg.range_tau > 0:
@@ -480,15 +482,19 @@ class _Run:
         if val_dice is not None and val_dice > self.best:
             self.best = val_dice
             save_checkpoint(ck, self.out / "best.safetensors")
+        # The weights travel with the optimizer state and epoch count: a kill between this
+        # epoch's writes may leave last.safetensors an epoch ahead; resume starts from these.
+        # Serialized in memory, then written atomically: a full disk is an OSError (one line), not
+        # torch's "PytorchStreamWriter failed writing file".
+        buffer = io.BytesIO()
+        torch.save({"model": ck.state_dict, "optimizer": self.opt.state_dict(), "epoch": self.epoch,
+                    "total_epochs": self.total_epochs,
+                    "history": json.dumps(self.history), "best": self.best, "generator": self.gen.get_state(),
+                    "elapsed_s": self.elapsed_before + time.time() - self.t_start,
+                    "train_config": json.dumps(asdict(self.cfg)),
+                    "lineage": json.dumps(self.lineage)}, buffer)
         with atomic_path(self.out / STATE_FILE) as tmp:
-            # The weights travel with the optimizer state and epoch count: a kill between this
-            # epoch's writes may leave last.safetensors an epoch ahead; resume starts from these.
-            torch.save({"model": ck.state_dict, "optimizer": self.opt.state_dict(), "epoch": self.epoch,
-                        "total_epochs": self.total_epochs,
-                        "history": json.dumps(self.history), "best": self.best, "generator": self.gen.get_state(),
-                        "elapsed_s": self.elapsed_before + time.time() - self.t_start,
-                        "train_config": json.dumps(asdict(self.cfg)),
-                        "lineage": json.dumps(self.lineage)}, tmp)
+            tmp.write_bytes(buffer.getbuffer())
         write_json_atomic(self.out / "history.json", self.history)
 
 
@@ -504,8 +510,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     state = None
     if resume:
         cfg, state = _resumed(cfg, out / STATE_FILE)
+    if out.is_dir():  # what a killed run left: its temporaries (never a finished file)
+        clean_stale_temporaries(out)
     t0 = time.time()
-    run = _Run(cfg, device, _load_data(cfg, device, log), state, out, log)
+    data = _load_data(cfg, device, log)
+    make_output_folder(out)
+    run = _Run(cfg, device, data, state, out, log)
 
     cols = [TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[total_epochs]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  val Dice {task.fields[vdice]}"), TimeElapsedColumn()]

@@ -245,7 +245,7 @@ def test_wrong_shape_and_dtype_are_refused(backend: str, binary: dict) -> None:
         for batch, message in cases:
             with pytest.raises(EngineInputError) as info:
                 engine.infer(batch)
-            assert str(info.value) == message
+            assert str(info.value) == f"{engine.path}: {message}"  # engine errors start with the file (issue 20)
             assert isinstance(info.value, ValueError) and isinstance(info.value, ResUNetError)
         assert engine.infer(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 1, 32, 32)  # still usable
 

@@ -96,6 +96,11 @@ class Source(ABC):
         """How many items it yields, or ``None`` when that is not known ahead (a live stream)."""
         return None
 
+    def files(self) -> Sequence[Path]:
+        """The files this source reads (known ahead), which ``infer`` never writes over; the base
+        reads none. Items whose ``origin`` is a path are protected as they come, too."""
+        return ()
+
     def close(self) -> None:
         """Release what the source holds; the base holds nothing."""
 

@@ -82,6 +82,9 @@ class ImageFiles(Source):
     def count(self) -> int:
         return len(self.paths)
 
+    def files(self) -> list[Path]:
+        return list(self.paths)
+
     def __iter__(self) -> Iterator[Item]:
         for path, key in zip(self.paths, self.keys):
             yield Item(key, path, functools.partial(read_image, path))
