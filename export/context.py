@@ -13,7 +13,7 @@ import numpy as np
 
 from resunetpp.export import calibration as cal
 from resunetpp.export.fp16 import FP16Result
-from resunetpp.export.formats import artifact_name
+from resunetpp.export.formats import get_format
 from resunetpp.export.inputs import VERIFY_BATCH, VerificationSet, batches
 from resunetpp.export.onnx_graph import ShapeSpec
 from resunetpp.export.options import ExportOptions
@@ -82,11 +82,14 @@ class ExportRun:
         return artifact_record(self.ckpt, self.pre, fmt=fmt, precision=precision, file=path,
                                shape=self.spec.record(), calibration=calib, accuracy=accuracy, **extra)
 
-    def staged(self, path: Path, fmt: str, precision: str, backend: str, options: dict | None = None,
+    def staged(self, path: Path, fmt: str, precision: str,
                **extra: object) -> contextlib.AbstractContextManager[PredictFn]:
-        """``predict`` of an artifact not yet written (no sidecar): opened as a ``backend`` engine (with
-        ``options``) on the record it will have, less its accuracy; a context manager."""
-        return artifact_predict(path, backend, self.record(fmt, precision, path, None, **extra), **(options or {}))
+        """``predict`` of an artifact not yet written (no sidecar): opened as an engine of the backend
+        that verifies ``fmt`` (with its verification options), on the record the artifact will have,
+        less its accuracy; a context manager."""
+        f = get_format(fmt)
+        record = self.record(fmt, precision, path, None, **extra)
+        return artifact_predict(path, f.backend, record, **f.verify_options)
 
     def measure(self, label: str, predict: Callable[[np.ndarray], np.ndarray], precision: str = "fp32") -> dict:
         v = self.vset
@@ -111,16 +114,17 @@ class ExportRun:
         return gate, keep
 
     def add(self, fmt: str, precision: str, path: Path, written: bool, metrics: dict, gate: Gate) -> None:
+        files = get_format(fmt).artifact_files(path)
         size = None
         if not written:
-            remove_stale(path)
+            remove_stale(files)
         else:
-            size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if fmt == "openvino" else 0)
+            size = sum(f.stat().st_size for f in files)
         self.report.artifacts.append(ArtifactResult(fmt, precision, path, written, size, metrics,
                                                     gate.as_dict(self.o.allow_accuracy_drop)))
 
     def final(self, fmt: str, precision: str) -> Path:
-        return self.o.out / artifact_name(fmt, precision)
+        return self.o.out / get_format(fmt).artifact_name(precision)
 
     # -- the FP32 reference every artifact is compared with --
     def reference(self) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from resunetpp.export import onnx_graph
+from resunetpp.export.formats import ExportFormat, register_format
 from resunetpp.export.inputs import batches
 from resunetpp.export.int8_source import int8_source, source_record
 # Also the ONNX graph API callers outside export use (DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact);
@@ -23,8 +24,6 @@ from resunetpp.errors import ResUNetError
 if TYPE_CHECKING:
     from resunetpp.export.context import ExportRun
 
-#: The engine backend ONNX artifacts are verified on (CPU provider).
-BACKEND = "onnxruntime"
 #: Images the FP16 range probe runs (calibration images when given, else verification images).
 RANGE_PROBE_IMAGES = 32
 
@@ -52,7 +51,7 @@ def fp32(run: ExportRun, write: bool) -> None:
     path = run.work / "fp32.onnx"
     onnx.save_model(model, str(path))
     run.onnx_paths["fp32"] = path
-    with run.staged(path, "onnx", "fp32", BACKEND) as predict:
+    with run.staged(path, "onnx", "fp32") as predict:
         metrics = run.measure("ONNX FP32 (ONNX Runtime)", predict)
         metrics["dynamic_axes_check"] = _check_dynamic(run, predict)
     gate = gate_for("fp32", metrics)
@@ -116,7 +115,7 @@ def fp16(run: ExportRun, write: bool) -> None:
     run.onnx_paths["fp16"] = path
     if not write:
         return
-    with run.staged(path, "onnx", "fp16", BACKEND) as predict:
+    with run.staged(path, "onnx", "fp16") as predict:
         metrics = run.measure("ONNX FP16 (ONNX Runtime)", predict)
     gate, keep = run.judge("onnx", "fp16", metrics)
     final = run.final("onnx", "fp16")
@@ -156,7 +155,7 @@ def int8(run: ExportRun, write: bool) -> None:
     run.qdq_record = {**result.record(), **source_record(run)}
     if not write:
         return
-    with run.staged(result.path, "onnx", "int8", BACKEND) as predict:
+    with run.staged(result.path, "onnx", "int8") as predict:
         metrics = run.measure("ONNX INT8 Q/DQ (ONNX Runtime)", predict, "int8")
     gate, keep = run.judge("onnx", "int8", metrics)
     final = run.final("onnx", "int8")
@@ -178,3 +177,9 @@ def ensure_source(run: ExportRun, source: str) -> None:
         fp16(run, write=False)
     elif source == "int8_qdq":
         int8(run, write=False)
+
+
+FORMAT = register_format(ExportFormat(
+    name="onnx", order=0, build=build, backend="onnxruntime",
+    description="ONNX graphs (dynamic batch and size by default), verified on ONNX Runtime's CPU provider",
+    files={"fp32": "model_fp32.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8_qdq.onnx"}))

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from resunetpp.export import onnx_format
+from resunetpp.export.formats import ExportFormat, register_format
 from resunetpp.export.int8_source import int8_source, source_record
 from resunetpp.artifact import write_sidecar
 
@@ -34,9 +35,6 @@ if TYPE_CHECKING:
     from resunetpp.export.context import ExportRun
 
 VERIFY_PRECISION_HINT = "f32"
-#: The engine backend an IR is verified on, and its options there.
-BACKEND = "openvino"
-VERIFY_OPTIONS = {"precision": VERIFY_PRECISION_HINT}
 
 
 def convert_onnx(onnx_path: str | Path):
@@ -110,7 +108,7 @@ def _ir(run: ExportRun, precision: str) -> None:
             ov_model, extra = _nncf(run, ov_model)
     with staged_ir(final) as stage:
         save_ir(ov_model, stage.xml, compress_to_fp16=precision == "fp16")
-        with run.staged(stage.xml, "openvino", precision, BACKEND, VERIFY_OPTIONS) as predict:
+        with run.staged(stage.xml, "openvino", precision) as predict:
             metrics = run.measure(f"OpenVINO {precision.upper()} IR (CPU, f32 hint)", predict, precision)
         gate, keep = run.judge("openvino", precision, metrics)
         if keep:
@@ -157,3 +155,10 @@ def _nncf(run: ExportRun, ov_model):
     calib = run.calibration_record({"tool": "nncf", "preset": recipe.preset,
                                     "range_estimator": recipe.range_estimator})
     return result.model, {"calibration": calib, "quantization": {**result.record(), **source_record(run)}}
+
+
+FORMAT = register_format(ExportFormat(
+    name="openvino", order=10, build=build, backend="openvino",
+    verify_options={"precision": VERIFY_PRECISION_HINT}, companions=(".bin",),
+    description="OpenVINO IR (.xml + .bin), verified on the CPU plugin with f32 float ops",
+    files={p: f"openvino/model_{p}.xml" for p in ("fp32", "fp16", "int8")}))

@@ -10,17 +10,19 @@ from pathlib import Path
 from resunetpp.export.report import Reporter
 
 
-def remove_stale(path: Path) -> None:
-    """A refused artifact must not leave an earlier export's file under its name."""
+def remove_stale(files: list[Path]) -> None:
+    """A refused artifact must not leave an earlier export's file under its name: ``files`` (the
+    artifact, then the files beside it) and the artifact's sidecar."""
     from resunetpp.artifact import sidecar_path
 
-    for p in (path, path.with_suffix(".bin") if path.suffix == ".xml" else None, sidecar_path(path)):
-        if p is not None and p.is_file():
+    for p in (*files, sidecar_path(files[0])):
+        if p.is_file():
             p.unlink()
 
 
-def remove_empty_folders(out: Path) -> None:
-    for sub in ("openvino", "tensorrt"):
+def remove_empty_folders(out: Path, folders: list[str]) -> None:
+    """Remove the ``folders`` of ``out`` (relative) this export left empty."""
+    for sub in folders:
         with contextlib.suppress(OSError):
             (out / sub).rmdir()  # only succeeds when empty
 

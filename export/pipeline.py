@@ -3,7 +3,9 @@
 Order of work: load the checkpoint and the image sets (all argument and file errors surface
 before anything heavy runs) -> PyTorch FP32 reference outputs on the verification images ->
 ONNX FP32 (verified against PyTorch, dynamic axes exercised; the export stops if it does not
-match) -> FP16 ONNX -> INT8 Q/DQ ONNX -> OpenVINO IR FP32/FP16/INT8 -> TensorRT engines.
+match) -> each registered format's step in its order (:mod:`export.formats`; ONNX FP16 and INT8
+Q/DQ -> OpenVINO IR FP32/FP16/INT8 -> TensorRT engines), a format's module declaring what it builds,
+where its artifacts go, which engine verifies them and whether this machine can build it.
 
 Every artifact is verified before it is written: FP32 within
 :data:`export.verify.FP32_MAX_ABS_ERROR` of PyTorch, FP16 finite and Dice vs reference >=
@@ -20,11 +22,12 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from resunetpp.export import calibration as cal
-from resunetpp.export import onnx_format, openvino_format, tensorrt_format
+from resunetpp.export import onnx_format
 from resunetpp.export.context import ExportRun
-from resunetpp.export.formats import FORMATS, PRECISIONS, artifact_name
+from resunetpp.export.formats import PRECISIONS, artifact_name, export_formats, format_names, get_precision
 from resunetpp.export.inputs import image_sets, verification_set
 from resunetpp.export.options import OPENVINO_INT8_SOURCES, ExportOptions, TensorRTOptions
 from resunetpp.export.outdir import OutLock, remove_empty_folders, remove_stale_work
@@ -34,35 +37,40 @@ from resunetpp.atomic import write_json_atomic
 from resunetpp.errors import ResUNetError
 
 REPORT_NAME = "export_report.json"
-#: Each format's step: build, verify and write the artifacts of the given precisions.
-_STEPS = {"onnx": onnx_format.build, "openvino": openvino_format.build, "tensorrt": tensorrt_format.build}
 
 
-def _parse_targets(options: ExportOptions, trt_ok: bool, trt_reason: str,
+def _parse_targets(options: ExportOptions,
                    has_calib: bool) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
-    formats = options.formats or FORMATS
+    """``(format, precision)`` pairs to build, in build order, and ``(format, precision, why)`` skipped."""
+    known = format_names()
+    formats = options.formats or known
     precisions = options.precisions or PRECISIONS
     for f in formats:
-        if f not in FORMATS:
-            raise ResUNetError(f"unknown format {f!r} (choose from {', '.join(FORMATS)})")
+        if f not in known:
+            raise ResUNetError(f"unknown format {f!r} (choose from {', '.join(known)})")
     for p in precisions:
         if p not in PRECISIONS:
             raise ResUNetError(f"unknown precision {p!r} (choose from {', '.join(PRECISIONS)})")
     targets, skipped = [], []
-    for f in FORMATS:
-        for p in PRECISIONS:
-            if f not in formats or p not in precisions:
+    for fmt in export_formats():
+        f = fmt.name
+        if f not in formats:
+            continue
+        unavailable = fmt.unavailable()
+        for p in fmt.precisions:
+            if p not in precisions:
                 continue
-            if f == "tensorrt" and not trt_ok:
+            why = fmt.skip(options, p) if fmt.skip is not None else None
+            if unavailable is not None:
                 if options.formats:
-                    raise ResUNetError(f"--format tensorrt: {trt_reason}")
-                skipped.append((f, p, trt_reason))
-            elif p == "int8" and not has_calib:
+                    raise ResUNetError(f"--format {f}: {unavailable}")
+                skipped.append((f, p, unavailable))
+            elif get_precision(p).needs_calibration and not has_calib:
                 if options.precisions:
-                    raise ResUNetError("--precision int8 needs calibration images: pass --calib DIR")
+                    raise ResUNetError(f"--precision {p} needs calibration images: pass --calib DIR")
                 skipped.append((f, p, "needs calibration images (--calib)"))
-            elif f == "tensorrt" and p == "fp32" and options.tensorrt.dla_core is not None:
-                skipped.append((f, p, "DLA runs FP16 and INT8 only"))
+            elif why is not None:
+                skipped.append((f, p, why))
             else:
                 targets.append((f, p))
     if not targets:
@@ -76,15 +84,12 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
     Returns the report; call :meth:`ExportReport.raise_for_gate` to turn refused artifacts into an
     error (the CLI does, after printing the summary).
     """
-    from resunetpp.export.tensorrt_format import tensorrt_status
-
     reporter = reporter or NullReporter()
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise ResUNetError(f"{out}: --out exists and is not a folder")
-    trt_ok, trt_info = tensorrt_status()
-    targets, skipped = _parse_targets(options, trt_ok, trt_info, options.calib is not None)
-    need_eval = any(p == "int8" for _, p in targets)
+    targets, skipped = _parse_targets(options, options.calib is not None)
+    need_eval = any(get_precision(p).needs_calibration for _, p in targets)
     out.mkdir(parents=True, exist_ok=True)
     lock = OutLock(out, reporter)
     if lock.handle is not None:  # holding the lock, any work folder here was left by a killed export
@@ -105,8 +110,13 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
         return run.report
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        remove_empty_folders(out)
+        remove_empty_folders(out, _subfolders())
         lock.close()
+
+
+def _subfolders() -> list[str]:
+    """The folders of ``--out`` artifacts are written into (``openvino``, ``tensorrt``)."""
+    return sorted({str(Path(name).parent) for f in export_formats() for name in f.files.values()} - {"."})
 
 
 def _execute(run: ExportRun, targets: list[tuple[str, str]]) -> None:
@@ -114,13 +124,20 @@ def _execute(run: ExportRun, targets: list[tuple[str, str]]) -> None:
     run.reference()
     if ("onnx", "fp32") not in want:  # every artifact is built from the verified FP32 ONNX
         onnx_format.fp32(run, write=False)
-    for fmt in FORMATS:
-        precisions = [p for p in PRECISIONS if (fmt, p) in want]
+    for fmt in export_formats():
+        precisions = [p for p in fmt.precisions if (fmt.name, p) in want]
         if precisions:
-            _STEPS[fmt](run, precisions)
-    skipped_trt = [p for f, p, _ in run.report.skipped if f == "tensorrt"]
-    if skipped_trt:
-        tensorrt_format.trtexec_hints(run, skipped_trt)
+            fmt.build(run, precisions)
+    for fmt in export_formats():
+        skipped = [p for f, p, _ in run.report.skipped if f == fmt.name]
+        if skipped and fmt.skipped is not None:
+            fmt.skipped(run, skipped)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FORMATS":  # the registered formats (export.formats), computed on access
+        return format_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["OPENVINO_INT8_SOURCES", "REPORT_NAME", "AccuracyGateError", "ArtifactResult", "ExportOptions",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from resunetpp.export import onnx_format
+from resunetpp.export.formats import ExportFormat, register_format
 from resunetpp.export.inputs import batches as stacked_batches
 from resunetpp.export.tensorrt_plan import (DEFAULT_WORKSPACE_MIB, BuildPlan, ProfileShapes, plan_build,
                                             profile_shapes, trt_major, trtexec_command)
@@ -30,10 +31,6 @@ from resunetpp.errors import ResUNetError
 
 if TYPE_CHECKING:
     from resunetpp.export.context import ExportRun
-
-#: The engine backend an engine is verified on.
-BACKEND = "tensorrt"
-
 
 def tensorrt_status() -> tuple[bool, str]:
     """``(True, version)`` when ``tensorrt`` imports, else ``(False, reason)``."""
@@ -185,7 +182,7 @@ def build(run: ExportRun, precisions: list[str]) -> None:
     _ok, trt_version = tensorrt_status()
     t = run.o.tensorrt
     shapes = profile_shapes(run.spec, max_batch=t.max_batch, opt_batch=t.opt_batch)
-    folder = run.o.out / "tensorrt"
+    folder = run.final("tensorrt", precisions[0]).parent
     timing = folder / "timing.cache"
     for precision in precisions:
         plan = plan_build(trt_version, precision, calibrator=t.calibrator, fp16_mode=t.fp16_mode, dla_core=t.dla_core)
@@ -206,7 +203,7 @@ def build(run: ExportRun, precisions: list[str]) -> None:
                     facts = build_engine(plan, src, staged, shapes, workspace_mib=t.workspace_mib,
                                          timing_cache=timing, calibration_batches=batches,
                                          calibration_cache=calib_cache)
-                with run.staged(staged, "tensorrt", precision, BACKEND, tensorrt=facts) as predict:
+                with run.staged(staged, "tensorrt", precision, tensorrt=facts) as predict:
                     metrics = run.measure(f"TensorRT {precision} engine", predict, precision)
                 gate, keep = run.judge("tensorrt", precision, metrics)
                 if not keep:
@@ -245,8 +242,25 @@ def trtexec_hints(run: ExportRun, precisions: list[str]) -> None:
         src = {"fp32": run.final("onnx", "fp32"), "fp16": run.final("onnx", "fp16"),
                "int8_qdq": run.final("onnx", "int8")}[plan.source]
         if src.is_file():
-            engine = Path("tensorrt") / f"model_{precision}.engine"
+            engine = FORMAT.artifact_name(precision)
             run.report.trtexec.append(
                 "# on the target (TensorRT 10; drop --stronglyTyped on 11): "
                 + trtexec_command(plan, src.name, engine, shapes, workspace_mib=t.workspace_mib,
-                                  timing_cache=Path("tensorrt") / "timing.cache"))
+                                  timing_cache=Path(engine).parent / "timing.cache"))
+
+
+def _unavailable() -> str | None:
+    ok, info = tensorrt_status()
+    return None if ok else info
+
+
+def _skip(options, precision: str) -> str | None:
+    return "DLA runs FP16 and INT8 only" if precision == "fp32" and options.tensorrt.dla_core is not None else None
+
+
+FORMAT = register_format(ExportFormat(
+    name="tensorrt", order=20, build=build, backend="tensorrt", availability=_unavailable, skip=_skip,
+    skipped=trtexec_hints,
+    description="TensorRT engines for this machine's GPU, verified on it (needs tensorrt and cuda-python); "
+                "elsewhere the trtexec lines that build them",
+    files={p: f"tensorrt/model_{p}.engine" for p in ("fp32", "fp16", "int8")}))
