@@ -5,7 +5,7 @@ stem or content). For the shipped default model without ``--calib``, the shipped
 are split deterministically -- the first half (``val.txt`` order) is evaluated, the second half
 calibrates.
 
-Artifacts (:func:`ensure_artifacts`): exported by :func:`export.pipeline.run_export` into
+Artifacts (:func:`ensure_artifacts`): exported by :func:`resunetpp.export.pipeline.run_export` into
 ``~/.cache/resunetpp/artifacts/<key>/`` (or ``--artifacts DIR``), where the key hashes the
 checkpoint's SHA-256, the preprocessing (input size), the calibration set's digest and the tool
 versions (:func:`artifact_key`). A marker file written last lists what a folder holds under
@@ -59,7 +59,7 @@ def plan_images(data: Path, split: str | None, calib: Path | None, default_model
     """Pick evaluation and calibration images; they never share an image (stem or content).
 
     With ``calib`` its images (a dataset root's ``train`` split, sampled to
-    :data:`export.calibration.DEFAULT_CALIB_COUNT`) calibrate. Else, for the shipped default model,
+    :data:`resunetpp.export.calibration.DEFAULT_CALIB_COUNT`) calibrate. Else, for the shipped default model,
     the shipped sample images are split in two: the first half (in ``val.txt`` order) is evaluated,
     the second half calibrates -- and is removed from the evaluation set if ``data`` holds them.
     Else there is no calibration and INT8 rows are skipped.
@@ -176,7 +176,7 @@ def _read_marker(folder: Path, key: str) -> dict[str, str]:
 def ensure_artifacts(ckpt_path: Path, folder: Path, key: str, key_fields: dict, wanted: set[tuple[str, str]],
                      images: ImagePlan, image_size: int | None, reporter: Reporter) -> ArtifactSet:
     """Reuse the artifacts in ``folder`` made under ``key``; export the missing ones with
-    :func:`export.pipeline.run_export` (accuracy gates reported, not enforced: the benchmark shows
+    :func:`resunetpp.export.pipeline.run_export` (accuracy gates reported, not enforced: the benchmark shows
     the drop and ``--max-dice-drop`` gates it). The marker file is written last."""
     from resunetpp.export.pipeline import artifact_name, run_export
 

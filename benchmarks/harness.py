@@ -3,10 +3,10 @@
 One *row* is one backend at one precision and one batch size. For each row the harness
 
 1. opens the artifact with :func:`engines.open` (load/compile time recorded) -- artifacts come
-   from :func:`export.pipeline.run_export`, cached per checkpoint hash + options (see
-   :mod:`benchmarks.artifacts`, which also picks the evaluation and calibration images);
+   from :func:`resunetpp.export.pipeline.run_export`, cached per checkpoint hash + options (see
+   :mod:`resunetpp.bench.artifacts`, which also picks the evaluation and calibration images);
 2. measures accuracy on the evaluation images against the PyTorch FP32 reference
-   (:func:`measure_accuracy`, built on :func:`export.verify.compare_outputs`): mean and min Dice
+   (:func:`measure_accuracy`, built on :func:`resunetpp.export.verify.compare_outputs`): mean and min Dice
    of the binarised masks, mean and max absolute probability error, Dice/IoU against ground
    truth; a NaN/Inf output fails the row (``failed: non-finite output``), it is never averaged;
 3. times the runtime's own call (``session.run``, the OpenVINO infer request, the torch forward)
@@ -19,7 +19,7 @@ One *row* is one backend at one precision and one batch size. For each row the h
 
 Each row's rate is also given in GFLOP/s (the model's FLOPs per image x images/s) and, for rows
 whose convolutions run in one precision on the CPU (fp32, bf16), as a share of this CPU's peak at
-that precision, measured at the end of the run (:mod:`benchmarks.peak`) rather than assumed.
+that precision, measured at the end of the run (:mod:`resunetpp.bench.peak`) rather than assumed.
 
 Combinations this machine cannot run are rows with status ``skipped`` and the reason.
 
@@ -350,7 +350,7 @@ def measure_latency(engine_call: PredictFn, runtime_call: Callable[[np.ndarray],
 def openvino_throughput(engine: Any, x: np.ndarray, warmup_s: float, duration_s: float) -> dict:
     """Images/s of an OpenVINO engine compiled with the THROUGHPUT hint, through ``AsyncInferQueue``.
 
-    Batches go through :meth:`engines.openvino_engine.OpenVINOEngine.infer_async_many` in chunks of
+    Batches go through :meth:`resunetpp.engines.openvino_engine.OpenVINOEngine.infer_async_many` in chunks of
     twice the device's optimal number of requests, for ``duration_s`` after ``warmup_s``.
     """
     engine.load()
@@ -642,7 +642,7 @@ def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None,
                  peaks: dict[str, dict] | None = None) -> None:
     """``speedup`` of each measured row (its throughput over the reference's at the same batch size)
     and, given the model's FLOPs per image, the arithmetic rate it reaches (``gflops_per_s``); given
-    the CPU's measured peaks (:func:`benchmarks.peak.cpu_peaks`), that rate as a share of the peak
+    the CPU's measured peaks (:func:`resunetpp.bench.peak.cpu_peaks`), that rate as a share of the peak
     at the row's :func:`arithmetic_precision` (``peak_pct``)."""
     ref = {r.batch_size: r.throughput_ips for r in rows
            if (r.backend, r.precision) == REFERENCE and r.ok and r.throughput_ips}
@@ -668,7 +668,7 @@ def arithmetic_precision(row: BenchRow) -> str | None:
 
 def measure_peaks(rows: Sequence[BenchRow], threads: int | None, cpu_flags: dict, notes: list[str],
                   seconds: float = 3.0) -> dict[str, dict] | None:
-    """The CPU's measured peaks (:func:`benchmarks.peak.cpu_peaks`) when a measured row runs its
+    """The CPU's measured peaks (:func:`resunetpp.bench.peak.cpu_peaks`) when a measured row runs its
     convolutions in f32/bf16 on the CPU and OpenVINO is installed; ``None`` otherwise."""
     wanted = {arithmetic_precision(r) for r in rows if r.ok} - {None}
     if not wanted or importlib.util.find_spec("openvino") is None:

@@ -11,7 +11,7 @@ Every score is against the *original* FP32 model's logits, per image at the netw
 Subcommands (``python -m resunetpp.bench.int8_study --help``):
 
 ``leave-one-out``
-    PyTorch simulation of the default INT8 recipe (``export.quantsim.QuantSim``: equalization, bias
+    PyTorch simulation of the default INT8 recipe (``resunetpp.export.quantsim.QuantSim``: equalization, bias
     correction, percentile ranges, the default kept modules in float) on held-out *training*
     images -- a seeded sample outside the calibration set, never validation images -- then each
     remaining convolution back in float in turn, with its share of the FLOPs. Ranks what each

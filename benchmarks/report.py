@@ -1,4 +1,4 @@
-"""Reports of a :class:`~benchmarks.harness.BenchResult`: rich table, JSON, Markdown, PNG chart.
+"""Reports of a :class:`~resunetpp.bench.harness.BenchResult`: rich table, JSON, Markdown, PNG chart.
 
 Every file is written under a temporary name and renamed (:mod:`resunetpp.atomic`), so an
 interrupted run leaves no half-written report.
@@ -117,7 +117,7 @@ def versions_line(result: BenchResult) -> str:
 class LineReporter:
     """Progress for logs (stderr is not a terminal): one line per finished step, with its duration.
 
-    Implements the :class:`export.report.Reporter` protocol, like the rich progress bars used on
+    Implements the :class:`resunetpp.export.report.Reporter` protocol, like the rich progress bars used on
     a terminal; a context manager so both are used the same way.
     """
 

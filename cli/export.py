@@ -85,7 +85,7 @@ def export_command(
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False,
                                                     help="Folder for the artifacts and their .json sidecars.")],
     formats: Annotated[list[ExportFormat] | None, typer.Option(
-        "--format", "-f", help="Repeatable. Default: every format this machine can build.")] = None,
+        "--format", "-f", help="Repeatable. Default: every format this machine can build, except opt-in packagings (triton: a Triton model repository of the other formats' verified artifacts).")] = None,
     precisions: Annotated[list[ExportPrecision] | None, typer.Option(
         "--precision", "-p", help="Repeatable. Default: fp32, fp16, and int8 when --calib is given.")] = None,
     calib: Annotated[Path | None, typer.Option(

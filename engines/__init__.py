@@ -1,6 +1,6 @@
 """Inference engines: one interface over PyTorch, ONNX Runtime, OpenVINO and TensorRT.
 
-Each engine opens an artifact written by :mod:`export` (PyTorch checkpoint, ONNX model,
+Each engine opens an artifact written by :mod:`resunetpp.export` (PyTorch checkpoint, ONNX model,
 OpenVINO IR, TensorRT engine), reads its metadata record (:mod:`resunetpp.artifact`) and
 exposes the preprocessing, classes and activation stored there, so every backend sees the
 same tensors and returns the same probabilities::

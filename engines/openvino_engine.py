@@ -13,7 +13,7 @@ AMX/AVX512-BF16 -- and the plugin's default for fp16/int8 artifacts), ``num_stre
 
 :meth:`OpenVINOEngine.kernels` lists the kernels the plugin compiled (``brgconv_avx512_f32`` for an
 FP32 convolution, ``..._bf16`` under the bf16 hint, ``ref_*`` for its slow reference kernels);
-:meth:`~engines.base.Engine.describe` reports the convolutions' kernels and any reference kernel.
+:meth:`~resunetpp.engines.base.Engine.describe` reports the convolutions' kernels and any reference kernel.
 
 :meth:`OpenVINOEngine.infer` uses one compiled model and one infer request (sync);
 :meth:`OpenVINOEngine.infer_async_many` runs many batches through an ``AsyncInferQueue``

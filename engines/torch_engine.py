@@ -6,7 +6,7 @@ about 1.3x faster in FP32 than NCHW -- benchmarks/PERF.md) and ``dtype`` (``fp32
 ``bf16`` or ``fp16``: autocast mixed precision; fp16 autocast needs CUDA). Runs under
 ``torch.inference_mode``.
 
-This module is ``engines.torch_engine``; it imports the real ``torch`` package inside functions only
+This module is ``resunetpp.engines.torch_engine``; it imports the real ``torch`` package inside functions only
 (absolute imports), so it never shadows it.
 """
 

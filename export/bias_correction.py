@@ -6,7 +6,7 @@ bias correction.
 
 Quantization shifts the *mean* of each convolution's output, not only its noise: rounded weights
 against activations whose mean is not zero, activations clipped at the calibrated range. In a
-simulation of exactly the export's INT8 (:class:`export.quantsim.QuantSim`: each convolution's input
+simulation of exactly the export's INT8 (:class:`resunetpp.export.quantsim.QuantSim`: each convolution's input
 per-tensor at the calibration percentile, its weight per output channel), every convolution's
 simulated output is compared with the float convolution of the *same* input (the INT8 model's
 own activations), and the per-channel mean difference is subtracted from its bias. Only each
@@ -34,7 +34,7 @@ def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: i
     """Correct the biases of ``model``'s INT8 convolutions in place; returns a record.
 
     ``calib_images`` (``(N, C, H, W)`` arrays) set the simulated activation ranges (``method``
-    and ``percentile`` as :class:`export.quantsim.QuantSim` takes them), the first ``images`` of them
+    and ``percentile`` as :class:`resunetpp.export.quantsim.QuantSim` takes them), the first ``images`` of them
     the mean shifts. Convolutions under ``keep_modules`` stay float and uncorrected. ``progress``
     is called with the number of images after each pass.
     """

@@ -1,7 +1,7 @@
 """One export in progress: its options, checkpoint, geometry, image sets, work folder and report,
 and what every format's steps share -- the metadata record, verification through an engine, the
 gate's verdict, the report entry. The steps themselves live with their format
-(:mod:`export.onnx_format`, :mod:`export.openvino_format`, :mod:`export.tensorrt_format`)."""
+(:mod:`resunetpp.export.onnx_format`, :mod:`resunetpp.export.openvino_format`, :mod:`resunetpp.export.tensorrt_format`)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from resunetpp.export.verify import FP16_MIN_DICE, FP32_MAX_ABS_ERROR, INT8_MIN_
 if TYPE_CHECKING:
     from resunetpp.export.options import ExportOptions
 
-#: The export in progress a step gets (:class:`export.context.ExportRun`; not imported here: the
+#: The export in progress a step gets (:class:`resunetpp.export.context.ExportRun`; not imported here: the
 #: context reads this registry).
 ExportRun = Any
 
@@ -83,6 +83,8 @@ class ExportFormat:
     skip: Callable[[ExportOptions, str], str | None] | None = field(default=None, repr=False)
     #: ``skipped(run, precisions)``: called with the precisions of this format the export skipped.
     skipped: Callable[[ExportRun, list[str]], None] | None = field(default=None, repr=False)
+    #: Built when ``--format`` is not given; ``False``: only on request (packagings such as Triton's).
+    default: bool = True
 
     def __hash__(self) -> int:
         return hash(self.name)

@@ -1,7 +1,7 @@
 """The FP32 model the INT8 artifacts are quantized from: the checkpoint's own graph, or the model with
-its activation ranges equalized (:mod:`export.equalize`; the same function, checked against the
+its activation ranges equalized (:mod:`resunetpp.export.equalize`; the same function, checked against the
 original in PyTorch on held-out images) and its biases corrected for INT8's mean shifts
-(:mod:`export.bias_correction`), exported to ONNX once per export and shared by the Q/DQ ONNX,
+(:mod:`resunetpp.export.bias_correction`), exported to ONNX once per export and shared by the Q/DQ ONNX,
 the NNCF IR and the TensorRT INT8 engines."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def int8_source(run: ExportRun):
     """The FP32 ONNX (path, model) the INT8 artifacts are quantized from: the export's own, or
     the model with equalized activation ranges (``QDQRecipe.equalize_alpha``, same function:
     checked against the original in PyTorch on held-out images) and biases corrected for
-    INT8's mean shifts (``QDQRecipe.bias_correction_images``, :mod:`export.bias_correction`)."""
+    INT8's mean shifts (``QDQRecipe.bias_correction_images``, :mod:`resunetpp.export.bias_correction`)."""
     recipe = run.o.qdq
     if recipe.equalize_alpha is None and not recipe.bias_correction_images:
         return run.onnx_paths["fp32"], run.fp32_model

@@ -1,8 +1,8 @@
 """The ONNX format: FP32 (the source of every artifact, verified against PyTorch with its dynamic
-axes exercised; the export stops if it does not match), FP16 (:mod:`export.fp16`) and INT8 Q/DQ
-(:mod:`export.quantize`, from the INT8 source model of :mod:`export.int8_source`), each verified
+axes exercised; the export stops if it does not match), FP16 (:mod:`resunetpp.export.fp16`) and INT8 Q/DQ
+(:mod:`resunetpp.export.quantize`, from the INT8 source model of :mod:`resunetpp.export.int8_source`), each verified
 on ONNX Runtime's CPU provider before it is written. The graph building blocks (exporter, node
-scopes, writing) are :mod:`export.onnx_graph`.
+scopes, writing) are :mod:`resunetpp.export.onnx_graph`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """ONNX graph building blocks: PyTorch -> ONNX FP32 (the source of every artifact), node -> module
 scopes, checking, and writing an ONNX artifact with its record. The ONNX *format* (its export
-steps: FP32, FP16, INT8 Q/DQ) is :mod:`export.onnx_format`.
+steps: FP32, FP16, INT8 Q/DQ) is :mod:`resunetpp.export.onnx_format`.
 
 Exporter choice (torch 2.13, measured on this project's model): the dynamo exporter
 (``torch.onnx.export(..., dynamo=True)``, the default and the only one not deprecated) gives the

@@ -62,7 +62,7 @@ def staged_ir(xml_path: str | Path) -> Iterator[Stage]:
     in every case, an interruption included."""
     xml_path = Path(xml_path)
     xml_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{xml_path.stem}.", suffix=".partial", dir=xml_path.parent))
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{xml_path.stem}.{os.getpid()}-", suffix=".partial", dir=xml_path.parent))
     stage = Stage(tmp_dir / xml_path.name)
     try:
         yield stage

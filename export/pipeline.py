@@ -3,13 +3,13 @@
 Order of work: load the checkpoint and the image sets (all argument and file errors surface
 before anything heavy runs) -> PyTorch FP32 reference outputs on the verification images ->
 ONNX FP32 (verified against PyTorch, dynamic axes exercised; the export stops if it does not
-match) -> each registered format's step in its order (:mod:`export.formats`; ONNX FP16 and INT8
+match) -> each registered format's step in its order (:mod:`resunetpp.export.formats`; ONNX FP16 and INT8
 Q/DQ -> OpenVINO IR FP32/FP16/INT8 -> TensorRT engines), a format's module declaring what it builds,
 where its artifacts go, which engine verifies them and whether this machine can build it.
 
 Every artifact is verified before it is written: FP32 within
-:data:`export.verify.FP32_MAX_ABS_ERROR` of PyTorch, FP16 finite and Dice vs reference >=
-:data:`export.verify.FP16_MIN_DICE`, INT8 Dice vs reference >= :data:`export.verify.INT8_MIN_DICE`
+:data:`resunetpp.export.verify.FP32_MAX_ABS_ERROR` of PyTorch, FP16 finite and Dice vs reference >=
+:data:`resunetpp.export.verify.FP16_MIN_DICE`, INT8 Dice vs reference >= :data:`resunetpp.export.verify.INT8_MIN_DICE`
 on held-out images. An artifact that fails its gate is not written (unless
 ``allow_accuracy_drop``) and :meth:`ExportReport.raise_for_gate` raises after the others are
 done. Intermediate graphs live in a hidden work folder inside ``out`` that is always removed;
@@ -30,11 +30,12 @@ from resunetpp.export.context import ExportRun
 from resunetpp.export.formats import PRECISIONS, artifact_name, export_formats, format_names, get_precision
 from resunetpp.export.inputs import image_sets, verification_set
 from resunetpp.export.options import OPENVINO_INT8_SOURCES, ExportOptions, TensorRTOptions
-from resunetpp.export.outdir import OutLock, remove_empty_folders, remove_stale_work
+from resunetpp.export.outdir import LOCK_NAME, remove_empty_folders, remove_stale_work
 from resunetpp.export.report import NullReporter, Reporter
 from resunetpp.export.results import AccuracyGateError, ArtifactResult, ExportReport
-from resunetpp.atomic import write_json_atomic
+from resunetpp.atomic import clean_stale_temporaries, make_output_folder, write_json_atomic
 from resunetpp.errors import ResUNetError
+from resunetpp.locking import OutLock
 
 REPORT_NAME = "export_report.json"
 
@@ -43,7 +44,7 @@ def _parse_targets(options: ExportOptions,
                    has_calib: bool) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
     """``(format, precision)`` pairs to build, in build order, and ``(format, precision, why)`` skipped."""
     known = format_names()
-    formats = options.formats or known
+    formats = options.formats or tuple(f.name for f in export_formats() if f.default)
     precisions = options.precisions or PRECISIONS
     for f in formats:
         if f not in known:
@@ -90,10 +91,11 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
         raise ResUNetError(f"{out}: --out exists and is not a folder")
     targets, skipped = _parse_targets(options, options.calib is not None)
     need_eval = any(get_precision(p).needs_calibration for _, p in targets)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = OutLock(out, reporter)
-    if lock.handle is not None:  # holding the lock, any work folder here was left by a killed export
+    make_output_folder(out)
+    lock = OutLock(out, LOCK_NAME, what="export", on_wait=reporter.info)
+    if lock.held:  # holding the lock, any work folder or temporary here was left by a killed export
         remove_stale_work(out)
+        clean_stale_temporaries(out, recursive=True)
     work = Path(tempfile.mkdtemp(prefix=".export-work-", dir=out))
     try:
         run = ExportRun(replace(options, out=out), reporter, work)

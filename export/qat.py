@@ -15,8 +15,8 @@ that the quantized network reproduces the FP32 model's probabilities:
                                                                          |   soft Dice to the
                                                                          |   teacher's masks]
 
-The simulated points (:class:`export.quantsim.QuantSim`) are exactly where
-:func:`export.quantize.quantize_qdq` puts Q/DQ pairs with
+The simulated points (:class:`resunetpp.export.quantsim.QuantSim`) are exactly where
+:func:`resunetpp.export.quantize.quantize_qdq` puts Q/DQ pairs with
 the conv-only recipe: each convolution's input (signed INT8, symmetric, per-tensor ranges from
 the same percentile calibration) and its weight (symmetric, per output channel); with
 ``outputs`` (the recipe's ``quantize_outputs``) each convolution's output as well.
@@ -59,7 +59,7 @@ class QATOptions:
     lr: float = 2e-5
     batch_size: int = 4
     percentile: float = 99.99
-    #: The export's calibration method, simulated by :func:`export.quantsim.sim_ranges`.
+    #: The export's calibration method, simulated by :func:`resunetpp.export.quantsim.sim_ranges`.
     method: str = "percentile"
     keep_modules: tuple[str, ...] = ()
     seed: int = 0
@@ -207,7 +207,7 @@ def qat_checkpoint(checkpoint: Path, train_images: Sequence[np.ndarray], calib_i
     """:func:`qat_finetune` a checkpoint file and save the result (fp32) at ``out``, with lineage.
 
     With ``equalize_alpha``, the model's activation ranges are equalized first
-    (:mod:`export.equalize`, same FP32 function), so that QAT fine-tunes the parametrization the
+    (:mod:`resunetpp.export.equalize`, same FP32 function), so that QAT fine-tunes the parametrization the
     export quantizes."""
     from resunetpp.export.equalize import equalize
     from resunetpp.checkpoint import Checkpoint, lineage, load_checkpoint, save_checkpoint
@@ -233,7 +233,7 @@ def qat_and_export(o, qat: QATOptions, train_count: int | None = None,
     """``resunetpp quantize --qat-epochs``: QAT on ``o.calib``'s split, then the INT8 Q/DQ ONNX and
     OpenVINO IR of the result, judged on ``o.eval`` against the original checkpoint.
 
-    ``o`` is an :class:`export.sensitivity.QuantizeOptions`. Writes ``o.out/model_qat.safetensors``,
+    ``o`` is an :class:`resunetpp.export.sensitivity.QuantizeOptions`. Writes ``o.out/model_qat.safetensors``,
     the artifacts and ``export_report.json`` (artifacts are written even below the goal, like
     ``--allow-accuracy-drop``; the caller judges them). Returns the export report.
     """

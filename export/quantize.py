@@ -7,7 +7,7 @@ different node groups kept in float:
    ranges (min-max, percentile or entropy histogram) in an ONNX Runtime calibration cache file;
 2. :func:`quantize_qdq` -- Q/DQ ONNX from the FP32 ONNX + that cache + a :class:`QDQRecipe`
    (nodes, modules and op types kept in float; per-channel weights; symmetric activations);
-3. :func:`export.verify.compare_to_reference` on held-out images -- the accuracy report.
+3. :func:`resunetpp.export.verify.compare_to_reference` on held-out images -- the accuracy report.
 
 The Q/DQ ONNX uses signed INT8 with zero points of 0 for weights (per output channel) and, by
 default, activations: TensorRT's explicit quantization takes exactly that; ONNX Runtime runs it
@@ -17,7 +17,7 @@ convolution's *inputs* and weights get Q/DQ pairs (as NNCF and TensorRT place th
 pair on every convolution's output, ONNX Runtime's own default, only adds rounding -- on the
 shipped Kvasir-SEG model it cost 0.007 mean Dice vs FP32 and more on the worst image
 (benchmarks/INT8.md, section 7). Nothing else is changed in the graph (no ORT pre-processing
-pass), so node names stay those of the FP32 export and :func:`export.onnx_graph.node_scopes` maps them
+pass), so node names stay those of the FP32 export and :func:`resunetpp.export.onnx_graph.node_scopes` maps them
 to modules.
 
 :func:`quantize_openvino` (``export --openvino-int8 nncf``) quantizes the OpenVINO IR with NNCF
@@ -48,10 +48,10 @@ NNCF_PRESETS = ("performance", "mixed")
 INT8_OPS = ("conv", "all")
 NNCF_RANGE_ESTIMATORS = ("default", "minmax", "mean_minmax", "median_minmax", "histogram")
 DEFAULT_PERCENTILE = 99.99
-#: Cross-layer equalization strength of the default recipe (``export.equalize``, SmoothQuant's
+#: Cross-layer equalization strength of the default recipe (``resunetpp.export.equalize``, SmoothQuant's
 #: alpha): the lowest INT8 logit error of 0.65 / 0.8 / 1 on the shipped model (benchmarks/INT8.md, section 8).
 DEFAULT_EQUALIZE_ALPHA = 0.8
-#: Calibration images the default recipe's bias correction (``export.bias_correction``) averages over (0: off).
+#: Calibration images the default recipe's bias correction (``resunetpp.export.bias_correction``) averages over (0: off).
 DEFAULT_BIAS_CORRECTION_IMAGES = 32
 #: Modules the default INT8 recipe keeps in float: the convolutions that buy the most accuracy per
 #: unit of float work, 7.7% of the FLOPs in all (``resunetpp.flops``). Ranked on held-out *training*
@@ -116,10 +116,10 @@ class QDQRecipe(Exclusions):
     #: only inputs and weights are quantized -- what NNCF does for OpenVINO and what TensorRT's
     #: explicit quantization needs (it fuses the next op's input Q into the convolution anyway).
     quantize_outputs: bool = False
-    #: Cross-layer equalization of activation ranges before calibration (:mod:`export.equalize`):
+    #: Cross-layer equalization of activation ranges before calibration (:mod:`resunetpp.export.equalize`):
     #: SmoothQuant's migration strength ``alpha`` in [0, 1], or ``None`` to quantize the model as it is.
     equalize_alpha: float | None = DEFAULT_EQUALIZE_ALPHA
-    #: Empirical bias correction (:mod:`export.bias_correction`) over this many calibration
+    #: Empirical bias correction (:mod:`resunetpp.export.bias_correction`) over this many calibration
     #: images before calibration; 0: off.
     bias_correction_images: int = DEFAULT_BIAS_CORRECTION_IMAGES
 
@@ -227,7 +227,7 @@ def calibrate_ranges(fp32_onnx: str | Path, batches: Iterable[np.ndarray], cache
     The cache is ONNX Runtime's calibration cache (JSON), which :func:`quantize_qdq` reads;
     ``progress`` is called with the number of images processed after each chunk. ``mse`` collects
     the same |x| histograms as ``percentile`` and picks each tensor's range by
-    :func:`export.ranges.mse_range`.
+    :func:`resunetpp.export.ranges.mse_range`.
     """
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, create_calibrator, save_tensors_data

@@ -1,15 +1,15 @@
 """Simulated INT8 (fake quantization) of a PyTorch model, as the export's Q/DQ ONNX quantizes it.
 
-:class:`QuantSim` puts fake quantization where :func:`export.quantize.quantize_qdq` puts Q/DQ pairs
+:class:`QuantSim` puts fake quantization where :func:`resunetpp.export.quantize.quantize_qdq` puts Q/DQ pairs
 with the conv-only recipe: each convolution's input (signed INT8, symmetric, a per-tensor range
 from the export's calibration method) and its weight (symmetric, per output channel); with
 ``outputs`` each convolution's output as well. Gradients pass the rounding with the
 straight-through estimator (``torch.fake_quantize_*``). Its range observers reproduce the
 calibration: :class:`_TopK` the exact upper percentile of ``|x|`` over a stream, and
-:class:`_AbsHistogram` the ``|x|`` histogram :func:`export.ranges.mse_range` chooses a range from.
+:class:`_AbsHistogram` the ``|x|`` histogram :func:`resunetpp.export.ranges.mse_range` chooses a range from.
 
-Used by quantization-aware fine-tuning (:mod:`export.qat`), bias correction
-(:mod:`export.bias_correction`) and the INT8 study (``resunetpp.bench.int8_study``).
+Used by quantization-aware fine-tuning (:mod:`resunetpp.export.qat`), bias correction
+(:mod:`resunetpp.export.bias_correction`) and the INT8 study (``resunetpp.bench.int8_study``).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class _TopK:
 
 
 class _AbsHistogram:
-    """Histogram of |x| over a stream, for :func:`export.ranges.mse_range`: ``BINS`` bins up to the
+    """Histogram of |x| over a stream, for :func:`resunetpp.export.ranges.mse_range`: ``BINS`` bins up to the
     first nonzero batch's largest value, extended with bins of the same width as larger values
     come (as ONNX Runtime's percentile calibrator collects it)."""
 
@@ -130,7 +130,7 @@ class QuantSim:
     """Fake quantization at every convolution of ``model`` outside ``keep_modules``.
 
     ``observe()`` collects activation ranges (the ``percentile`` of |x|, or with ``method="mse"``
-    the range of :func:`export.ranges.mse_range`); ``freeze()`` turns them into fixed scales;
+    the range of :func:`resunetpp.export.ranges.mse_range`); ``freeze()`` turns them into fixed scales;
     ``remove()`` takes every hook and parametrization away, leaving the plain latent weights.
     """
 

@@ -3,7 +3,7 @@
 The method (``resunetpp quantize``):
 
 1. Export the FP32 ONNX, run it on held-out evaluation images: the reference probabilities.
-2. Calibrate activation ranges once (:func:`export.quantize.calibrate_ranges`).
+2. Calibrate activation ranges once (:func:`resunetpp.export.quantize.calibrate_ranges`).
 3. **Per-group sensitivity**: for each module group (``stem``, ``encoder1``, ...,
    ``decoder1.attention``, ``decoder1.block``, ``head_aspp``, ``head``) build a Q/DQ graph in
    which *only that group* is quantized and measure the mean / minimum Dice of its masks against

@@ -2,7 +2,7 @@
 
 Everything up to the TensorRT calls -- which ONNX to build from, strong typing or precision
 flags, the optimization profile, workspace, timing and calibration cache paths, the equivalent
-``trtexec`` command line -- is decided by :mod:`export.tensorrt_plan` (:func:`plan_build`,
+``trtexec`` command line -- is decided by :mod:`resunetpp.export.tensorrt_plan` (:func:`plan_build`,
 :func:`profile_shapes`, :func:`trtexec_command`), which needs no TensorRT and is tested
 everywhere. :func:`build_engine` and the entropy calibrator import ``tensorrt`` and ``cuda-python``
 lazily and follow the TensorRT 10.x / 11.x Python API. A built engine is verified as a

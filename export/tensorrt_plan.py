@@ -1,6 +1,6 @@
 """TensorRT build plans in plain Python: which ONNX an engine is built from, strong typing or precision
 flags, the optimization profile, and the equivalent ``trtexec`` command line. Needs no TensorRT
-(tested everywhere); :mod:`export.tensorrt_format` builds what a plan says.
+(tested everywhere); :mod:`resunetpp.export.tensorrt_format` builds what a plan says.
 
 Build paths, by detected version (:func:`plan_build`):
 

@@ -46,10 +46,16 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resunetpp.artifact import INPUT_NAME, OUTPUT_NAME, read_record, sidecar_path
 from resunetpp.errors import InputFileError, ResUNetError
+from resunetpp.export.formats import PRECISIONS, ExportFormat, register_format
+from resunetpp.export.results import ArtifactResult
+
+if TYPE_CHECKING:
+    from resunetpp.export.context import ExportRun
+    from resunetpp.export.options import ExportOptions
 
 __all__ = ["TRITON_BACKENDS", "TritonModel", "TritonOptions", "TensorSpec", "artifact_io", "artifacts_from_export",
            "model_config", "model_config_schema", "parse_config", "write_triton_repository"]
@@ -563,3 +569,42 @@ def _replace_dir(stage: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- the export format ------------------------------------------------------------------------------------------
+#: Where ``resunetpp export --format triton`` writes the repository, relative to ``--out``.
+REPOSITORY = "triton"
+
+
+def _skip(options: "ExportOptions", precision: str) -> str | None:
+    if options.formats and not set(options.formats) & set(TRITON_BACKENDS):
+        return f"packages the artifacts built in the same export: add -f {' / -f '.join(TRITON_BACKENDS)}"
+    return None
+
+
+def build(run: "ExportRun", precisions: list[str]) -> None:
+    """Package the artifacts of ``precisions`` this export verified and wrote (never re-verified: the
+    repository holds the same files) as a Triton model repository in ``OUT/triton``."""
+    written = [a for a in run.report.artifacts
+               if a.written and a.format in TRITON_BACKENDS and a.precision in precisions]
+    if not written:
+        run.warn(f"triton {', '.join(precisions)}: no artifact of those precisions was written; no repository")
+        return
+    out = run.o.out / REPOSITORY
+    with run.r.task(f"write the Triton model repository ({len(written)} models)", total=1) as advance:
+        models = write_triton_repository([a.path for a in written], out, TritonOptions())
+        advance(1)
+    for precision in precisions:
+        mine = [a for a in written if a.precision == precision]
+        if mine:
+            run.report.artifacts.append(ArtifactResult(
+                "triton", precision, out, True, None, {},
+                {"passed": True, "reason": "packages " + ", ".join(a.name for a in mine) + " (verified above)",
+                 "models": [m.name for m in models if m.precision == precision]}))
+
+
+FORMAT = register_format(ExportFormat(
+    name="triton", order=1000, build=build, backend="onnxruntime", default=False, skip=_skip,
+    description="a Triton Inference Server model repository of the artifacts this export verified "
+                "(config.pbtxt per model; opt-in: -f triton with -f onnx / openvino / tensorrt)",
+    files={p: REPOSITORY for p in PRECISIONS}))

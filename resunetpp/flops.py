@@ -36,7 +36,7 @@ class FlopCount:
         return hit / self.total
 
     def groups(self, depth: int) -> dict[str, int]:
-        """FLOPs per module path cut to ``depth`` parts (the groups of ``export.onnx_format.module_groups``)."""
+        """FLOPs per module path cut to ``depth`` parts (the groups of ``resunetpp.export.onnx_format.module_groups``)."""
         out: dict[str, int] = {}
         for name, f in self.own.items():
             if f:

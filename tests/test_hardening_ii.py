@@ -795,7 +795,7 @@ value that is not a number or not one of the choices, a path that an option requ
 usage message of the option parser and exit code 2. Every output is written under a hidden temporary
 name and renamed when complete, so an interrupted run never leaves a half-written file under a final
 name; `train`, `export`, `infer` and `bench` stop on Ctrl-C or SIGTERM with exit code 130, and the next
-`train` or `infer` into a folder removes the temporaries a killed run left there."""
+`train`, `infer` or `export` into a folder removes the temporaries a killed run left there."""
 
 
 def test_readme_error_paragraph_is_the_one_tested_here() -> None:

@@ -264,3 +264,36 @@ def test_docs_client_builds_its_triton_request() -> None:
     (images,), (probs,) = client["request"](x)
     assert (images.name(), images.shape(), images.datatype()) == ("images", [2, 3, SIZE, SIZE], "FP32")
     assert probs.name() == "probs"
+
+
+# ---- resunetpp export --format triton: the registered packaging format ---------------------------------------
+@pytest.mark.slow
+def test_export_format_triton_packages_what_the_same_export_verified(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from resunetpp.cli import app
+    from resunetpp.export.formats import export_formats
+
+    fmt = next(f for f in export_formats() if f.name == "triton")
+    assert not fmt.default and fmt.order > max(f.order for f in export_formats() if f.name != "triton")
+    data = make_dataset(tmp_path / "data", 8, 40, splits={"train": list(range(4)), "val": list(range(4, 8))})
+    ckpt = _trained_checkpoint(data, tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    fast = ["--static-size", "--batch", "1", "--no-simplify", "-p", "fp32", "--eval", str(data)]
+    done = runner.invoke(app, ["export", str(ckpt), "--out", str(out), "-f", "onnx", "-f", "triton", *fast])
+    assert done.exit_code == 0, done.output
+    report = json.loads((out / "export_report.json").read_text())
+    rows = {(a["format"], a["precision"]): a for a in report["artifacts"]}
+    assert set(rows) == {("onnx", "fp32"), ("triton", "fp32")}
+    assert rows["triton", "fp32"]["gate"]["models"] == ["resunetpp_onnx_fp32"]
+    model = out / "triton" / "resunetpp_onnx_fp32"
+    config = parse_config((model / "config.pbtxt").read_text())
+    assert config.name == "resunetpp_onnx_fp32" and config.platform == "onnxruntime_onnx"
+    assert (model / "1" / "model.onnx").read_bytes() == (out / "model_fp32.onnx").read_bytes()
+    # opt-in: a default export writes no repository; triton alone has nothing to package
+    done = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "plain"), "-f", "onnx", *fast])
+    assert done.exit_code == 0 and not (tmp_path / "plain" / "triton").exists()
+    done = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "alone"), "-f", "triton", *fast])
+    assert done.exit_code == 1 and "nothing to export: triton fp32: packages the artifacts built in the same export" \
+        in done.output
