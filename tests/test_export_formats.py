@@ -30,8 +30,11 @@ NAMES = {
 
 
 def test_the_registry_lists_the_three_formats_with_their_precisions():
-    found = formats.export_formats()
-    assert [f.name for f in found] == ["onnx", "openvino", "tensorrt"] == list(pipeline.FORMATS)
+    found = [f for f in formats.export_formats() if f.default]
+    assert [f.name for f in found] == ["onnx", "openvino", "tensorrt"]
+    # the opt-in packaging (triton) is registered too, built last, only on request
+    assert list(pipeline.FORMATS) == ["onnx", "openvino", "tensorrt", "triton"]
+    assert [f.name for f in formats.export_formats() if not f.default] == ["triton"]
     assert all(f.precisions == ("fp32", "fp16", "int8") for f in found)
     assert {f.name: f.backend for f in found} == {"onnx": "onnxruntime", "openvino": "openvino",
                                                   "tensorrt": "tensorrt"}
@@ -116,8 +119,8 @@ def fake_format(tmp_path, monkeypatch):
 
 def test_a_new_format_module_is_found_and_parsed_as_a_target(fake_format, tmp_path):
     fake = fake_format()
-    assert [f.name for f in formats.export_formats()] == ["onnx", "fake", "openvino", "tensorrt"]
-    assert list(pipeline.FORMATS) == ["onnx", "fake", "openvino", "tensorrt"]
+    assert [f.name for f in formats.export_formats()] == ["onnx", "fake", "openvino", "tensorrt", "triton"]
+    assert list(pipeline.FORMATS) == ["onnx", "fake", "openvino", "tensorrt", "triton"]
     assert fake.precisions == ("fp32", "fp16") and formats.artifact_name("fake", "fp16") == "fake/model_fp16.onnx"
     ckpt, out = tmp_path / "m.safetensors", tmp_path / "out"
     targets, skipped = pipeline._parse_targets(ExportOptions(ckpt, out, formats=("fake", "onnx")), has_calib=False)
@@ -135,7 +138,7 @@ def test_an_unavailable_new_format_is_skipped_or_refused_with_its_reason(fake_fo
     assert ("fake", "fp32", "needs the fake runtime") in skipped
     with pytest.raises(ResUNetError, match="--format fake: needs the fake runtime"):
         pipeline._parse_targets(ExportOptions(ckpt, out, formats=("fake",)), has_calib=True)
-    with pytest.raises(ResUNetError, match=r"unknown format 'coreml' \(choose from onnx, fake, openvino, tensorrt\)"):
+    with pytest.raises(ResUNetError, match=r"unknown format 'coreml' \(choose from onnx, fake, openvino, tensorrt, triton\)"):
         pipeline._parse_targets(ExportOptions(ckpt, out, formats=("coreml",)), has_calib=True)
 
 
