@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resunetpp.bench.harness import REFERENCE
 from resunetpp.atomic import atomic_path, write_json_atomic, write_text_atomic
 from resunetpp.errors import ResUNetError
 
@@ -80,7 +79,7 @@ NUMERIC = {"batch", "size MB", "Dice vs ref", "Dice vs GT", "max |dp|", "p50 ms"
 
 
 def _is_reference(r: BenchRow) -> bool:
-    return (r.backend, r.precision) == REFERENCE
+    return r.is_reference
 
 
 def _measured(result: BenchResult) -> list[BenchRow]:
@@ -176,7 +175,7 @@ def not_measured_table(result: BenchResult) -> Table | None:
 
 
 def _caption(result: BenchResult) -> str:
-    return ("Dice vs ref: mean (min) against the torch fp32 masks; img/s: OpenVINO async THROUGHPUT, others "
+    return (f"Dice vs ref: mean (min) against the {result.reference} masks; img/s: OpenVINO async THROUGHPUT, others "
             "batch / mean latency; GFLOP/s (share of this CPU's measured peak at the row's precision); e2e: infer "
             "pipeline (share of the model-only rate); overhead: Engine.infer over the runtime's own call")
 
@@ -319,7 +318,7 @@ def write_plot(result: BenchResult, path: str | Path) -> Path:
     else:
         ax.text(0.5, 0.5, "no row was measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("throughput (images/s, best batch size; log scale)")
-    ax.set_ylabel("Dice vs torch fp32 reference mask")
+    ax.set_ylabel(f"Dice vs {result.reference} reference mask")
     cpu = result.environment.get("cpu") or {}
     gpu = result.environment.get("gpu")
     ax.set_title(f"resunetpp bench: {cpu.get('model') or 'unknown CPU'} ({cpu.get('cores')} logical cores)"
