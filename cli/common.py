@@ -51,6 +51,32 @@ def comma_list(values: Optional[list[str]], choices: tuple[str, ...], option: st
     return items
 
 
+def _option_value(text: str) -> object:
+    """``KEY=VALUE`` values: true/false, integers, floats, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def engine_options(pairs: list[str]) -> dict:
+    """``-O KEY=VALUE`` pairs (``infer``, ``evaluate``) as a backend's engine options."""
+    from resunetpp.errors import ResUNetError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ResUNetError(f"--engine-option {pair!r}: expected KEY=VALUE, e.g. precision=f32")
+        options[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return options
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """``kill`` (SIGTERM) unwinds like Ctrl-C, so temporary files are removed on the way out."""

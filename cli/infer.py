@@ -8,36 +8,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, fail, sigterm_as_interrupt
+from resunetpp.cli.common import app, choice_enum, engine_options as _infer_engine_options, fail, sigterm_as_interrupt
 from resunetpp.errors import ResUNetError
 from resunetpp import engines
 from resunetpp.engines.infer import PROBS_DTYPES
 
 InferBackend = choice_enum("InferBackend", ("auto", *engines.backends()))
 InferProbsDtype = choice_enum("InferProbsDtype", PROBS_DTYPES)
-
-
-def _infer_option_value(text: str) -> object:
-    """``KEY=VALUE`` values: true/false, integers, floats, else the string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _infer_engine_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ResUNetError(f"--engine-option {pair!r}: expected KEY=VALUE, e.g. precision=f32")
-        options[key.strip().replace("-", "_")] = _infer_option_value(value.strip())
-    return options
 
 
 def _infer_progress(console):

@@ -413,8 +413,9 @@ def summary_table(result: InferResult, title: str = "inference"):
     """A rich table: images, written, failed, model-only and end-to-end images/s."""
     from rich.table import Table
 
-    e = result.engine
-    table = Table(title=f"{title}: {e.get('backend', '?')} on {e.get('device', '?')} ({e.get('precision', '?')})",
+    from resunetpp.engines.base import engine_line
+
+    table = Table(title=f"{title}: {engine_line(result.engine)}",
                   title_justify="left")
     for name in ("images", "written", "failed", "model-only img/s", "end-to-end img/s"):
         table.add_column(name, justify="right")
