@@ -45,6 +45,7 @@ import numpy as np
 
 from resunetpp.bench.artifacts import ArtifactSet, ImagePlan, artifact_key, artifact_size_mb, default_cache_root, \
     ensure_artifacts, plan_images
+from resunetpp.bench.matrix import artifact_of, backends, matrix, precisions
 from resunetpp.bench.env import collect_environment, cpu_bf16_problem, other_processes_cpu, torch_threads
 from resunetpp.engines import registry
 from resunetpp.export import calibration as cal
@@ -53,34 +54,13 @@ from resunetpp.export.verify import compare_outputs, predict_batched
 from resunetpp.checkpoint import Checkpoint, load_checkpoint
 from resunetpp.errors import ResUNetError
 from resunetpp.metrics import scores
-from resunetpp.model import input_size_problem
+from resunetpp.model_config import input_size_problem
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 
 #: The row every other is measured against (its backend opens the checkpoint itself).
 #: The longest warm-up or timing window ``bench`` accepts (seconds; ``inf`` would never end).
 MAX_WINDOW_S = 3600.0
 REFERENCE = ("torch", "fp32")
-
-
-def matrix() -> tuple[tuple[str, str], ...]:
-    """Every (backend, precision) the harness runs, in report order: each registered backend's
-    bench precisions (:class:`~resunetpp.engines.registry.BenchSpec`); the first is the reference."""
-    return tuple((b.name, p.precision) for b, p in registry.bench_matrix())
-
-
-def backends() -> tuple[str, ...]:
-    """The backends that have benchmark rows, in report order."""
-    return tuple(dict.fromkeys(b for b, _ in matrix()))
-
-
-def precisions() -> tuple[str, ...]:
-    """Every precision some backend runs, in order of first appearance in :func:`matrix`."""
-    return tuple(dict.fromkeys(p for _, p in matrix()))
-
-
-def artifact_of() -> dict[tuple[str, str], tuple[str, str]]:
-    """The export artifact (format, precision) behind each row that does not run the checkpoint."""
-    return {(b.name, p.precision): p.artifact for b, p in registry.bench_matrix() if p.artifact is not None}
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from resunetpp.cli.common import app, choice_enum, comma_list, fail, sigterm_as_interrupt
-from resunetpp.bench import harness
+from resunetpp.bench import matrix as harness  # the row choices, without the harness's imports
 from resunetpp.defaults import TORCH_DEVICES
 from resunetpp.errors import ResUNetError
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Iterable
-from typing import NoReturn, Optional
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -16,6 +17,53 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _whole_flag_names() -> None:
+    """Help at 80 columns keeps flag names whole: in Typer's option panels the columns holding flags
+    do not wrap, so rich narrows the help text column instead of cutting ``--no-allow-accur...``."""
+    import typer.rich_utils as rich_utils
+    from rich.table import Table
+
+    if getattr(rich_utils.Table, "whole_flags", False):
+        return
+
+    class OptionsTable(Table):
+        whole_flags = True
+
+        def add_row(self, *renderables, **kwargs):  # type: ignore[override]
+            super().add_row(*renderables, **kwargs)
+            if not self.show_header:
+                for column, cell in zip(self.columns, renderables):
+                    if str(cell).startswith("-"):
+                        column.no_wrap = True
+                self.columns[-1].overflow = "fold"  # a long path in the help breaks, never ends in ...
+
+    rich_utils.Table = OptionsTable
+
+
+_whole_flag_names()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from resunetpp._version import __version__
+
+        typer.echo(f"resunetpp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """ResUNet++ segmentation: train, evaluate, export (ONNX/OpenVINO/TensorRT), infer and benchmark."""
+
+
+def next_run_folder(parent: Path) -> Path:
+    """The first ``parent/N`` (N = 1, 2, ...) above every numbered folder already there: a new run's
+    own folder (``runs/infer/1``, ``runs/infer/2`` ...); not created here."""
+    taken = [int(p.name) for p in parent.iterdir() if p.name.isdigit()] if parent.is_dir() else []
+    return parent / str(max(taken, default=0) + 1)
 
 
 def choice_enum(name: str, values: Iterable[str]) -> type[enum.Enum]:

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, engine_options as _infer_engine_options, fail, sigterm_as_interrupt
+from resunetpp.cli.common import app, choice_enum, engine_options as _infer_engine_options, fail, next_run_folder, \
+    sigterm_as_interrupt
 from resunetpp.errors import ResUNetError
 from resunetpp import engines
 from resunetpp.engines.infer import PROBS_DTYPES
@@ -40,7 +41,7 @@ def _infer_progress(console):
 def infer_command(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint, .onnx, OpenVINO .xml or TensorRT .engine; 'default': the shipped model.")],
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders or quoted globs ('scans/**/*.png').")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities) [default: a new runs/infer/N].")] = None,
     backend: Annotated[InferBackend, typer.Option(help="auto: from the model's suffix.")] = InferBackend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N]; onnxruntime also tensorrt[:N]; openvino also gpu, npu.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per engine call (equal input sizes are batched).")] = 1,
@@ -72,6 +73,10 @@ def infer_command(
         else:
             typer.echo(f"error: {line}", err=True)
 
+    numbered = out is None
+    if numbered:
+        out = next_run_folder(Path("runs") / "infer")
+        typer.echo(f"writing to {out}", err=True)
     try:
         if model == "default":
             shipped = default_model_path()
@@ -110,6 +115,8 @@ def infer_command(
         typer.echo(f"interrupted; masks finished before the interrupt are in {out}, nothing half-written", err=True)
         raise typer.Exit(130) from None
     Console().print(table(result, title=Path(model).name))
+    if numbered:
+        typer.echo(f"results in {out}")
     if result.failures:
         typer.echo(f"{len(result.failures)} of {result.images} image(s) failed; the others are in {out}", err=True)
         raise typer.Exit(1)

@@ -13,7 +13,7 @@ from resunetpp.cli.common import app, choice_enum, engine_options, fail, sigterm
 from resunetpp.defaults import TORCH_DEVICES
 from resunetpp import engines
 from resunetpp.errors import ResUNetError
-from resunetpp.model import ARCHITECTURES
+from resunetpp.model_config import ARCHITECTURES
 
 Architecture = choice_enum("Architecture", ARCHITECTURES)
 Device = choice_enum("Device", TORCH_DEVICES)

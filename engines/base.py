@@ -26,7 +26,7 @@ import numpy as np
 
 from resunetpp.artifact import check_record
 from resunetpp.errors import InputFileError, ResUNetError
-from resunetpp.model import SIZE_MULTIPLE
+from resunetpp.model_config import SIZE_MULTIPLE
 from resunetpp.preprocess import Preprocessing
 
 Shape4 = tuple[int, int, int, int]

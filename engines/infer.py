@@ -63,7 +63,7 @@ from resunetpp.engines.base import Engine, NonFiniteOutputError
 from resunetpp.errors import InputFileError, ResUNetError
 from resunetpp.imageio import write_png_atomic
 from resunetpp.locking import INFER_LOCK_NAME, OutLock
-from resunetpp.model import MAX_INPUT_SIZE
+from resunetpp.model_config import MAX_INPUT_SIZE
 from resunetpp.outputs import mask_image, overlay_image, save_npy_atomic
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 from resunetpp.sources import Item, Source, open_source
