@@ -60,7 +60,11 @@ class RichReporter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.progress.tasks:
+            self.progress.stop()
+        else:  # nothing was shown: no blank line (rich's Progress.stop prints one off a terminal)
+            self.progress.live.transient = True
+            self.progress.live.stop()
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
