@@ -53,6 +53,7 @@ def infer_command(
     threads: Annotated[int, typer.Option(help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", "-O", help="Backend option KEY=VALUE, repeatable (e.g. precision=f32, channels_last=true, intra_op_num_threads=4).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the run summary and failures here (JSON).")] = None,
+    input_warnings: Annotated[bool, typer.Option("--input-warnings/--no-input-warnings", help="Warn once when an image is grayscale or tiny (the model was trained on RGB colonoscopy frames).")] = True,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", rich_help_panel="Ray cluster", help="Run on Ray: 'local' (a Ray on this machine), 'auto' (this node's cluster or RAY_ADDRESS), 'ray://HOST:10001' or HOST:PORT. Outputs already complete are skipped (a rerun resumes). Needs resunetpp[ray].")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, rich_help_panel="Ray cluster", help="With --ray: worker actors, one engine each [default: 2].")] = None,
     threads_per_worker: Annotated[Optional[int], typer.Option(min=1, rich_help_panel="Ray cluster", help="With --ray: CPUs each worker reserves and its engine's compute threads [default: 1].")] = None,
@@ -66,6 +67,12 @@ def infer_command(
 
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
     show_bar = sys.stderr.isatty()
+
+    def warn(line: str) -> None:
+        if show_bar:
+            err_console.print(f"warning: {line}", markup=False)
+        else:
+            typer.echo(f"warning: {line}", err=True)
 
     def report(line: str) -> None:
         if show_bar:
@@ -84,7 +91,8 @@ def infer_command(
                 raise ResUNetError("MODEL 'default': this install ships no default model; pass a model file")
             model = str(shipped)
         options = InferOptions(out=out, batch_size=batch_size, overlay=overlay, save_probs=save_probs,
-                               probs_dtype=probs_dtype.value, tta=tta, threshold=threshold, threads=threads)
+                               probs_dtype=probs_dtype.value, tta=tta, threshold=threshold, threads=threads,
+                               input_warnings=input_warnings)
         progress = _infer_progress(err_console) if show_bar else None
         table = summary_table
         engine_options = _infer_engine_options(engine_option or [])
@@ -95,7 +103,8 @@ def infer_command(
                 result = infer_path(model, inputs, options, backend=backend.value, device=device,
                                     engine_options=engine_options, progress_factory=progress, on_error=report,
                                     on_wait=lambda line: typer.echo(line, err=True),
-                                    other_outputs=[json_path] if json_path is not None else [])
+                                    other_outputs=[json_path] if json_path is not None else [],
+                                    on_warning=warn)
             else:
                 from resunetpp.engines.ray_batch import RayOptions, run_ray_batch, summary_table as ray_table
 
