@@ -793,6 +793,11 @@ def run_bench_files(files: Sequence[Path], options: BenchOptions, reporter: Repo
                          + ("FP32 file" if fp32 else "file (none is FP32)"))
     ref_backend, ref_precision, pre, num_classes = probes[reference]
     order = [reference, *[f for f in dict.fromkeys(files) if f != reference]]
+    # measured in backend order (the report keeps ``order``): an ONNX Runtime session created after
+    # OpenVINO rows in one process aborted natively here ("Resource deadlock avoided"), as bench on a
+    # checkpoint, which measures ONNX Runtime first, never does
+    rank = {name: i for i, name in enumerate(registry.names())}
+    measure = sorted(order, key=lambda f: rank.get(probes[f][0], len(rank)))
     env = collect_environment(options.threads)
     settings = Settings(tuple(sorted(set(int(b) for b in options.batch_sizes))), options.warmup_s,
                         options.duration_s, options.threads, options.end_to_end)
@@ -801,10 +806,12 @@ def run_bench_files(files: Sequence[Path], options: BenchOptions, reporter: Repo
     with torch_threads(options.threads):
         with reporter.task(f"load {len(evaluation)} evaluation images"):
             data = EvalData.load(evaluation, pre, num_classes)
+        ckpt = next((load_checkpoint(p) for p in [reference, *order] if is_checkpoint(p)), None)
+        flops = model_flops(ckpt, data.inputs[0].shape) if ckpt is not None else None  # before any OpenVINO row
         with reporter.task(f"{reference.name}: reference outputs"):
             with open_file(reference) as ref_engine:
                 reference_out = reference_outputs(ref_engine.predict, data)
-        for path in order:
+        for path in measure:
             backend_name, precision = probes[path][:2]
             base = BenchRow(backend_name, precision, artifact=str(path), size_mb=artifact_size_mb(path),
                             details={"file": path.name, "reference": path == reference})
@@ -822,12 +829,8 @@ def run_bench_files(files: Sequence[Path], options: BenchOptions, reporter: Repo
             with engine:
                 rows.extend(bench_engine(engine, base, data, reference_out, settings, tput, reporter,
                                          is_reference=path == reference))
-    ckpt = None
-    for path in [reference, *order]:
-        if is_checkpoint(path):
-            ckpt = load_checkpoint(path)
-            break
-    flops = model_flops(ckpt, data.inputs[0].shape) if ckpt is not None else None
+    position = {str(f): i for i, f in enumerate(order)}
+    rows.sort(key=lambda r: (position[r.artifact], r.batch_size or 0))
     if flops is None:
         notes.append("GFLOP/s needs a checkpoint (the model's FLOPs are counted on it); none was given")
     notes += _standard_notes(settings)[1:]
