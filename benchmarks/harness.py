@@ -45,6 +45,7 @@ import numpy as np
 
 from resunetpp.bench.artifacts import ArtifactSet, ImagePlan, artifact_key, artifact_size_mb, default_cache_root, \
     ensure_artifacts, plan_images
+from resunetpp.bench.matrix import artifact_of, backends, matrix, precisions
 from resunetpp.bench.env import collect_environment, cpu_bf16_problem, other_processes_cpu, torch_threads
 from resunetpp.engines import registry
 from resunetpp.export import calibration as cal
@@ -53,34 +54,13 @@ from resunetpp.export.verify import compare_outputs, predict_batched
 from resunetpp.checkpoint import Checkpoint, load_checkpoint
 from resunetpp.errors import ResUNetError
 from resunetpp.metrics import scores
-from resunetpp.model import input_size_problem
+from resunetpp.model_config import input_size_problem
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 
 #: The row every other is measured against (its backend opens the checkpoint itself).
 #: The longest warm-up or timing window ``bench`` accepts (seconds; ``inf`` would never end).
 MAX_WINDOW_S = 3600.0
 REFERENCE = ("torch", "fp32")
-
-
-def matrix() -> tuple[tuple[str, str], ...]:
-    """Every (backend, precision) the harness runs, in report order: each registered backend's
-    bench precisions (:class:`~resunetpp.engines.registry.BenchSpec`); the first is the reference."""
-    return tuple((b.name, p.precision) for b, p in registry.bench_matrix())
-
-
-def backends() -> tuple[str, ...]:
-    """The backends that have benchmark rows, in report order."""
-    return tuple(dict.fromkeys(b for b, _ in matrix()))
-
-
-def precisions() -> tuple[str, ...]:
-    """Every precision some backend runs, in order of first appearance in :func:`matrix`."""
-    return tuple(dict.fromkeys(p for _, p in matrix()))
-
-
-def artifact_of() -> dict[tuple[str, str], tuple[str, str]]:
-    """The export artifact (format, precision) behind each row that does not run the checkpoint."""
-    return {(b.name, p.precision): p.artifact for b, p in registry.bench_matrix() if p.artifact is not None}
 
 
 def __getattr__(name: str) -> Any:
@@ -187,7 +167,15 @@ class BenchRow:
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision}"
+        name = self.details.get("file")  # bench on artifact files: the file names the row
+        return f"{self.backend} {self.precision}" + (f" ({name})" if name else "")
+
+    @property
+    def is_reference(self) -> bool:
+        """The row every other is measured against: ``details["reference"]`` when set (bench on
+        artifact files), else the :data:`REFERENCE` backend and precision."""
+        flag = self.details.get("reference")
+        return bool(flag) if flag is not None else (self.backend, self.precision) == REFERENCE
 
     @property
     def ok(self) -> bool:
@@ -213,9 +201,10 @@ class BenchResult:
     rows: list[BenchRow]
     notes: list[str]
     elapsed_s: float = 0.0
+    reference: str = " ".join(REFERENCE)  # what "Dice vs ref" compares against
 
     def as_dict(self) -> dict:
-        return {"tool": "resunetpp bench", "reference": " ".join(REFERENCE), "environment": self.environment,
+        return {"tool": "resunetpp bench", "reference": self.reference, "environment": self.environment,
                 "settings": self.settings, "evaluation": self.evaluation, "calibration": self.calibration,
                 "artifacts": self.artifacts, "notes": self.notes, "elapsed_s": round(self.elapsed_s, 2),
                 "rows": [r.as_dict() for r in self.rows]}
@@ -644,8 +633,7 @@ def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None,
     and, given the model's FLOPs per image, the arithmetic rate it reaches (``gflops_per_s``); given
     the CPU's measured peaks (:func:`resunetpp.bench.peak.cpu_peaks`), that rate as a share of the peak
     at the row's :func:`arithmetic_precision` (``peak_pct``)."""
-    ref = {r.batch_size: r.throughput_ips for r in rows
-           if (r.backend, r.precision) == REFERENCE and r.ok and r.throughput_ips}
+    ref = {r.batch_size: r.throughput_ips for r in rows if r.is_reference and r.ok and r.throughput_ips}
     for r in rows:
         if r.ok and r.throughput_ips and ref.get(r.batch_size):
             r.speedup = r.throughput_ips / ref[r.batch_size]
@@ -745,6 +733,127 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchR
                        time.perf_counter() - started)
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether the backend that runs ``path`` by default opens checkpoints (torch: ``.safetensors``, ``.pt``)."""
+    from resunetpp import engines
+
+    return registry.get(engines.backend_for(path)).opens_checkpoints
+
+
+def run_bench_files(files: Sequence[Path], options: BenchOptions, reporter: Reporter | None = None,
+                    reference: Path | None = None) -> BenchResult:
+    """Benchmark model files as they are (``resunetpp bench a.onnx b.xml c.engine``), nothing exported.
+
+    Every file is one row per batch size, on the backend its suffix picks, at the precision its
+    metadata records. The reference is ``reference`` (a checkpoint or an artifact), else the first
+    checkpoint among ``files``, else -- said in a note -- the first FP32 artifact (the first file when
+    none is FP32); a reference that is not among ``files`` is measured as a row too. Accuracy is
+    against the reference's masks on the evaluation images (``options.data``, default the shipped
+    sample images), speed-ups against its throughput. ``options.backends``, ``precisions``,
+    ``artifacts`` and ``calib`` do not apply (nothing is exported or selected).
+    """
+    from resunetpp import engines
+    from resunetpp.defaults import default_data_path
+
+    options.validate()
+    for name, value in (("--backends", options.backends), ("--precisions", options.precisions),
+                        ("--artifacts", options.artifacts), ("--calib", options.calib),
+                        ("--image-size", options.image_size)):
+        if value is not None:
+            raise ResUNetError(f"{name} applies to benchmarking a checkpoint (which bench exports); the model "
+                               "files given are benchmarked as they are")
+    files = [Path(f) for f in files]
+    if not files:
+        raise ResUNetError("no model file given")
+    reporter = reporter or NullReporter()
+    started = time.perf_counter()
+    data_path = options.data or default_data_path()
+    if data_path is None:
+        raise ResUNetError("no --data given and this install ships no sample images; pass --data DIR")
+    notes: list[str] = []
+
+    def open_file(path: Path, **extra: Any):
+        backend = registry.get(engines.backend_for(path))
+        opts = {backend.bench.threads_option: options.threads} if options.threads and backend.bench.threads_option \
+            else {}
+        return engines.open(path, device=backend.bench.device(options.device), **opts, **extra)
+
+    probes = {}
+    for path in dict.fromkeys([*files, *([reference] if reference is not None else [])]):
+        engine = open_file(path)  # metadata only: the runtime loads later
+        probes[path] = (engine.name, engine.precision, engine.preprocessing, engine.num_classes)
+        engine.close()
+    if reference is None:
+        checkpoints = [f for f in files if is_checkpoint(f)]
+        fp32 = [f for f in files if probes[f][1] == "fp32"]
+        reference = (checkpoints or fp32 or files)[0]
+        if not checkpoints:
+            notes.append(f"no reference checkpoint given (pass it as a MODEL or with --reference): {reference.name} "
+                         f"({probes[reference][0]} {probes[reference][1]}) is the reference, the first "
+                         + ("FP32 file" if fp32 else "file (none is FP32)"))
+    ref_backend, ref_precision, pre, num_classes = probes[reference]
+    order = [reference, *[f for f in dict.fromkeys(files) if f != reference]]
+    # measured in backend order (the report keeps ``order``): an ONNX Runtime session created after
+    # OpenVINO rows in one process aborted natively here ("Resource deadlock avoided"), as bench on a
+    # checkpoint, which measures ONNX Runtime first, never does
+    rank = {name: i for i, name in enumerate(registry.names())}
+    measure = sorted(order, key=lambda f: rank.get(probes[f][0], len(rank)))
+    env = collect_environment(options.threads)
+    settings = Settings(tuple(sorted(set(int(b) for b in options.batch_sizes))), options.warmup_s,
+                        options.duration_s, options.threads, options.end_to_end)
+    evaluation = cal.select_images(Path(data_path), options.split, None, role="evaluation", default_split="val")
+    rows: list[BenchRow] = []
+    with torch_threads(options.threads):
+        with reporter.task(f"load {len(evaluation)} evaluation images"):
+            data = EvalData.load(evaluation, pre, num_classes)
+        ckpt = next((load_checkpoint(p) for p in [reference, *order] if is_checkpoint(p)), None)
+        flops = model_flops(ckpt, data.inputs[0].shape) if ckpt is not None else None  # before any OpenVINO row
+        with reporter.task(f"{reference.name}: reference outputs"):
+            with open_file(reference) as ref_engine:
+                reference_out = reference_outputs(ref_engine.predict, data)
+        for path in measure:
+            backend_name, precision = probes[path][:2]
+            base = BenchRow(backend_name, precision, artifact=str(path), size_mb=artifact_size_mb(path),
+                            details={"file": path.name, "reference": path == reference})
+            try:
+                with reporter.task(f"{path.name}: load"):
+                    start = time.perf_counter()
+                    engine = open_file(path).load()
+                    base.load_s = time.perf_counter() - start
+                    base.device = engine.device
+            except Exception as e:  # noqa: BLE001 - a file that cannot load is a failed row
+                rows.append(_failure(base, e))
+                continue
+            tput_options = registry.get(backend_name).bench.throughput_options
+            tput = (lambda p=path: open_file(p, **tput_options)) if tput_options is not None else None
+            with engine:
+                rows.extend(bench_engine(engine, base, data, reference_out, settings, tput, reporter,
+                                         is_reference=path == reference))
+    position = {str(f): i for i, f in enumerate(order)}
+    rows.sort(key=lambda r: (position[r.artifact], r.batch_size or 0))
+    if flops is None:
+        notes.append("GFLOP/s needs a checkpoint (the model's FLOPs are counted on it); none was given")
+    notes += _standard_notes(settings)[1:]
+    notes.insert(0, f"accuracy is measured once per file (batch {ACCURACY_BATCH}) against {reference.name} and "
+                    "repeated in each batch-size row; dice_drop = 1 - Dice vs the reference mask")
+    with reporter.task("CPU peak (f32, bf16)"):
+        peaks = measure_peaks(rows, options.threads, env["cpu"]["flags"], notes)
+    notes += _contention_notes(rows)
+    env["cpu_peak"] = peaks
+    add_speedups(rows, flops, peaks)
+    record = {"model": str(reference), "default_model": False,
+              "checkpoint_sha256": ckpt.sha256 if ckpt is not None else None, "image_size": list(pre.size),
+              "files": [str(f) for f in order], "backends": list(dict.fromkeys(r.backend for r in rows)),
+              "precisions": list(dict.fromkeys(r.precision for r in rows)),
+              "batch_sizes": list(settings.batch_sizes), "warmup_s": settings.warmup_s,
+              "duration_s": settings.duration_s, "threads": settings.threads, "device": options.device,
+              "accuracy_batch": ACCURACY_BATCH, "min_iterations": MIN_ITERATIONS,
+              "gflop_per_image": flops / 1e9 if flops else None}
+    return BenchResult(env, record, {**evaluation.record(), "with_masks": all(m is not None for m in data.masks)},
+                       None, None, rows, notes, time.perf_counter() - started,
+                       reference=f"{reference.name} ({ref_backend} {ref_precision})")
+
+
 def _artifacts(options: BenchOptions, setup: _Setup, targets: list[Target], reporter: Reporter,
                notes: list[str]) -> ArtifactSet | None:
     wanted = {t.artifact for t in targets if t.artifact is not None}
@@ -801,4 +910,4 @@ def _evaluation_record(setup: _Setup, data: EvalData) -> dict:
 __all__ = ["ARTIFACT_OF", "BACKENDS", "MATRIX", "PRECISIONS", "REFERENCE", "BenchOptions", "BenchResult", "BenchRow",
            "EvalData", "NonFiniteResult", "Settings", "Target", "artifact_of", "backends", "bench_engine",
            "end_to_end_rate", "gate_failures", "matrix", "measure_accuracy", "measure_latency", "openvino_throughput",
-           "plan_images", "plan_targets", "precisions", "run_bench"]
+           "is_checkpoint", "plan_images", "plan_targets", "precisions", "run_bench", "run_bench_files"]

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resunetpp.bench.harness import REFERENCE
 from resunetpp.atomic import atomic_path, write_json_atomic, write_text_atomic
 from resunetpp.errors import ResUNetError
 
@@ -80,7 +79,7 @@ NUMERIC = {"batch", "size MB", "Dice vs ref", "Dice vs GT", "max |dp|", "p50 ms"
 
 
 def _is_reference(r: BenchRow) -> bool:
-    return (r.backend, r.precision) == REFERENCE
+    return r.is_reference
 
 
 def _measured(result: BenchResult) -> list[BenchRow]:
@@ -176,7 +175,7 @@ def not_measured_table(result: BenchResult) -> Table | None:
 
 
 def _caption(result: BenchResult) -> str:
-    return ("Dice vs ref: mean (min) against the torch fp32 masks; img/s: OpenVINO async THROUGHPUT, others "
+    return (f"Dice vs ref: mean (min) against the {result.reference} masks; img/s: OpenVINO async THROUGHPUT, others "
             "batch / mean latency; GFLOP/s (share of this CPU's measured peak at the row's precision); e2e: infer "
             "pipeline (share of the model-only rate); overhead: Engine.infer over the runtime's own call")
 
@@ -276,56 +275,144 @@ def backend_color(backend: str) -> str:
 PRECISION_MARKERS = {"fp32": "o", "bf16": "s", "fp16": "^", "int8": "D"}
 
 
-def _place_labels(ax, rows: Sequence[BenchRow]) -> None:
-    """Annotate each point; a label that would overlap one already placed moves up (leader line)."""
+def _speedup(r: BenchRow, reference: BenchRow | None) -> float | None:
+    """The row's speed-up over the reference (at its own batch size when measured there)."""
+    if r.speedup is not None:
+        return r.speedup
+    if reference is not None and reference.throughput_ips and r.throughput_ips:
+        return r.throughput_ips / reference.throughput_ips
+    return None
+
+
+#: Label offsets (points) tried in turn around each point; the first that overlaps nothing wins.
+LABEL_OFFSETS = tuple((dx, dy) for dy in (3, -11, 14, -22, 25, -33, 36, -44, 47, -55, 58, -66, 69, -77, 80, -88)
+                      for dx in (7, -7))
+
+
+def _place_labels(ax, points: Sequence[tuple[BenchRow, float, float]]) -> list:
+    """Annotate each point at the first offset (:data:`LABEL_OFFSETS`) whose label box overlaps no
+    label placed before and no point, inside the axes; a moved label gets a leader line. Returns
+    the annotations (their boxes are what a test checks)."""
     fig = ax.figure
     fig.canvas.draw()  # fixes the axes' transform
-    placed: list[tuple[float, float]] = []
-    order = sorted(rows, key=lambda r: (-r.dice_vs_reference, r.throughput_ips))
-    for r in order:
-        x, y = ax.transData.transform((r.throughput_ips, r.dice_vs_reference))
-        dy = 0.0
-        while any(abs(x - px) < 130 and abs(y + dy - py) < 12 for px, py in placed):
-            dy += 12
-        placed.append((x, y + dy))
-        ax.annotate(f"{r.label} (b{r.batch_size})", (r.throughput_ips, r.dice_vs_reference),
-                    textcoords="offset pixels", xytext=(8, 4 + dy), fontsize=7.5,
-                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if dy else None)
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = []  # display-space boxes: texts already there (the peak lines' names), labels placed, markers
+    for text in list(ax.texts):
+        box = text.get_window_extent(renderer)
+        taken.append((box.x0, box.y0, box.x1, box.y1))
+    for _, x, y in points:
+        px, py = ax.transData.transform((x, y))
+        taken.append((px - 6, py - 6, px + 6, py + 6))
+    labels = []
+    order = sorted(points, key=lambda p: (-p[2], p[1]))
+    for r, x, y in order:
+        text = r.label + (f" b{r.batch_size}" if r.batch_size else "")
+        chosen = None
+        for dx, dy in LABEL_OFFSETS:
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7.5,
+                              ha="left" if dx > 0 else "right", va="bottom")
+            box = ann.get_window_extent(renderer)
+            rect = (box.x0, box.y0, box.x1, box.y1)
+            inside = frame.x0 <= rect[0] and rect[2] <= frame.x1 and frame.y0 <= rect[1] and rect[3] <= frame.y1
+            if inside and not any(_overlap(rect, t) for t in taken):
+                chosen = (ann, rect, (dx, dy))
+                break
+            ann.remove()
+        if chosen is None:  # nowhere free: the first offset, overlapping
+            dx, dy = LABEL_OFFSETS[0]
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7.5, va="bottom")
+            box = ann.get_window_extent(renderer)
+            chosen = (ann, (box.x0, box.y0, box.x1, box.y1), (dx, dy))
+        ann, rect, offset = chosen
+        if abs(offset[1]) > 11:  # moved away from its point: a leader line back to it
+            ax.annotate("", (x, y), textcoords="offset points", xytext=(offset[0], offset[1] + 4),
+                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.55", "shrinkA": 0, "shrinkB": 3})
+        taken.append(rect)
+        labels.append(ann)
+    return labels
 
 
-def write_plot(result: BenchResult, path: str | Path) -> Path:
-    """PNG scatter: throughput (best batch, log x) against Dice vs the reference, points labelled
-    (colour: backend, marker: precision)."""
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _padded(low: float, high: float, share: float = 0.08, minimum: float = 0.002) -> tuple[float, float]:
+    span = max(high - low, minimum)
+    return low - share * span, high + share * span
+
+
+def plot_figure(result: BenchResult):
+    """The bench plot as a matplotlib Figure: speed-up over the reference (x) against Dice vs the
+    reference (y), one point per backend and precision (its fastest batch size), labelled; colour
+    is the backend and marker the precision, both in legends; dashed vertical lines where a row
+    would run at the CPU's measured peak (f32, bf16); the axes end just past the data."""
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    path = Path(path)
     rows = _best_rows(result)
+    reference = next((r for r in rows if _is_reference(r)), None)
+    points = [(r, sx, r.dice_vs_reference) for r in rows
+              if (sx := _speedup(r, reference)) is not None and r.dice_vs_reference is not None]
     fig = Figure(figsize=(9, 5.5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)  # a canvas with a renderer: label boxes are measured before they are placed
     ax = fig.add_subplot()
-    for r in rows:
-        ax.scatter(r.throughput_ips, r.dice_vs_reference, s=110 if _is_reference(r) else 45, zorder=3,
-                   color=backend_color(r.backend),
-                   marker="*" if _is_reference(r) else PRECISION_MARKERS.get(r.precision, "o"))
-    if rows:
-        low = min(r.dice_vs_reference for r in rows)
-        ax.set_ylim(max(0.0, low - 0.1 * (1.0 - low) - 0.005), 1.0 + 0.25 * (1.0 - low) + 0.003)
-        ax.set_xscale("log")
-        xs = [r.throughput_ips for r in rows]
-        ax.set_xlim(min(xs) / 1.5, max(xs) * 3.0)  # room for the labels on the right
-        _place_labels(ax, rows)
+    for r, x, y in points:
+        ax.scatter(x, y, s=130 if _is_reference(r) else 45, zorder=3, color=backend_color(r.backend),
+                   marker="*" if _is_reference(r) else PRECISION_MARKERS.get(r.precision, "o"),
+                   edgecolors="black", linewidths=0.4)
+    xs = [x for _, x, _ in points]
+    peaks = result.environment.get("cpu_peak") or {}
+    if reference is not None and reference.gflops_per_s:
+        for name, peak in peaks.items():
+            if isinstance(peak, dict) and peak.get("gflops"):
+                at = peak["gflops"] / reference.gflops_per_s
+                ax.axvline(at, color="0.35", lw=0.8, ls="--", zorder=1)
+                ax.annotate(f"{name} peak ({peak['gflops']:.0f} GFLOP/s)", (at, 0), xycoords=("data", "axes fraction"),
+                            rotation=90, fontsize=7, color="0.35", ha="right", va="bottom", xytext=(-2, 2),
+                            textcoords="offset points")  # at the bottom: the rows near Dice 1 are at the top
+                xs.append(at)
+    if points:
+        ys = [y for _, _, y in points]
+        ax.set_xlim(*_padded(min(xs), max(xs), minimum=0.05))
+        low, high = _padded(min(ys), max(ys), share=0.15)
+        ax.set_ylim(low, high + 0.15 * (high - low))  # headroom for the labels of the rows at Dice 1
+        ax.axhline(1.0, color="0.8", lw=0.6, zorder=0)
+        ax.axvline(1.0, color="0.8", lw=0.6, zorder=0)
+        fig.canvas.draw()
+        _place_labels(ax, points)
+        backends = list(dict.fromkeys(r.backend for r, _, _ in points))
+        precisions = list(dict.fromkeys(r.precision for r, _, _ in points))
+        colour = ax.legend(handles=[Line2D([], [], ls="", marker="o", color=backend_color(b), label=b)
+                                    for b in backends], title="backend (colour)", loc="upper left",
+                           bbox_to_anchor=(1.01, 1.0), fontsize=8, title_fontsize=8, frameon=False)
+        ax.add_artist(colour)
+        ax.legend(handles=[Line2D([], [], ls="", marker=PRECISION_MARKERS.get(p, "o"), color="0.3", label=p)
+                           for p in precisions]
+                  + [Line2D([], [], ls="", marker="*", markersize=10, color="0.3", label="reference")],
+                  title="precision (marker)", loc="upper left", bbox_to_anchor=(1.01, 0.55), fontsize=8,
+                  title_fontsize=8, frameon=False)
     else:
         ax.text(0.5, 0.5, "no row was measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("throughput (images/s, best batch size; log scale)")
-    ax.set_ylabel("Dice vs torch fp32 reference mask")
+    ax.set_xlabel(f"speed-up over {result.reference} (throughput ratio, fastest batch size)")
+    ax.set_ylabel(f"Dice vs {result.reference} reference mask")
     cpu = result.environment.get("cpu") or {}
     gpu = result.environment.get("gpu")
     ax.set_title(f"resunetpp bench: {cpu.get('model') or 'unknown CPU'} ({cpu.get('cores')} logical cores)"
                  + (f", {gpu['name']}" if isinstance(gpu, dict) and gpu.get("name") else "")
                  + f"; input {'x'.join(map(str, result.settings.get('image_size', [])))}", fontsize=9, loc="left")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def write_plot(result: BenchResult, path: str | Path) -> Path:
+    """:func:`plot_figure` as a PNG, written atomically."""
+    path = Path(path)
+    fig = plot_figure(result)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from resunetpp.cli.common import app, choice_enum, comma_list, fail, sigterm_as_interrupt
-from resunetpp.bench import harness
+from resunetpp.bench import matrix as harness  # the row choices, without the harness's imports
 from resunetpp.defaults import TORCH_DEVICES
 from resunetpp.errors import ResUNetError
 
@@ -29,9 +29,11 @@ def _bench_batch_sizes(text: str) -> tuple[int, ...]:
 
 @app.command("bench")
 def bench_command(
-    model: Annotated[Optional[Path], typer.Argument(
-        metavar="MODEL", exists=True, dir_okay=False,
-        help="Checkpoint to benchmark (default: the shipped model, with the shipped sample images).")] = None,
+    models: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="MODEL...", exists=True, dir_okay=False,
+        help="A checkpoint: exported to every format and precision, then benchmarked (default: the shipped "
+             "model). Or model files as they are (.onnx, .xml, .engine, checkpoints), compared with each other "
+             "and with the reference (--reference, else the first checkpoint given, else the first FP32 file).")] = None,
     data: Annotated[Optional[Path], typer.Option(
         exists=True, file_okay=False, help="Evaluation images: a folder, or a dataset root (images/, masks/) "
                                            "(default: the shipped sample images).")] = None,
@@ -68,6 +70,10 @@ def bench_command(
                                            "split is used); must not overlap the evaluation images.")] = None,
     end_to_end: Annotated[bool, typer.Option(
         "--end-to-end/--no-end-to-end", help="Also time the infer pipeline (decode to PNG) per row.")] = True,
+    reference: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, help="With model files: measure accuracy and speed-up against this "
+                                          "checkpoint or artifact (default: the first checkpoint given, else the "
+                                          "first FP32 file).")] = None,
 ) -> None:
     """Every backend and precision this machine runs: accuracy against PyTorch FP32 and speed, side by side."""
     from rich.console import Console
@@ -76,8 +82,15 @@ def bench_command(
     from resunetpp.bench.report import LineReporter, print_report, write_json, write_markdown, write_plot
     from resunetpp.export.report import RichReporter
 
+    from resunetpp.bench.harness import is_checkpoint, run_bench_files
+
+    models = list(models or [])
+    try:
+        files_mode = len(models) > 1 or reference is not None or (models and not is_checkpoint(models[0]))
+    except ResUNetError as e:
+        fail(e)
     options = BenchOptions(
-        model=model, data=data, split=split, backends=comma_list(backends, harness.backends(), "--backends"),
+        model=None if files_mode or not models else models[0], data=data, split=split, backends=comma_list(backends, harness.backends(), "--backends"),
         precisions=comma_list(precisions, harness.precisions(), "--precisions"), batch_sizes=_bench_batch_sizes(batch_sizes),
         image_size=image_size, warmup_s=warmup_s, duration_s=duration_s, threads=threads, device=device.value,
         artifacts=artifacts, calib=calib, end_to_end=end_to_end)
@@ -85,7 +98,8 @@ def bench_command(
         progress = RichReporter(Console(stderr=True)) if sys.stderr.isatty() \
             else LineReporter(lambda line: typer.echo(line, err=True))
         with sigterm_as_interrupt(), progress as reporter:
-            result = run_bench(options, reporter)
+            result = run_bench_files(models, options, reporter, reference) if files_mode \
+                else run_bench(options, reporter)
         print_report(result, Console())
         for path, write in ((json_path, write_json), (markdown, write_markdown), (plot, write_plot)):
             if path is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Iterable
-from typing import NoReturn, Optional
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -16,6 +17,53 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _whole_flag_names() -> None:
+    """Help at 80 columns keeps flag names whole: in Typer's option panels the columns holding flags
+    do not wrap, so rich narrows the help text column instead of cutting ``--no-allow-accur...``."""
+    import typer.rich_utils as rich_utils
+    from rich.table import Table
+
+    if getattr(rich_utils.Table, "whole_flags", False):
+        return
+
+    class OptionsTable(Table):
+        whole_flags = True
+
+        def add_row(self, *renderables, **kwargs):  # type: ignore[override]
+            super().add_row(*renderables, **kwargs)
+            if not self.show_header:
+                for column, cell in zip(self.columns, renderables):
+                    if str(cell).startswith("-"):
+                        column.no_wrap = True
+                self.columns[-1].overflow = "fold"  # a long path in the help breaks, never ends in ...
+
+    rich_utils.Table = OptionsTable
+
+
+_whole_flag_names()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from resunetpp._version import __version__
+
+        typer.echo(f"resunetpp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """ResUNet++ segmentation: train, evaluate, export (ONNX/OpenVINO/TensorRT), infer and benchmark."""
+
+
+def next_run_folder(parent: Path) -> Path:
+    """The first ``parent/N`` (N = 1, 2, ...) above every numbered folder already there: a new run's
+    own folder (``runs/infer/1``, ``runs/infer/2`` ...); not created here."""
+    taken = [int(p.name) for p in parent.iterdir() if p.name.isdigit()] if parent.is_dir() else []
+    return parent / str(max(taken, default=0) + 1)
 
 
 def choice_enum(name: str, values: Iterable[str]) -> type[enum.Enum]:
@@ -49,6 +97,32 @@ def comma_list(values: Optional[list[str]], choices: tuple[str, ...], option: st
         raise typer.BadParameter(f"unknown {', '.join(map(repr, bad)) or 'empty value'} (choose from "
                                  f"{', '.join(choices)})", param_hint=option)
     return items
+
+
+def _option_value(text: str) -> object:
+    """``KEY=VALUE`` values: true/false, integers, floats, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def engine_options(pairs: list[str]) -> dict:
+    """``-O KEY=VALUE`` pairs (``infer``, ``evaluate``) as a backend's engine options."""
+    from resunetpp.errors import ResUNetError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ResUNetError(f"--engine-option {pair!r}: expected KEY=VALUE, e.g. precision=f32")
+        options[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return options
 
 
 @contextlib.contextmanager

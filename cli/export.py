@@ -7,16 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, fail, fail_os
+from resunetpp.cli.common import app, choice_enum, comma_list, fail, fail_os
 from resunetpp.errors import ResUNetError
 from resunetpp.cli.common import sigterm_as_interrupt
-from resunetpp.export.formats import FORMATS, PRECISIONS
+from resunetpp.export.formats import PRECISIONS, declared_names
 from resunetpp.export.options import OPENVINO_INT8_SOURCES
 from resunetpp.export.quantize import CALIBRATION_METHODS, INT8_OPS, NNCF_PRESETS
 from resunetpp.export.tensorrt_plan import CALIBRATORS, FP16_MODES
 
-ExportFormat = choice_enum("ExportFormat", FORMATS)
-ExportPrecision = choice_enum("ExportPrecision", PRECISIONS)
 ExportCalibMethod = choice_enum("ExportCalibMethod", CALIBRATION_METHODS)
 ExportNNCFPreset = choice_enum("ExportNNCFPreset", NNCF_PRESETS)
 ExportOpenVINOInt8 = choice_enum("ExportOpenVINOInt8", OPENVINO_INT8_SOURCES)
@@ -53,15 +51,15 @@ def _export_size(value: str | None) -> tuple[int, int] | None:
 
 #: INT8 range equalization options, shared by ``export`` and ``quantize``.
 EqualizeOption = Annotated[bool, typer.Option(
-    "--equalize/--no-equalize",
+    "--equalize/--no-equalize", rich_help_panel="INT8 recipe",
     help="INT8: equalize activation ranges across channels before calibration (cross-layer "
          "equalization; same FP32 function, checked).")]
 EqualizeAlphaOption = Annotated[Optional[float], typer.Option(
-    min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
+    rich_help_panel="INT8 recipe", min=0.0, max=1.0, help="INT8 equalization strength (SmoothQuant alpha): 1 gives every channel the "
                            "same range, 0 equalizes the weights instead; default: the recipe's.")]
 
 BiasCorrectionOption = Annotated[Optional[int], typer.Option(
-    min=0, help="INT8: bias correction over this many calibration images (each convolution's mean shift "
+    rich_help_panel="INT8 recipe", min=0, help="INT8: bias correction over this many calibration images (each convolution's mean shift "
                 "under simulated INT8 removed from its bias); 0: off; default: the recipe's.")]
 
 
@@ -82,65 +80,94 @@ def _equalize_alpha(equalize: bool, alpha: float | None) -> float | None:
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
                                                              help="Trained checkpoint (.safetensors, .pt).")],
-    out: Annotated[Path, typer.Option("--out", "-o", file_okay=False,
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", rich_help_panel="Output", file_okay=False,
                                                     help="Folder for the artifacts and their .json sidecars.")],
-    formats: Annotated[list[ExportFormat] | None, typer.Option(
-        "--format", "-f", help="Repeatable. Default: every format this machine can build, except opt-in packagings (triton: a Triton model repository of the other formats' verified artifacts).")] = None,
-    precisions: Annotated[list[ExportPrecision] | None, typer.Option(
-        "--precision", "-p", help="Repeatable. Default: fp32, fp16, and int8 when --calib is given.")] = None,
+    formats: Annotated[list[str] | None, typer.Option(
+        "--format", "-f", metavar="NAMES", rich_help_panel="Output",
+        help=f"Comma-separated or repeated: {', '.join(declared_names())}. Default: every format this machine can build, except opt-in packagings (triton: a Triton "
+             "model repository of the other formats' verified artifacts).")] = None,
+    precisions: Annotated[list[str] | None, typer.Option(
+        "--precision", "-p", metavar="NAMES", rich_help_panel="Output",
+        help=f"Comma-separated or repeated: {', '.join(PRECISIONS)}. Default: fp32, fp16, and int8 when --calib is "
+             "given.")] = None,
     calib: Annotated[Path | None, typer.Option(
+        rich_help_panel="Data",
         exists=True, file_okay=False, help="Calibration images: a folder, or a dataset root (images/, masks/, "
                                            "train.txt) whose train split is used.")] = None,
-    calib_split: Annotated[str | None, typer.Option(help="Split name or file for --calib.")] = None,
-    calib_count: Annotated[int, typer.Option(min=1, help="Calibration images (sampled).")] = 300,
+    calib_split: Annotated[str | None, typer.Option(
+        rich_help_panel="Data", help="Split name or file for --calib.")] = None,
+    calib_count: Annotated[int, typer.Option(
+        rich_help_panel="Data", min=1, help="Calibration images (sampled).")] = 300,
     eval_dir: Annotated[Path | None, typer.Option(
-        "--eval", exists=True, file_okay=False, help="Held-out images for accuracy (default: the --calib "
+        "--eval", rich_help_panel="Data", exists=True, file_okay=False, help="Held-out images for accuracy (default: the --calib "
                                                      "dataset's val split).")] = None,
-    eval_split: Annotated[str | None, typer.Option(help="Split name or file for --eval.")] = None,
-    eval_count: Annotated[int, typer.Option(min=1, help="Held-out images (sampled).")] = 100,
-    batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size.")] = "dynamic",
+    eval_split: Annotated[str | None, typer.Option(
+        rich_help_panel="Data", help="Split name or file for --eval.")] = None,
+    eval_count: Annotated[int, typer.Option(
+        rich_help_panel="Data", min=1, help="Held-out images (sampled).")] = 100,
+    batch: Annotated[str, typer.Option(
+        rich_help_panel="Shape and graph", help="'dynamic' or a fixed batch size.")] = "dynamic",
     image_size: Annotated[str | None, typer.Option(
+        rich_help_panel="Shape and graph",
         help="S or HxW (multiples of 8); default: the checkpoint's preprocessing size.")] = None,
     dynamic_size: Annotated[bool, typer.Option(
-        "--dynamic-size/--static-size", help="Dynamic input height and width.")] = True,
-    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
-    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="onnxslim pass.")] = True,
+        "--dynamic-size/--static-size", rich_help_panel="Shape and graph", help="Dynamic input height and width.")] = True,
+    opset: Annotated[int, typer.Option(
+        rich_help_panel="Shape and graph", help="ONNX opset (18 or newer).")] = 18,
+    simplify: Annotated[bool, typer.Option(
+        "--simplify/--no-simplify", rich_help_panel="Shape and graph", help="onnxslim pass.")] = True,
     allow_accuracy_drop: Annotated[bool, typer.Option(
-        help="Write artifacts that fail their accuracy gate (INT8/FP16 Dice vs the FP32 reference).")] = False,
+        rich_help_panel="Accuracy gate", show_default=False,
+        help="Write artifacts that fail their accuracy gate (INT8/FP16 Dice vs the FP32 reference). "
+             "Default: refuse them.")] = False,
     calib_method: Annotated[ExportCalibMethod, typer.Option(
-        help="INT8 Q/DQ ONNX activation ranges.")] = ExportCalibMethod.percentile,
+        rich_help_panel="INT8 recipe", metavar="METHOD",
+        help=f"INT8 Q/DQ ONNX activation ranges: {', '.join(CALIBRATION_METHODS)}.")] = ExportCalibMethod.percentile,
     per_channel: Annotated[bool, typer.Option(
-        "--per-channel/--per-tensor", help="INT8 weight scales per output channel.")] = True,
+        "--per-channel/--per-tensor", rich_help_panel="INT8 recipe", help="INT8 weight scales per output channel.")] = True,
     keep_float: Annotated[list[str] | None, typer.Option(
+        rich_help_panel="INT8 recipe", metavar="MODULE",
         help="Repeatable module path kept in float in INT8 artifacts, e.g. decoder1.attention, head "
-             "(default: the 10 convolutions export.quantize.DEFAULT_INT8_KEEP_MODULES lists, 7.7% of the "
-             "FLOPs: those that buy the most accuracy per unit of float work, benchmarks/INT8.md section 11; "
+             "(default: the 10 convolutions in DEFAULT_INT8_KEEP_MODULES of export/quantize.py, 7.7% of the "
+             "FLOPs: those that buy the most accuracy per unit of float work, section 11 of benchmarks/INT8.md; "
              "'none': keep nothing).")] = None,
     int8_ops: Annotated[str, typer.Option(
+        rich_help_panel="INT8 recipe",
         help="INT8: 'conv' quantizes convolutions only (default), 'all' every quantizable op.")] = "conv",
     int8_outputs: Annotated[bool, typer.Option(
         "--int8-outputs/--no-int8-outputs",
-        help="Also quantize each INT8 convolution's output (ONNX Runtime's default; off: inputs and weights "
-             "only, as NNCF and TensorRT place them, measurably closer to FP32).")] = False,
+        rich_help_panel="INT8 recipe", show_default=False,
+        help="Also quantize each INT8 convolution's output (ONNX Runtime's default; off, the default here: inputs "
+             "and weights only, as NNCF and TensorRT place them, measurably closer to FP32).")] = False,
     equalize: EqualizeOption = True,
     equalize_alpha: EqualizeAlphaOption = None,
     bias_correction: BiasCorrectionOption = None,
     openvino_int8: Annotated[ExportOpenVINOInt8, typer.Option(
+        rich_help_panel="OpenVINO",
         help="OpenVINO INT8 IR: 'qdq' converts the INT8 Q/DQ ONNX (same scales as ONNX Runtime/TensorRT), "
              "'nncf' quantizes the IR with NNCF.")] = ExportOpenVINOInt8.qdq,
     nncf_preset: Annotated[ExportNNCFPreset, typer.Option(
-        help="NNCF preset for the OpenVINO INT8 IR (--openvino-int8 nncf).")] = ExportNNCFPreset.performance,
+        rich_help_panel="OpenVINO", metavar="PRESET",
+        help=f"NNCF preset for the OpenVINO INT8 IR (--openvino-int8 nncf): {', '.join(NNCF_PRESETS)}.")] = ExportNNCFPreset.performance,
     fast_bias_correction: Annotated[bool, typer.Option(
-        "--fast-bias-correction/--full-bias-correction", help="NNCF bias correction.")] = True,
-    workspace: Annotated[int, typer.Option(min=1, help="TensorRT workspace limit, MiB.")] = 2048,
-    max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile max batch.")] = 8,
-    dla_core: Annotated[int | None, typer.Option(min=0, help="Build TensorRT engines for this DLA core "
+        "--fast-bias-correction/--full-bias-correction", rich_help_panel="OpenVINO", show_default=False,
+        help="NNCF bias correction (default: fast).")] = True,
+    workspace: Annotated[int, typer.Option(
+        rich_help_panel="TensorRT", min=1, help="TensorRT workspace limit, MiB.")] = 2048,
+    max_batch: Annotated[int, typer.Option(
+        rich_help_panel="TensorRT", min=1, help="TensorRT profile max batch.")] = 8,
+    dla_core: Annotated[int | None, typer.Option(
+        rich_help_panel="TensorRT", min=0, help="Build TensorRT engines for this DLA core "
                                                                     "(Jetson).")] = None,
     calibrator: Annotated[ExportTRTCalibrator | None, typer.Option(
+        rich_help_panel="TensorRT",
         help="TensorRT 10 only: implicit INT8 with IInt8EntropyCalibrator2 instead of the Q/DQ ONNX.")] = None,
     trt_fp16: Annotated[ExportTRTFP16Mode, typer.Option(
+        rich_help_panel="TensorRT",
         help="TensorRT 10 only: 'flag' builds FP16 with BuilderFlag.FP16 from the FP32 ONNX.")] = ExportTRTFP16Mode.onnx,
     int8_reference: Annotated[Optional[Path], typer.Option(
+        rich_help_panel="Data",
         exists=True, dir_okay=False,
         help="Judge INT8 artifacts against this FP32 checkpoint instead of CHECKPOINT (e.g. the model a "
              "`quantize --qat-epochs` checkpoint was fine-tuned from).")] = None,
@@ -149,6 +176,7 @@ def export_command(
     from rich.console import Console
 
     from resunetpp.export.fp16 import FP16Recipe
+    from resunetpp.export.formats import format_names
     from resunetpp.export.pipeline import ExportOptions, TensorRTOptions, run_export
     from resunetpp.export.quantize import NNCFRecipe, QDQRecipe
     from resunetpp.export.report import RichReporter, print_summary
@@ -163,8 +191,8 @@ def export_command(
     try:
         options = ExportOptions(
             checkpoint=checkpoint, out=out,
-            formats=tuple(f.value for f in formats) if formats else None,
-            precisions=tuple(p.value for p in precisions) if precisions else None,
+            formats=comma_list(formats, format_names(), "--format"),
+            precisions=comma_list(precisions, PRECISIONS, "--precision"),
             calib=calib, calib_split=calib_split, calib_count=calib_count,
             eval=eval_dir, eval_split=eval_split, eval_count=eval_count,
             batch=_export_batch(batch), image_size=_export_size(image_size), dynamic_size=dynamic_size,

@@ -8,36 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, fail, sigterm_as_interrupt
+from resunetpp.cli.common import app, choice_enum, engine_options as _infer_engine_options, fail, next_run_folder, \
+    sigterm_as_interrupt
 from resunetpp.errors import ResUNetError
 from resunetpp import engines
 from resunetpp.engines.infer import PROBS_DTYPES
 
 InferBackend = choice_enum("InferBackend", ("auto", *engines.backends()))
 InferProbsDtype = choice_enum("InferProbsDtype", PROBS_DTYPES)
-
-
-def _infer_option_value(text: str) -> object:
-    """``KEY=VALUE`` values: true/false, integers, floats, else the string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _infer_engine_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ResUNetError(f"--engine-option {pair!r}: expected KEY=VALUE, e.g. precision=f32")
-        options[key.strip().replace("-", "_")] = _infer_option_value(value.strip())
-    return options
 
 
 def _infer_progress(console):
@@ -63,7 +41,7 @@ def _infer_progress(console):
 def infer_command(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint, .onnx, OpenVINO .xml or TensorRT .engine; 'default': the shipped model.")],
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders or quoted globs ('scans/**/*.png').")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities) [default: a new runs/infer/N].")] = None,
     backend: Annotated[InferBackend, typer.Option(help="auto: from the model's suffix.")] = InferBackend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N]; onnxruntime also tensorrt[:N]; openvino also gpu, npu.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per engine call (equal input sizes are batched).")] = 1,
@@ -75,6 +53,7 @@ def infer_command(
     threads: Annotated[int, typer.Option(help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", "-O", help="Backend option KEY=VALUE, repeatable (e.g. precision=f32, channels_last=true, intra_op_num_threads=4).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the run summary and failures here (JSON).")] = None,
+    input_warnings: Annotated[bool, typer.Option("--input-warnings/--no-input-warnings", help="Warn once when an image is grayscale or tiny (the model was trained on RGB colonoscopy frames).")] = True,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", rich_help_panel="Ray cluster", help="Run on Ray: 'local' (a Ray on this machine), 'auto' (this node's cluster or RAY_ADDRESS), 'ray://HOST:10001' or HOST:PORT. Outputs already complete are skipped (a rerun resumes). Needs resunetpp[ray].")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, rich_help_panel="Ray cluster", help="With --ray: worker actors, one engine each [default: 2].")] = None,
     threads_per_worker: Annotated[Optional[int], typer.Option(min=1, rich_help_panel="Ray cluster", help="With --ray: CPUs each worker reserves and its engine's compute threads [default: 1].")] = None,
@@ -89,12 +68,22 @@ def infer_command(
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
     show_bar = sys.stderr.isatty()
 
+    def warn(line: str) -> None:
+        if show_bar:
+            err_console.print(f"warning: {line}", markup=False)
+        else:
+            typer.echo(f"warning: {line}", err=True)
+
     def report(line: str) -> None:
         if show_bar:
             err_console.print(f"error: {line}", markup=False)
         else:
             typer.echo(f"error: {line}", err=True)
 
+    numbered = out is None
+    if numbered:
+        out = next_run_folder(Path("runs") / "infer")
+        typer.echo(f"writing to {out}", err=True)
     try:
         if model == "default":
             shipped = default_model_path()
@@ -102,7 +91,8 @@ def infer_command(
                 raise ResUNetError("MODEL 'default': this install ships no default model; pass a model file")
             model = str(shipped)
         options = InferOptions(out=out, batch_size=batch_size, overlay=overlay, save_probs=save_probs,
-                               probs_dtype=probs_dtype.value, tta=tta, threshold=threshold, threads=threads)
+                               probs_dtype=probs_dtype.value, tta=tta, threshold=threshold, threads=threads,
+                               input_warnings=input_warnings)
         progress = _infer_progress(err_console) if show_bar else None
         table = summary_table
         engine_options = _infer_engine_options(engine_option or [])
@@ -113,7 +103,8 @@ def infer_command(
                 result = infer_path(model, inputs, options, backend=backend.value, device=device,
                                     engine_options=engine_options, progress_factory=progress, on_error=report,
                                     on_wait=lambda line: typer.echo(line, err=True),
-                                    other_outputs=[json_path] if json_path is not None else [])
+                                    other_outputs=[json_path] if json_path is not None else [],
+                                    on_warning=warn)
             else:
                 from resunetpp.engines.ray_batch import RayOptions, run_ray_batch, summary_table as ray_table
 
@@ -133,6 +124,8 @@ def infer_command(
         typer.echo(f"interrupted; masks finished before the interrupt are in {out}, nothing half-written", err=True)
         raise typer.Exit(130) from None
     Console().print(table(result, title=Path(model).name))
+    if numbered:
+        typer.echo(f"results in {out}")
     if result.failures:
         typer.echo(f"{len(result.failures)} of {result.images} image(s) failed; the others are in {out}", err=True)
         raise typer.Exit(1)

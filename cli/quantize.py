@@ -53,7 +53,7 @@ def quantize_command(
     """
     from rich.console import Console
 
-    from resunetpp.export.sensitivity import Goal, QuantizeOptions, quantize_checkpoint, render
+    from resunetpp.export.sensitivity import Goal, QuantizeOptions, quantize_checkpoint, recommendation_warning, render
 
     console = Console(stderr=True)
     opts = QuantizeOptions(checkpoint, calib, eval_, out, calib_split, eval_split, calib_count, eval_count,
@@ -82,8 +82,11 @@ def quantize_command(
             raise typer.Exit(1)
         return
     try:
-        with console.status("quantize") as status:
-            report = quantize_checkpoint(opts, progress=lambda m: status.update(m))
+        if console.is_terminal:
+            with console.status("quantize") as status:
+                report = quantize_checkpoint(opts, progress=lambda m: status.update(m))
+        else:  # a log file or a pipe: one line per step instead of a spinner nobody sees
+            report = quantize_checkpoint(opts, progress=lambda m: typer.echo(m, err=True))
     except ResUNetError as e:
         fail(e)
     out_console = Console()
@@ -94,6 +97,9 @@ def quantize_command(
     share = report.steps[-1].float_flops_share
     cost = "" if share is None else f" ({100 * share:.1f}% of the FLOPs)"
     out_console.print(f"goal {verdict}; keep in float: {kept}{cost}; report: {out / 'sensitivity.json'}")
+    warning = recommendation_warning(report)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     if not report.goal_met:
         raise typer.Exit(1)
 

@@ -9,13 +9,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, fail, sigterm_as_interrupt
+from resunetpp.cli.common import app, choice_enum, engine_options, fail, sigterm_as_interrupt
 from resunetpp.defaults import TORCH_DEVICES
+from resunetpp import engines
 from resunetpp.errors import ResUNetError
-from resunetpp.model import ARCHITECTURES
+from resunetpp.model_config import ARCHITECTURES
 
 Architecture = choice_enum("Architecture", ARCHITECTURES)
 Device = choice_enum("Device", TORCH_DEVICES)
+EvalBackend = choice_enum("EvalBackend", ("auto", *engines.backends()))
 
 
 @app.command()
@@ -75,19 +77,23 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Annotated[Optional[Path], typer.Argument(metavar="MODEL", help="Checkpoint to evaluate (default: the shipped model).")] = None,
+    model: Annotated[Optional[Path], typer.Argument(metavar="MODEL", help="Checkpoint, .onnx, OpenVINO .xml or TensorRT .engine to evaluate (default: the shipped model).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder in the Kvasir-SEG layout (default: the shipped sample data).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split file or name (DATA/NAME.txt); default every image.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the scores and per-image rows here (JSON).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per engine call (at least 1).")] = 1,
-    device: Annotated[Device, typer.Option(help="Where torch runs a checkpoint.")] = Device.auto,
+    device: Annotated[str, typer.Option(help="The backend's device: auto, cpu, cuda[:N]; onnxruntime also tensorrt[:N]; openvino also gpu, npu.")] = "auto",
+    backend: Annotated[EvalBackend, typer.Option(help="auto: from the model's suffix.")] = EvalBackend.auto,
+    engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", "-O", help="Backend option KEY=VALUE, repeatable (e.g. precision=bf16); the README lists each backend's keys.")] = None,
+    worst: Annotated[int, typer.Option(min=0, help="Also list the N images with the lowest Dice (0: none).")] = 0,
+    overlay: Annotated[Optional[Path], typer.Option(file_okay=False, help="Write <stem>_overlay.png of ground truth against prediction here (green: both, red: predicted only, yellow: missed).")] = None,
 ) -> None:
-    """Mean Dice, IoU, precision and recall, per image at the original mask resolution."""
+    """Mean Dice, IoU, precision and recall, per image at the original mask resolution, through any backend."""
     from rich.console import Console
 
     from resunetpp.atomic import write_json_atomic
     from resunetpp.defaults import default_data_path, default_model_path
-    from resunetpp.engines.evaluate import evaluate_path, results_table
+    from resunetpp.engines.evaluate import evaluate_path, results_table, worst_table
 
     try:
         model = model or default_model_path()
@@ -98,8 +104,9 @@ def evaluate(
         if data is None:
             raise ResUNetError("no --data given and this install ships no sample data; pass --data DIR "
                                "(a folder with images/ and masks/)")
-        result = evaluate_path(model, data, split, batch_size=batch_size, device=device.value,
-                               show_progress=sys.stderr.isatty())
+        result = evaluate_path(model, data, split, batch_size=batch_size, device=device,
+                               show_progress=sys.stderr.isatty(), backend=backend.value,
+                               engine_options=engine_options(engine_option or []), overlay_dir=overlay)
         if json_path is not None:
             try:
                 write_json_atomic(json_path, result.as_dict())
@@ -107,7 +114,12 @@ def evaluate(
                 raise ResUNetError(f"{json_path}: cannot write the report ({e.strerror or e})") from None
     except ResUNetError as e:
         fail(e)
-    Console().print(results_table(result, title=f"{model.name} on {data}" + (f" ({split})" if split else "")))
+    console = Console()
+    console.print(results_table(result, title=f"{model.name} on {data}" + (f" ({split})" if split else "")))
+    if worst:
+        console.print(worst_table(result, worst))
+    if overlay is not None:
+        typer.echo(f"wrote {result.n} overlays to {overlay}")
     if json_path is not None:
         typer.echo(f"wrote {json_path}")
 

@@ -61,11 +61,19 @@ def _as_array(image: Any, channels: int) -> np.ndarray:
 class SegmentationModel:
     """A loaded artifact that segments images; see the module docstring. Close it (or use ``with``)."""
 
-    def __init__(self, engine: Engine, threshold: float = 0.5) -> None:
+    def __init__(self, engine: Engine, threshold: float = 0.5, input_warnings: bool = True) -> None:
+        import warnings
+
+        from resunetpp.input_checks import InputWarner
+
         if not 0.0 < threshold < 1.0:
             raise ResUNetError(f"threshold must be between 0 and 1, got {threshold}")
         self.engine = engine
         self.threshold = threshold
+        #: One ``UserWarning`` for the first grayscale or tiny image this model sees.
+        self.input_warner = InputWarner(lambda line: warnings.warn(line, UserWarning, stacklevel=4),
+                                        engine.preprocessing.channels, enabled=input_warnings,
+                                        silence_hint="; load(..., input_warnings=False) silences it")
 
     # ---- the API -------------------------------------------------------------------------------
     def predict_proba(self, image: Any) -> np.ndarray:
@@ -103,6 +111,7 @@ class SegmentationModel:
 
         for image in images:
             array = _as_array(image, pre.channels)
+            self.input_warner.check(image if isinstance(image, (str, Path)) else "an image", array)
             try:
                 x = pre.apply(array)
             except ValueError as e:
@@ -128,10 +137,11 @@ class SegmentationModel:
 
 
 def load(model: str | Path = "default", *, backend: str = "auto", device: str | None = None,
-         threshold: float = 0.5, **options: Any) -> SegmentationModel:
+         threshold: float = 0.5, input_warnings: bool = True, **options: Any) -> SegmentationModel:
     """Open ``model`` -- a checkpoint, ``.onnx``, OpenVINO ``.xml``, TensorRT ``.engine``, or
     ``"default"`` (the shipped Kvasir-SEG model) -- on ``backend`` (``auto``: from the suffix), loaded
-    and ready to :meth:`~SegmentationModel.predict`. ``options`` are the backend's engine options."""
+    and ready to :meth:`~SegmentationModel.predict`. ``options`` are the backend's engine options;
+    ``input_warnings=False`` silences the one warning about a grayscale or tiny image."""
     from resunetpp import engines
 
     if str(model) == "default":
@@ -142,7 +152,7 @@ def load(model: str | Path = "default", *, backend: str = "auto", device: str | 
     engine = engines.open(model, backend=backend, device=device, **options)
     try:
         engine.load()
-        return SegmentationModel(engine, threshold)
+        return SegmentationModel(engine, threshold, input_warnings)
     except BaseException:
         engine.close()
         raise

@@ -26,7 +26,7 @@ import numpy as np
 
 from resunetpp.artifact import check_record
 from resunetpp.errors import InputFileError, ResUNetError
-from resunetpp.model import SIZE_MULTIPLE
+from resunetpp.model_config import SIZE_MULTIPLE
 from resunetpp.preprocess import Preprocessing
 
 Shape4 = tuple[int, int, int, int]
@@ -50,6 +50,28 @@ class EngineOutputError(EngineError):
 
 class NonFiniteOutputError(EngineError, FloatingPointError):
     """A backend answered with NaN or Inf (overflow in reduced precision, a broken artifact)."""
+
+
+#: A runtime's compute precision names (OpenVINO's ``INFERENCE_PRECISION_HINT`` type names) as artifact precisions.
+_COMPUTE_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "fp32": "fp32", "fp16": "fp16"}
+
+
+def precision_that_ran(described: dict) -> str:
+    """The precision an engine really computes in, from :meth:`Engine.describe`: the artifact's,
+    or, when the runtime was told otherwise (``-O precision=bf16`` on an FP32 OpenVINO IR), e.g.
+    ``"bf16 (fp32 artifact)"``; for INT8 the precision of its float layers when that is not fp32."""
+    artifact = str(described.get("precision", "?"))
+    compute = _COMPUTE_PRECISION.get(str(described.get("precision_hint")).lower())
+    if compute is None or compute == artifact:
+        return artifact
+    if artifact == "int8":
+        return f"int8 (float layers {compute})" if compute != "fp32" else artifact
+    return f"{compute} ({artifact} artifact)"
+
+
+def engine_line(described: dict) -> str:
+    """``openvino on CPU (bf16 (fp32 artifact))``: which backend, device and precision ran."""
+    return f"{described.get('backend', '?')} on {described.get('device', '?')} ({precision_that_ran(described)})"
 
 
 def name_file(error: EngineError, path: str | Path) -> EngineError:

@@ -63,7 +63,7 @@ from resunetpp.engines.base import Engine, NonFiniteOutputError
 from resunetpp.errors import InputFileError, ResUNetError
 from resunetpp.imageio import write_png_atomic
 from resunetpp.locking import INFER_LOCK_NAME, OutLock
-from resunetpp.model import MAX_INPUT_SIZE
+from resunetpp.model_config import MAX_INPUT_SIZE
 from resunetpp.outputs import mask_image, overlay_image, save_npy_atomic
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 from resunetpp.sources import Item, Source, open_source
@@ -91,6 +91,7 @@ class InferOptions:
     tta: bool = False
     threshold: float = 0.5
     threads: int = 2  # reader threads, and as many writer threads
+    input_warnings: bool = True  # warn once for a grayscale or tiny image (resunetpp.input_checks)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -215,7 +216,9 @@ class _Run:
     """State of one :func:`run_inference` call (kept small: the stages are its methods)."""
 
     def __init__(self, engine: Engine, options: InferOptions, progress: Callable[[int], None] | None,
-                 on_error: Callable[[str], None] | None) -> None:
+                 on_error: Callable[[str], None] | None, on_warning: Callable[[str], None] | None = None) -> None:
+        from resunetpp.input_checks import InputWarner
+
         self.engine = engine
         self.opt = options
         self.pre: Preprocessing = engine.preprocessing
@@ -228,6 +231,9 @@ class _Run:
         self.inferred = 0
         self.model_seconds = 0.0
         self.writes: deque[tuple[_Loaded, Future]] = deque()
+        self.input_warner = InputWarner(on_warning or (lambda line: None), engine.preprocessing.channels,
+                                        enabled=options.input_warnings and on_warning is not None,
+                                        silence_hint="; --no-input-warnings silences it")
 
     def fail(self, origin: Any, message: str) -> None:
         self.failures.append(InferFailure(origin, message))
@@ -258,6 +264,7 @@ class _Run:
 
     def load(self, item: Item) -> _Loaded:
         image = item.load(self.pre.channels)
+        self.input_warner.check(item.origin, image)
         try:
             x = self.pre.apply(image)
         except ValueError as e:
@@ -344,14 +351,16 @@ class _Run:
 def run_inference(engine: Engine, source: Source, options: InferOptions, *,
                   progress: Callable[[int], None] | None = None,
                   on_error: Callable[[str], None] | None = None,
-                  on_wait: Callable[[str], None] | None = None, lock: bool = True) -> InferResult:
+                  on_wait: Callable[[str], None] | None = None, lock: bool = True,
+                  on_warning: Callable[[str], None] | None = None) -> InferResult:
     """Segment the items of ``source`` with a loaded ``engine``, writing ``<key>_mask.png`` etc.
 
     ``source`` is a :class:`~resunetpp.sources.Source`: :func:`~resunetpp.sources.open_source`
     over command-line inputs, or e.g. ``ImageFiles(paths)`` (:mod:`resunetpp.sources.images`) for
     these exact files, repeats kept. The caller closes it. ``progress(n)`` is called as images
     finish (written or failed); ``on_error(line)`` once per failed image with a one-line message
-    naming it; ``on_wait(line)`` once if another infer holds ``--out`` (this one waits for it).
+    naming it; ``on_wait(line)`` once if another infer holds ``--out`` (this one waits for it);
+    ``on_warning(line)`` once for the first grayscale or tiny image (``options.input_warnings``).
     Engine problems other than a non-finite prediction (a wrong input size for a static engine,
     a runtime error) raise, and so does an output that would be written over an input file.
     ``lock=False``: the caller already holds ``--out`` (:func:`claim_output_folder`), as the Ray
@@ -364,7 +373,7 @@ def run_inference(engine: Engine, source: Source, options: InferOptions, *,
     with claim_output_folder(options.out, on_wait) if lock else contextlib.nullcontext():
         make_output_folder(options.out)
         start = time.perf_counter()
-        run = _Run(engine, options, progress, on_error)
+        run = _Run(engine, options, progress, on_error, on_warning)
         run.run(source)
         return InferResult(run.images, run.written, run.failures, run.inferred, run.model_seconds,
                            time.perf_counter() - start, engine.describe())
@@ -386,7 +395,8 @@ def infer_path(model: str | Path, inputs: Sequence[str | Path], options: InferOp
                | None = None,
                on_error: Callable[[str], None] | None = None,
                on_wait: Callable[[str], None] | None = None,
-               other_outputs: Sequence[str | Path] = ()) -> InferResult:
+               other_outputs: Sequence[str | Path] = (),
+               on_warning: Callable[[str], None] | None = None) -> InferResult:
     """Open ``inputs`` with :func:`~resunetpp.sources.open_source`, ``model`` with
     :func:`engines.open`, and run :func:`run_inference`.
 
@@ -404,7 +414,8 @@ def infer_path(model: str | Path, inputs: Sequence[str | Path], options: InferOp
         with engines.open(model, backend=backend, device=device, **(engine_options or {})) as engine:
             advance, finish = progress_factory(source.count) if progress_factory else (None, lambda: None)
             try:
-                return run_inference(engine, source, options, progress=advance, on_error=on_error, on_wait=on_wait)
+                return run_inference(engine, source, options, progress=advance, on_error=on_error, on_wait=on_wait,
+                                     on_warning=on_warning)
             finally:
                 finish()
 
@@ -413,8 +424,9 @@ def summary_table(result: InferResult, title: str = "inference"):
     """A rich table: images, written, failed, model-only and end-to-end images/s."""
     from rich.table import Table
 
-    e = result.engine
-    table = Table(title=f"{title}: {e.get('backend', '?')} on {e.get('device', '?')} ({e.get('precision', '?')})",
+    from resunetpp.engines.base import engine_line
+
+    table = Table(title=f"{title}: {engine_line(result.engine)}",
                   title_justify="left")
     for name in ("images", "written", "failed", "model-only img/s", "end-to-end img/s"):
         table.add_column(name, justify="right")

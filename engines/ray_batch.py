@@ -435,8 +435,9 @@ def summary_table(result: RayBatchResult, title: str = "inference on Ray"):
     model-only rate is per worker: engine time is summed over the workers)."""
     from rich.table import Table
 
-    e = result.engine
-    table = Table(title=f"{title}: {e.get('backend', '?')} on {e.get('device', '?')} ({e.get('precision', '?')}), "
+    from resunetpp.engines.base import engine_line
+
+    table = Table(title=f"{title}: {engine_line(result.engine)}, "
                         f"Ray {result.address}, {result.workers} worker(s)", title_justify="left")
     for name in ("images", "skipped", "written", "failed", "model-only img/s", "end-to-end img/s"):
         table.add_column(name, justify="right")

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from resunetpp.checkpoint import file_sha256
 from resunetpp.data import list_images, read_split, resolve_split
 from resunetpp.errors import InputFileError, ResUNetError
 from resunetpp.imageio import read_image, read_mask
@@ -142,6 +141,8 @@ def select_images(path: str | Path, split: str | None = None, count: int | None 
     if count is not None and count < available:
         keep = sorted(random.Random(SAMPLE_SEED).sample(range(available), count))
         paths, masks = [paths[i] for i in keep], [masks[i] for i in keep]
+    from resunetpp.checkpoint import file_sha256  # lazily: choosing images needs no torch
+
     hashes = tuple(file_sha256(p) for p in paths)
     return ImageSet(role, path, str(split) if split is not None else None, tuple(paths), tuple(masks),
                     hashes, available)

@@ -154,6 +154,16 @@ def export_precisions() -> tuple[Precision, ...]:
     return _PRECISIONS
 
 
+def declared_names() -> tuple[str, ...]:
+    """The format names the ``<name>_format.py`` modules declare, read from the module names without
+    importing them (they import torch and the runtimes): what ``--help`` lists. A test keeps it
+    equal to the registry (:func:`format_names`), which the command itself checks against."""
+    import resunetpp.export as package
+
+    return tuple(sorted(m.name[: -len("_format")] for m in pkgutil.iter_modules(package.__path__)
+                        if m.name.endswith("_format")))
+
+
 def format_names() -> tuple[str, ...]:
     return tuple(f.name for f in export_formats())
 

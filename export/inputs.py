@@ -52,8 +52,12 @@ def image_sets(options: ExportOptions, need_eval: bool) -> tuple[cal.ImageSet | 
         ev = cal.select_images(options.calib, options.eval_split or "val", options.eval_count, role="evaluation",
                                default_split=None)
     if need_eval and ev is None:
-        raise ResUNetError("INT8 accuracy is measured on held-out images: pass --eval DIR (or a --calib dataset "
-                           "root that has val.txt)")
+        where = f"{options.calib}: " if options.calib is not None else ""
+        why = ("is a plain image folder, so it holds no held-out images; "
+               if options.calib is not None and not (options.calib / "images").is_dir()
+               else "has no val.txt, so it holds no held-out images; " if options.calib is not None else "")
+        raise ResUNetError(f"{where}{why}INT8 accuracy is measured on held-out images: pass --eval DIR (or a "
+                           "--calib dataset root that has val.txt)")
     if calib is not None and ev is not None:
         cal.check_disjoint(calib, ev)
     return calib, ev

@@ -32,7 +32,7 @@ from pathlib import Path
 from resunetpp.artifact import INPUT_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, write_sidecar
 from resunetpp.atomic import atomic_path
 from resunetpp.errors import ResUNetError
-from resunetpp.model import SIZE_MULTIPLE
+from resunetpp.model_config import SIZE_MULTIPLE
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18

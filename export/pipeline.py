@@ -91,6 +91,7 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
         raise ResUNetError(f"{out}: --out exists and is not a folder")
     targets, skipped = _parse_targets(options, options.calib is not None)
     need_eval = any(get_precision(p).needs_calibration for _, p in targets)
+    calib, evaluation = image_sets(options, need_eval)  # a bad --calib / --eval is refused before --out exists
     make_output_folder(out)
     lock = OutLock(out, LOCK_NAME, what="export", on_wait=reporter.info)
     if lock.held:  # holding the lock, any work folder or temporary here was left by a killed export
@@ -100,7 +101,7 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
     try:
         run = ExportRun(replace(options, out=out), reporter, work)
         run.report.skipped = skipped
-        run.calib, run.eval = image_sets(options, need_eval)
+        run.calib, run.eval = calib, evaluation
         if run.calib is not None and len(run.calib) < cal.MIN_CALIB_COUNT:
             run.warn(f"calibration set has {len(run.calib)} images; at least {cal.MIN_CALIB_COUNT} are recommended "
                      f"({cal.DEFAULT_CALIB_COUNT} by default)")

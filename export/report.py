@@ -7,6 +7,7 @@ The pipeline talks to a :class:`Reporter` only; :class:`NullReporter` (library u
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -44,23 +45,52 @@ class NullReporter:
         self.notes.append(message)
 
 
+def format_seconds(seconds: float) -> str:
+    """``1:05`` / ``1:02:03``: a duration for a progress line."""
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Eta:
+    """Progress of ``total`` similar steps with the time left, from the mean step so far:
+    ``text()`` is ``3/12, ETA 1:05`` (just ``0/12`` before the first step ends)."""
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.clock, self.done = total, clock, 0
+        self.start = clock()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+
+    def text(self) -> str:
+        if self.done == 0:
+            return f"0/{self.total}"
+        left = (self.clock() - self.start) / self.done * max(0, self.total - self.done)
+        return f"{self.done}/{self.total}, ETA {format_seconds(left)}"
+
+
 class RichReporter:
     """rich progress bars (one per calibration / build / verification step) on ``console``."""
 
     def __init__(self, console: Console) -> None:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
+                                   TimeElapsedColumn, TimeRemainingColumn)
 
         self.console = console
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=console)
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.progress.tasks:
+            self.progress.stop()
+        else:  # nothing was shown: no blank line (rich's Progress.stop prints one off a terminal)
+            self.progress.live.transient = True
+            self.progress.live.stop()
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Advance]:

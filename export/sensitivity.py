@@ -90,6 +90,8 @@ class SensitivityReport:
     max_float_share: float | None = None
     #: groups skipped because they would have exceeded ``max_float_share``
     over_budget: list[str] = field(default_factory=list)
+    #: evaluation images the Dice was measured on (0: not recorded)
+    eval_images: int = 0
 
     def ranking(self) -> list[GroupSensitivity]:
         return sorted(self.groups, key=lambda g: (-g.drop, g.group))
@@ -156,12 +158,17 @@ def analyze(ev: Evaluator, base: QDQRecipe, depth: int = 2,
     """Quantize one module group at a time (the rest in float) and measure its Dice vs reference.
     With ``flops``, each row also carries the share of the model's FLOPs in the group's own nodes
     (a parent module's row, e.g. ``decoder1`` at depth 2, holds only the ops run directly in it)."""
+    from resunetpp.export.report import Eta
+
     rows = []
     own = flops.groups(depth) if flops is not None else None
-    for group, nodes in ev.groups(depth).items():
+    groups = ev.groups(depth)
+    eta = Eta(len(groups))
+    for group, nodes in groups.items():
         share = None if own is None else own.get(group, 0) / flops.total
         if progress:
-            progress(group)
+            progress(f"{group} ({eta.text()})")
+        eta.advance()
         others = tuple(n for n in ev.all_nodes if n not in set(nodes))
         recipe = replace(base, keep_nodes=tuple(sorted(set(base.keep_nodes) | set(others))))
         try:
@@ -320,6 +327,7 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
                                   flops=flops, max_float_share=o.max_float_share)
         finally:
             ev.close()
+    report.eval_images = len(evset)
     record = report.as_dict()
     record["checkpoint"] = {"path": str(o.checkpoint), "sha256": ckpt.sha256}
     record["gflop_per_image"] = flops.total / 1e9
@@ -330,28 +338,54 @@ def quantize_checkpoint(o: QuantizeOptions, progress: Callable[[str], None] | No
     return report
 
 
+#: A search on fewer evaluation images than this does not justify departing from the export default.
+MIN_TRUSTED_EVAL_IMAGES = 50
+
+
+def recommendation_warning(report: SensitivityReport) -> str | None:
+    """A warning when the groups the search keeps in float differ from the export default
+    (``DEFAULT_INT8_KEEP_MODULES``) and were chosen on fewer than :data:`MIN_TRUSTED_EVAL_IMAGES`
+    evaluation images: a Dice difference of a few thousandths between recipes is noise there."""
+    from resunetpp.export.quantize import DEFAULT_INT8_KEEP_MODULES
+
+    n = report.eval_images
+    if not n or n >= MIN_TRUSTED_EVAL_IMAGES or set(report.chosen) == set(DEFAULT_INT8_KEEP_MODULES):
+        return None
+    return (f"the search measured only {n} evaluation images; a keep-in-float set that differs from the export "
+            f"default (export.quantize.DEFAULT_INT8_KEEP_MODULES) needs at least {MIN_TRUSTED_EVAL_IMAGES} to be "
+            "trusted (pass --eval with more images, --eval-count 100)")
+
+
 def render(report: SensitivityReport):
-    """Rich renderables: the ranked sensitivity table and the search steps."""
+    """Rich renderables: the ranked sensitivity table and the search steps. Group names are never
+    cut; groups in which the recipe inserted no Q/DQ (nothing to quantize) are one line under the
+    ranking instead of a row each."""
     from rich.table import Table
 
     def pct(share: float | None) -> str:
         return "-" if share is None else f"{100 * share:.1f}"
 
-    t = Table(title="INT8 sensitivity: only this group quantized (rest in float)")
-    for col in ("rank", "group", "nodes", "FLOPs %", "Dice vs ref (mean)", "Dice vs ref (min)", "drop"):
-        t.add_column(col, justify="right" if col not in ("group",) else "left")
-    for i, g in enumerate(report.ranking(), 1):
-        if g.dice_mean is None:
-            t.add_row(str(i), g.group, str(g.nodes), pct(g.flops_share), "-", "-", g.note[:40] or "-")
-        else:
-            t.add_row(str(i), g.group, str(g.nodes), pct(g.flops_share), f"{g.dice_mean:.4f}", f"{g.dice_min:.4f}",
-                      f"{g.drop:.4f}")
+    ranked = report.ranking()
+    empty = [g.group for g in ranked if g.dice_mean is None]
+    measured = [g for g in ranked if g.dice_mean is not None]
+    caption = (f"no Q/DQ inserted (nothing the recipe quantizes), not ranked: {', '.join(empty)}" if empty else None)
+    from rich import box
+
+    t = Table(title="INT8 sensitivity: only this group quantized (rest in float); mean, min: Dice vs the FP32 "
+                    "reference", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False)
+    for col in ("#", "group", "nodes", "FLOPs%", "mean", "min", "drop"):  # names and numbers whole at 80 columns
+        t.add_column(col, justify="left" if col == "group" else "right", no_wrap=True)
+    for i, g in enumerate(measured, 1):
+        t.add_row(str(i), g.group, str(g.nodes), pct(g.flops_share), f"{g.dice_mean:.4f}", f"{g.dice_min:.4f}",
+                  f"{g.drop:.4f}")
     budget = ("" if report.max_float_share is None
               else f", float budget {100 * report.max_float_share:g}% of the FLOPs")
     s = Table(title=f"Mixed precision search (goal: mean >= {report.goal.mean_dice}, "
                     f"min >= {report.goal.min_dice}{budget})")
-    for col in ("kept in float", "float FLOPs %", "Dice vs ref (mean)", "Dice vs ref (min)", "mean |dp|", "goal"):
-        s.add_column(col)
+    s.add_column("kept in float", overflow="fold")  # wraps between names, never cuts one
+    for col in ("float FLOPs %", "Dice mean", "Dice min", "mean |dp|", "goal"):
+        s.add_column(col, no_wrap=True)
     for st in report.steps:
         s.add_row(", ".join(st.kept_in_float) or "(none)", pct(st.float_flops_share), f"{st.dice_mean:.4f}",
                   f"{st.dice_min:.4f}", f"{st.abs_error_mean:.4f}", "met" if st.goal_met else "-")

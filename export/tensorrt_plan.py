@@ -25,7 +25,7 @@ from pathlib import Path
 from resunetpp.export.onnx_graph import ShapeSpec
 from resunetpp.artifact import INPUT_NAME
 from resunetpp.errors import ResUNetError
-from resunetpp.model import SIZE_MULTIPLE
+from resunetpp.model_config import SIZE_MULTIPLE
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Builder workspace (MiB) and the profile's largest batch, by default.

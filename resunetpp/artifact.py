@@ -23,7 +23,7 @@ from pathlib import Path
 
 from resunetpp.atomic import write_json_atomic
 from resunetpp.errors import InputFileError, RecordFieldError
-from resunetpp.model import MAX_CLASSES, MAX_INPUT_SIZE, input_size_problem, model_config_problem
+from resunetpp.model_config import MAX_CLASSES, MAX_INPUT_SIZE, input_size_problem, model_config_problem
 from resunetpp.preprocess import preprocessing_problem
 
 INPUT_NAME = "images"

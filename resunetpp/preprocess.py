@@ -18,12 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from resunetpp.errors import RecordFieldError
-from resunetpp.model import MAX_INPUT_SIZE, SIZE_MULTIPLE, input_size_problem
+from resunetpp.model_config import MAX_INPUT_SIZE, SIZE_MULTIPLE, input_size_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -186,6 +184,9 @@ class Preprocessing:
             return np.ascontiguousarray(probs[:, :height, :width])
         if probs.shape[-2:] == (height, width):
             return probs
+        import torch  # lazily: reading records and preprocessing need no torch
+        import torch.nn.functional as F
+
         t = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
         return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0].numpy()
 

@@ -72,7 +72,7 @@ class TrainConfig:
 
 def check_train_config(cfg: TrainConfig, resume: bool = False) -> None:
     """Refuse impossible settings with one line each, before any data is read."""
-    from resunetpp.model import input_size_problem
+    from resunetpp.model_config import input_size_problem
 
     problems = []
     for name in ("epochs", "batch_size", "num_classes", "val_every", "workers"):

@@ -100,7 +100,8 @@ def test_evaluate_prints_a_table_and_writes_json(tmp_path: Path, blob_dataset: P
     assert result.exit_code == 0, result.output
     assert "Dice" in result.stdout and "recall" in result.stdout
     scores = json.loads(out.read_text())
-    assert list(scores) == ["n", "dice", "iou", "precision", "recall", "images"]
+    assert list(scores) == ["n", "dice", "iou", "precision", "recall", "images", "engine"]
+    assert scores["engine"]["backend"] == "torch" and scores["engine"]["precision"] == "fp32"
     assert scores["n"] == 2 and len(scores["images"]) == 2
     assert f"{scores['dice']:.4f}" in result.stdout
     assert not list(out.parent.glob("*.partial"))

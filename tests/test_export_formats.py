@@ -162,3 +162,8 @@ def test_run_export_runs_a_new_format_step(fake_format, tmp_path):
     listed = json.loads((out / "export_report.json").read_text())["artifacts"]
     assert [(a["format"], a["path"]) for a in listed] == [("fake", str(files[0]))]
     assert not (out / "model_fp32.onnx").exists()  # the FP32 ONNX was built as the source, not written
+
+
+def test_help_names_come_from_the_format_modules_without_importing_them():
+    """``--help`` lists ``declared_names()`` (module names, nothing imported); the registry must agree."""
+    assert set(formats.declared_names()) == set(formats.format_names())

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+from resunetpp.model_config import positive_int  # noqa: F401 - shared with ModelConfig
 
 
 def tracing() -> bool:
