@@ -209,7 +209,8 @@ def test_evaluate_a_checkpoint_on_synthetic_data(tmp_path: Path, blob_dataset: P
     ckpt = tiny_checkpoint(tmp_path / "m.safetensors")
     result = evaluate_path(ckpt, blob_dataset, "val", batch_size=2, device="cpu")
     d = result.as_dict()
-    assert list(d) == ["n", "dice", "iou", "precision", "recall", "images"]
+    assert list(d) == ["n", "dice", "iou", "precision", "recall", "images", "engine"]
+    assert (d["engine"]["backend"], d["engine"]["device"]) == ("torch", "cpu")  # what ran is recorded
     assert d["n"] == 2 and [r["image"] for r in d["images"]] == ["img006", "img007"]
     for key in ("dice", "iou", "precision", "recall"):
         assert 0.0 <= d[key] <= 1.0
@@ -246,7 +247,7 @@ def test_evaluate_on_kvasir_images(tmp_path: Path, kvasir_root: Path) -> None:
     result = evaluate_path(ckpt, root, "few", batch_size=2, device="cpu")
     assert result.n == 3 and [r["image"] for r in result.rows] == stems[:3]
     d = result.as_dict()
-    assert set(d) == {"n", "dice", "iou", "precision", "recall", "images"}
+    assert set(d) == {"n", "dice", "iou", "precision", "recall", "images", "engine"}
     assert all(0.0 <= d[k] <= 1.0 for k in ("dice", "iou", "precision", "recall"))
     assert all(set(r) == {"image", "dice", "iou", "precision", "recall"} for r in d["images"])
 
