@@ -143,3 +143,14 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def write_json_report(path, data: dict, what: str = "report") -> None:
+    """``--json PATH``: ``data`` written atomically, or one line naming the file (a ResUNetError)."""
+    from resunetpp.atomic import write_json_atomic
+    from resunetpp.errors import ResUNetError
+
+    try:
+        write_json_atomic(path, data)
+    except OSError as e:
+        raise ResUNetError(f"{path}: cannot write the {what} ({e.strerror or e})") from None

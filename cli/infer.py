@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from resunetpp.cli.common import app, choice_enum, engine_options as _infer_engine_options, fail, next_run_folder, \
-    sigterm_as_interrupt
+    sigterm_as_interrupt, write_json_report
 from resunetpp.errors import ResUNetError
 from resunetpp import engines
 from resunetpp.engines.infer import PROBS_DTYPES
@@ -61,7 +61,6 @@ def infer_command(
     """Segment images with any engine; write masks at the original resolution."""
     from rich.console import Console
 
-    from resunetpp.atomic import write_json_atomic
     from resunetpp.defaults import default_model_path
     from resunetpp.engines.infer import InferOptions, infer_path, summary_table
 
@@ -114,10 +113,7 @@ def infer_command(
                                        engine_options=engine_options, progress_factory=progress, on_error=report,
                                        on_wait=lambda line: typer.echo(line, err=True))
         if json_path is not None:
-            try:
-                write_json_atomic(json_path, result.as_dict())
-            except OSError as e:
-                raise ResUNetError(f"{json_path}: cannot write the summary ({e.strerror or e})") from None
+            write_json_report(json_path, result.as_dict(), "summary")
     except ResUNetError as e:
         fail(e)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: finished masks are kept, nothing half-written

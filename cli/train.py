@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from resunetpp.cli.common import app, choice_enum, engine_options, fail, sigterm_as_interrupt
+from resunetpp.cli.common import app, choice_enum, engine_options, fail, sigterm_as_interrupt, write_json_report
 from resunetpp.defaults import TORCH_DEVICES
 from resunetpp import engines
 from resunetpp.errors import ResUNetError
@@ -91,7 +91,6 @@ def evaluate(
     """Mean Dice, IoU, precision and recall, per image at the original mask resolution, through any backend."""
     from rich.console import Console
 
-    from resunetpp.atomic import write_json_atomic
     from resunetpp.defaults import default_data_path, default_model_path
     from resunetpp.engines.evaluate import evaluate_path, results_table, worst_table
 
@@ -108,10 +107,7 @@ def evaluate(
                                show_progress=sys.stderr.isatty(), backend=backend.value,
                                engine_options=engine_options(engine_option or []), overlay_dir=overlay)
         if json_path is not None:
-            try:
-                write_json_atomic(json_path, result.as_dict())
-            except OSError as e:
-                raise ResUNetError(f"{json_path}: cannot write the report ({e.strerror or e})") from None
+            write_json_report(json_path, result.as_dict(), "report")
     except ResUNetError as e:
         fail(e)
     console = Console()
