@@ -103,6 +103,30 @@ def tiny_checkpoint(path: Path, config: ModelConfig = TINY, size: int = 32, seed
     return save_checkpoint(ckpt, path, dtype=dtype)
 
 
+def fitted_checkpoint(data: Path, path: Path, *, steps: int = 15, size: int = 32,
+                      class_name: str = "polyp") -> Path:
+    """A tiny model fitted for ``steps`` Adam steps on 8 images of ``data``'s train split, so its
+    masks are meaningful (INT8 passes its gate on it); saved as a checkpoint at ``path``."""
+    from resunetpp.data import SegmentationDataset
+
+    torch.manual_seed(0)
+    config = ModelConfig(filters=(4, 8, 8, 16), bridge=16, se_reduction=4)
+    pre = Preprocessing(size=(size, size))
+    xs, ys = [], []
+    for _, img, mask in SegmentationDataset(data, "train"):
+        xs.append(pre.apply(img))
+        ys.append(np.asarray(Image.fromarray(mask * 255).resize((size, size), Image.NEAREST)) > 127)
+    x = torch.from_numpy(np.stack(xs[:8]))
+    y = torch.from_numpy(np.stack(ys[:8])[:, None].astype(np.float32))
+    model = ResUNetPlusPlus(config)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+    return save_checkpoint(Checkpoint(config, model.eval().state_dict(), pre, [class_name], {"test": True}), path)
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path: Path) -> Path:
     return tiny_checkpoint(tmp_path / "tiny.safetensors")

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import fitted_checkpoint
 import resunetpp.export.onnx_graph as onnx_export
 from resunetpp.cli import app
 from resunetpp.export import calibration as cal
@@ -76,27 +77,6 @@ def _write_dataset(root: Path, n_train: int = 12, n_val: int = 6, seed: int = 0)
     return root
 
 
-def _train_checkpoint(root: Path, path: Path, steps: int = 15) -> Path:
-    """A tiny model fitted for a few Adam steps on the train split (masks become meaningful)."""
-    from resunetpp.data import SegmentationDataset
-
-    torch.manual_seed(0)
-    pre = Preprocessing(size=(SIZE, SIZE))
-    xs, ys = [], []
-    for _, img, mask in SegmentationDataset(root, "train"):
-        xs.append(pre.apply(img))
-        ys.append(np.asarray(Image.fromarray(mask * 255).resize((SIZE, SIZE), Image.NEAREST)) > 127)
-    x = torch.from_numpy(np.stack(xs[:8]))
-    y = torch.from_numpy(np.stack(ys[:8])[:, None].astype(np.float32))
-    model = ResUNetPlusPlus(CONFIG)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
-        opt.step()
-    return save_checkpoint(Checkpoint(CONFIG, model.eval().state_dict(), pre, ["blob"], {"test": True}), path)
-
-
 _EXPORT_CACHE: dict = {}
 _REAL_EXPORT = onnx_export.export_onnx
 
@@ -119,7 +99,7 @@ def _memoised_exporter(monkeypatch):
 def workspace(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("export")
     data = _write_dataset(base / "data")
-    ckpt = _train_checkpoint(data, base / "tiny.safetensors")
+    ckpt = fitted_checkpoint(data, base / "tiny.safetensors", class_name="blob")
     black = base / "black"
     black.mkdir()
     for i in range(12):

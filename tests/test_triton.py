@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_dataset
+from conftest import fitted_checkpoint, make_dataset
 from resunetpp import engines
 from resunetpp.artifact import sidecar_path, write_sidecar
 from resunetpp.checkpoint import Checkpoint, save_checkpoint
@@ -41,26 +41,6 @@ SIZE = 32
 EXPECTED = {("onnx", p) for p in ("fp32", "fp16", "int8")} | {("openvino", p) for p in ("fp32", "fp16", "int8")}
 
 
-def _trained_checkpoint(data: Path, path: Path) -> Path:
-    """A tiny model fitted for a few Adam steps (its masks are meaningful, so INT8 passes its gate)."""
-    torch.manual_seed(0)
-    config = ModelConfig(filters=(4, 8, 8, 16), bridge=16, se_reduction=4)
-    pre = Preprocessing(size=(SIZE, SIZE))
-    xs, ys = [], []
-    for _, img, mask in SegmentationDataset(data, "train"):
-        xs.append(pre.apply(img))
-        ys.append(np.asarray(Image.fromarray(mask * 255).resize((SIZE, SIZE), Image.NEAREST)) > 127)
-    x = torch.from_numpy(np.stack(xs[:8]))
-    y = torch.from_numpy(np.stack(ys[:8])[:, None].astype(np.float32))
-    model = ResUNetPlusPlus(config)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(15):
-        opt.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
-        opt.step()
-    return save_checkpoint(Checkpoint(config, model.eval().state_dict(), pre, ["polyp"], {"test": True}), path)
-
-
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
     pytest.importorskip("openvino")
@@ -68,7 +48,7 @@ def export_dir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("triton")
     data = make_dataset(root / "data", 18, 40, splits={"train": list(range(12)), "val": list(range(12, 18))})
-    ckpt = _trained_checkpoint(data, root / "tiny.safetensors")
+    ckpt = fitted_checkpoint(data, root / "tiny.safetensors")
     report = run_export(ExportOptions(ckpt, root / "export", formats=("onnx", "openvino"), calib=data))
     assert {(a.format, a.precision) for a in report.artifacts if a.written} == EXPECTED
     return root / "export"
@@ -277,7 +257,7 @@ def test_export_format_triton_packages_what_the_same_export_verified(tmp_path: P
     fmt = next(f for f in export_formats() if f.name == "triton")
     assert not fmt.default and fmt.order > max(f.order for f in export_formats() if f.name != "triton")
     data = make_dataset(tmp_path / "data", 8, 40, splits={"train": list(range(4)), "val": list(range(4, 8))})
-    ckpt = _trained_checkpoint(data, tmp_path / "tiny.safetensors")
+    ckpt = fitted_checkpoint(data, tmp_path / "tiny.safetensors")
     out = tmp_path / "out"
     runner = CliRunner()
     fast = ["--static-size", "--batch", "1", "--no-simplify", "-p", "fp32", "--eval", str(data)]
