@@ -617,6 +617,17 @@ class FrameSource:
         self.close()
 
 
+def _warm_up(engine: Engine, height: int, width: int, threshold: float) -> None:
+    """One pass of every stage on a blank frame: a runtime's first call, torch's first resize and the
+    palette's matplotlib import are slow, and would otherwise stall the first live frames."""
+    pre = engine.preprocessing
+    blank = np.zeros((height, width, pre.channels), np.uint8)
+    probs = engine.predict(pre.apply(blank)[None])[0]
+    mask = probs_to_mask(pre.restore(probs, height, width), threshold)
+    mask[: max(1, height // 4), : max(1, width // 4)] = 1
+    overlay_frame(blank, mask, engine.num_classes)
+
+
 def open_frames(source: str, **kwargs: Any) -> FrameSource:
     """:class:`FrameSource` over ``source`` (a camera index, a URL or a file)."""
     return FrameSource(source, **kwargs)
@@ -648,8 +659,7 @@ def stream_source(source: str, model: str | Path, options: StreamOptions, *, bac
             if options.out is not None:
                 make_output_folder(options.out.parent, "--out")
             engine.load()
-            if resize_to is not None:  # a runtime's first call is slow: not on a live frame
-                engine.predict(np.zeros((1, pre.channels, *resize_to), np.float32))
+            _warm_up(engine, frames.height, frames.width, options.threshold)
             server = None
             if serve_port is not None:
                 server = MjpegServer(serve_port, serve_host or DEFAULT_HOST,
