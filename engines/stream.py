@@ -663,7 +663,8 @@ def stream_source(source: str, model: str | Path, options: StreamOptions, *, bac
             server = None
             if serve_port is not None:
                 server = MjpegServer(serve_port, serve_host or DEFAULT_HOST,
-                                     title=f"{frames.name} | {Path(str(model)).name}").start()
+                                     title=f"{frames.name if frames.kind != 'file' else Path(frames.name).name} | "
+                                           f"{Path(str(model)).name}").start()
             try:
                 if on_ready is not None:
                     on_ready(f"streaming {frames.name} ({frames.width}x{frames.height}"

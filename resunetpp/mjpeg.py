@@ -66,7 +66,7 @@ def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image, "RGB").save(buffer, "JPEG", quality=quality)
+    Image.fromarray(image, "RGB").save(buffer, "JPEG", quality=quality, subsampling=0)  # 4:4:4: crisp outlines
     return buffer.getvalue()
 
 
