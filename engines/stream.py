@@ -420,7 +420,7 @@ class StreamRun:
                     break
                 image = work.frame.image
                 h, w = image.shape[:2]
-                mask = probs_to_mask(self.pre.restore(work.probs, h, w), self.opt.threshold)
+                mask = self._mask(work.probs, h, w)
                 work.probs = None
                 work.overlay = overlay_frame(image, mask, self.num_classes)
                 if self.size is None:
@@ -433,6 +433,14 @@ class StreamRun:
                     break
         finally:
             self.to_encode.put(_END)
+
+    def _mask(self, probs: np.ndarray, height: int, width: int) -> np.ndarray:
+        """The mask at the frame's size, as ``infer`` computes it (restore, then threshold). A one-class
+        frame whose probabilities are all below the threshold needs no restoring: a bilinear resize
+        is a convex combination of them, so no restored pixel can pass it (no polyp: the usual frame)."""
+        if probs.shape[0] == 1 and float(probs.max()) < self.opt.threshold - 1e-6:
+            return np.zeros((height, width), np.uint8)
+        return probs_to_mask(self.pre.restore(probs, height, width), self.opt.threshold)
 
     def _encode(self) -> None:
         while True:
@@ -529,12 +537,13 @@ def run_stream(engine: Engine, frames: Iterable[Any], options: StreamOptions, *,
     finally:
         run.stop()
         close = getattr(frames, "close", None)
-        if close is not None:  # wakes a pump waiting for the next frame of a live source
-            close()
-        run.join(timeout=30)
         pump = run._threads[0] if run._threads else None
-        if pump is not None:
-            pump.join(timeout=2.0)
+        for step in (close, lambda: run.join(timeout=30), lambda: pump.join(timeout=2.0) if pump else None):
+            try:
+                if step is not None:
+                    step()  # close() wakes a pump waiting for the next frame of a live source
+            except KeyboardInterrupt:  # another Ctrl-C while stopping: keep stopping, the file still closes
+                run.interrupted = True
         result = run.finish()
     if run.errors:
         raise run.errors[0]

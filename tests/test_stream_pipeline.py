@@ -269,3 +269,14 @@ def test_absent_camera_is_one_line_and_exit_1(tiny_ckpt):
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == ["error: camera 7: not found (OpenCV cannot open /dev/video7: no such camera, or it is in use)"]
+
+
+def test_mask_is_what_infer_computes_and_an_empty_frame_skips_the_resize():
+    engine = FakeEngine()
+    run = StreamRun(engine, [], StreamOptions(threshold=0.5))
+    pre = engine.preprocessing
+    rng = np.random.default_rng(5)
+    for probs in (rng.random((1, 32, 32), dtype=np.float32), np.full((1, 32, 32), 0.2, np.float32),
+                  np.pad(np.full((1, 2, 2), 0.51, np.float32), ((0, 0), (15, 15), (15, 15)))):
+        expected = (pre.restore(probs, 50, 70)[0] > 0.5).astype(np.uint8)
+        assert np.array_equal(run._mask(probs, 50, 70), expected)
