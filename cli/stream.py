@@ -71,7 +71,7 @@ def stream_command(
         from rich.live import Live
         from rich.text import Text
 
-        live = Live(Text("stream: starting"), console=err_console, refresh_per_second=2, transient=True)
+        live = Live(Text("stream: opening the source, loading the model"), console=err_console, refresh_per_second=2, transient=True)
     tick = (lambda snap: live.update(Text(live_text(snap)))) if live is not None else None
     try:
         if model == "default":
