@@ -99,7 +99,8 @@ def stream_command(
     except KeyboardInterrupt:  # before frames flowed (while loading); a running stream returns its summary
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
-    Console().print(summary_table(result, title=Path(source).name if "://" not in source else source))
+    shown = result.source if "://" in result.source or result.source.startswith("camera ") else Path(result.source).name
+    Console().print(summary_table(result, title=shown))
     if result.warning:
         typer.echo(f"warning: {result.warning}", err=True)
     if result.out:

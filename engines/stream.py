@@ -105,6 +105,9 @@ class StreamStats:
         self.output_times: deque[float] = deque()
         self.first_output: float | None = None
         self.last_output: float | None = None
+        #: Frames the source itself decoded and discarded before the pipeline took them (a camera
+        #: cannot wait): counted as decoded and dropped.
+        self.source_dropped: Callable[[], int] = lambda: 0
 
     def add(self, **counts: int) -> None:
         with self._lock:
@@ -137,8 +140,9 @@ class StreamStats:
             span = min(RATE_WINDOW_S, now - self.started)
             fps = len(times) / span if span > 0 else 0.0
             p50 = _percentile(self.recent, 50)
-            return {"frames_decoded": self.decoded, "frames_inferred": self.inferred,
-                    "frames_dropped": self.dropped, "frames_failed": self.failed, "frames_output": self.output,
+            early = self.source_dropped()
+            return {"frames_decoded": self.decoded + early, "frames_inferred": self.inferred,
+                    "frames_dropped": self.dropped + early, "frames_failed": self.failed, "frames_output": self.output,
                     "fps": round(fps, 2), "latency_p50_ms": None if p50 is None else round(p50 * 1e3, 1),
                     "seconds": round(now - self.started, 2)}
 
@@ -340,6 +344,7 @@ class StreamRun:
         self.pre = engine.preprocessing
         self.num_classes = engine.num_classes
         self.stats = StreamStats(options.latency_window)
+        self.stats.source_dropped = lambda: int(getattr(frames, "dropped", 0) or 0)
         self.stopping = threading.Event()  # stop taking frames (Ctrl-C, --frames, end, an error)
         self.abort = threading.Event()  # stop everything now (an error in a stage)
         self.mailbox = _Mailbox(options.drop, options.queue_size, self.stopping)
@@ -494,9 +499,10 @@ class StreamRun:
             fps = (s.output - 1) / (s.last_output - s.first_output)
         elif s.output == 1:
             fps = 1.0 / max(float(latencies[0]), 1e-9)
+        early = s.source_dropped()
         return StreamResult(
-            source=self.source, drop=self.opt.drop, frames_decoded=s.decoded, frames_inferred=s.inferred,
-            frames_dropped=s.dropped, frames_failed=s.failed, frames_output=s.output,
+            source=self.source, drop=self.opt.drop, frames_decoded=s.decoded + early, frames_inferred=s.inferred,
+            frames_dropped=s.dropped + early, frames_failed=s.failed, frames_output=s.output,
             seconds=time.perf_counter() - s.started, fps=fps,
             latency_p50_ms=float(np.percentile(latencies, 50) * 1e3) if latencies.size else None,
             latency_p99_ms=float(np.percentile(latencies, 99) * 1e3) if latencies.size else None,
@@ -577,8 +583,10 @@ class FrameSource:
         if loop and self.kind != "file":
             raise ResUNetError(f"{self.name}: --loop replays a file; a {self.kind} is live")
         self.loop = loop
+        self._dropped_before = 0  # by the readers of earlier --loop passes
         if index is not None:
             self.reader: Any = CameraReader(index, resize_to=resize_to)
+            self.name = self.reader.name  # "camera 0"
             self.fps = self.reader.fps
             self.width, self.height = self.reader.width, self.reader.height
         else:
@@ -592,6 +600,11 @@ class FrameSource:
 
         return VideoReader(self.name, resize_to=self.resize_to, realtime=self.realtime and self.kind == "file",
                            timeout=self.timeout, queue_size=4)
+
+    @property
+    def dropped(self) -> int:
+        """Frames the reader decoded and discarded itself (a camera's queue overflowing)."""
+        return int(getattr(self.reader, "dropped", 0) or 0) + self._dropped_before
 
     def files(self) -> list[Path]:
         """The files read (never written over)."""
@@ -613,6 +626,7 @@ class FrameSource:
             index_offset += last.index + 1
             pts_offset += last.pts_s + (1.0 / self.fps if self.fps else 0.04)
             self.reader.close()
+            self._dropped_before += int(getattr(self.reader, "dropped", 0) or 0)
             self.reader = self._open()
 
     def close(self) -> None:

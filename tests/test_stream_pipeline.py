@@ -280,3 +280,72 @@ def test_mask_is_what_infer_computes_and_an_empty_frame_skips_the_resize():
                   np.pad(np.full((1, 2, 2), 0.51, np.float32), ((0, 0), (15, 15), (15, 15)))):
         expected = (pre.restore(probs, 50, 70)[0] > 0.5).astype(np.uint8)
         assert np.array_equal(run._mask(probs, 50, 70), expected)
+
+
+class FakeCapture:
+    """cv2.VideoCapture stand-in: a camera giving BGR frames (blue-ish, the index in pixel 0) at ~200 fps."""
+
+    opened: list[int] = []
+
+    def __init__(self, index, *args):
+        self.index = index
+        self.n = 0
+        self.released = False
+        FakeCapture.opened.append(index)
+
+    def isOpened(self):
+        return self.index == 0
+
+    def read(self):
+        time.sleep(0.005)
+        frame = np.zeros((48, 64, 3), np.uint8)
+        frame[..., 0] = 200  # B
+        frame[..., 2] = 10  # R
+        frame[0, 0] = (self.n % 256, 0, 0)
+        self.n += 1
+        return True, frame
+
+    def get(self, prop):
+        import cv2
+
+        return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
+
+    def release(self):
+        self.released = True
+
+
+def test_camera_reader_gives_rgb_frames_resized_in_its_thread(monkeypatch):
+    cv2 = pytest.importorskip("cv2")
+    from resunetpp.sources.camera import CameraReader, camera_index
+
+    assert (camera_index("0"), camera_index("12"), camera_index("clip.mp4"), camera_index("rtsp://x/0")) == \
+        (0, 12, None, None)
+    monkeypatch.setattr(cv2, "VideoCapture", FakeCapture)
+    with CameraReader(0, resize_to=(16, 24)) as camera:
+        assert (camera.width, camera.height, camera.fps) == (64, 48, 30.0)
+        frames = []
+        for frame in camera:
+            frames.append(frame)
+            if len(frames) == 5:
+                break
+    assert [f.index for f in frames] == sorted({f.index for f in frames})
+    assert all(b.pts_s > a.pts_s for a, b in zip(frames, frames[1:]))
+    image = frames[0].image
+    assert image.shape == (48, 64, 3) and tuple(image[5, 5]) == (10, 0, 200)  # RGB
+    assert frames[0].model_input.shape == (16, 24, 3) and tuple(frames[0].model_input[8, 8]) == (10, 0, 200)
+    assert camera._capture.released and not camera._thread.is_alive()
+
+
+def test_camera_stream_counts_every_frame(monkeypatch, tiny_ckpt, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    monkeypatch.setattr(cv2, "VideoCapture", FakeCapture)
+    from resunetpp.cli import app
+
+    summary = tmp_path / "s.json"
+    result = CliRunner().invoke(app, ["stream", "0", str(tiny_ckpt), "--frames", "15", "--drop", "none",
+                                      "--json", str(summary)])
+    assert result.exit_code == 0, result.output
+    s = json.loads(summary.read_text())
+    assert s["source"] == "camera 0" and s["source_fps"] == 30.0 and (s["width"], s["height"]) == (64, 48)
+    assert s["frames_inferred"] == 15
+    assert s["frames_decoded"] == s["frames_inferred"] + s["frames_dropped"]
