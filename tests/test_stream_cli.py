@@ -174,3 +174,29 @@ def test_interrupt_leaves_a_playable_overlay_video(clip, model, tmp_path, sig):
     assert len(frames) == s["frames_output"] > 0
     assert frames[0][1].shape == (HEIGHT, WIDTH, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_drop_latest_on_a_live_file_writes_inferred_frames_at_their_source_times(clip, model, tmp_path, monkeypatch):
+    """A model slower than the source (60 ms a frame against 40 ms): frames are dropped and counted,
+    and the overlay video holds the inferred ones at their own source times (not re-timed to 25 fps)."""
+    from resunetpp.engines.base import Engine
+
+    original = Engine.predict
+
+    def slow_predict(self, batch):
+        time.sleep(0.06)
+        return original(self, batch)
+
+    monkeypatch.setattr(Engine, "predict", slow_predict)
+    out, summary = tmp_path / "live.mp4", tmp_path / "s.json"
+    result = runner.invoke(app, ["stream", str(clip), str(model), "--realtime", "--drop", "latest", "--out", str(out),
+                                 "--json", str(summary)])
+    assert result.exit_code == 0, result.output
+    s = json.loads(summary.read_text())
+    assert s["frames_decoded"] == FRAMES == s["frames_inferred"] + s["frames_dropped"]
+    assert s["frames_dropped"] >= 3 and s["kept_up"] is False
+    times = [t for t, _ in decoded_frames(out)]
+    assert len(times) == s["frames_output"] == s["frames_inferred"]
+    slots = [round(t * 25, 3) for t in times]
+    assert all(slot == int(slot) for slot in slots)  # each at a source frame's time ...
+    assert slots == sorted(set(slots)) and slots[-1] > len(slots) - 1  # ... with the gaps of the dropped ones
