@@ -2,7 +2,7 @@
 
 Each command parses options, calls one library function and turns
 :class:`resunetpp.errors.ResUNetError` into a one-line message and exit code 1. One module per
-command group (``train``, ``export``, ``infer``, ``bench``, ``quantize``); their choices come from
+command group (``train``, ``export``, ``infer``, ``stream``, ``bench``, ``quantize``); their choices come from
 the library's tuples and registries (:func:`resunetpp.cli.common.choice_enum`), never from copies.
 """
 
@@ -16,6 +16,7 @@ if __name__ != "resunetpp.cli":  # the folder `cli/` installs as `resunetpp.cli`
 from resunetpp.cli import train  # noqa: E402,F401,I001
 from resunetpp.cli import export  # noqa: E402,F401
 from resunetpp.cli import infer  # noqa: E402,F401
+from resunetpp.cli import stream  # noqa: E402,F401
 from resunetpp.cli import bench  # noqa: E402,F401
 from resunetpp.cli import quantize  # noqa: E402,F401
 from resunetpp.cli.common import app  # noqa: E402
