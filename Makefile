@@ -39,6 +39,7 @@ test: install
 demo: install
 	$(VENV)/bin/resunetpp info
 	$(VENV)/bin/resunetpp bench --json runs/demo/bench.json --markdown runs/demo/bench.md --plot runs/demo/bench.png
+	$(VENV)/bin/resunetpp infer default resunetpp/sample_data/clip.mp4 --out runs/demo/video --save-masks
 
 # The shipped model in two stages, as it was made: 21 epochs from scratch, then 70 epochs of
 # fine-tuning from them (a new warm-up + cosine schedule), both on the 256 px cache. Each stage
