@@ -2,7 +2,8 @@
 #
 #   make install       .venv with torch==$(TORCH_VERSION) first, then the toolkit -e .[cpu,dev]
 #   make test          install, then the test suite
-#   make demo          install, then `resunetpp info` and `resunetpp bench` on the shipped model and images
+#   make demo          install, then `resunetpp info` and `resunetpp bench` on the shipped model and images,
+#                      and `resunetpp infer` on the sample clip (runs/demo/video)
 #   make train-kvasir  reproduce the shipped Kvasir-SEG model (needs ../shared/data/kvasir-seg)
 #   make clean         remove .venv and build leftovers
 #

@@ -397,3 +397,11 @@ def square(mask: np.ndarray) -> np.ndarray:
     from resunetpp.outputs import square_filter
 
     return square_filter(mask, 3, np.maximum)
+
+
+def test_without_pyav_video_input_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = make_clip(tmp_path / "c.mp4", n=2)
+    monkeypatch.setitem(__import__("sys").modules, "av", None)  # `import av` raises ImportError
+    for call in (lambda: video.probe(clip), lambda: video.VideoWriter(tmp_path / "o.mp4", 64, 48, 25)):
+        with pytest.raises(ResUNetError, match=r"pip install 'resunetpp\[video\]'"):
+            call()
