@@ -356,3 +356,36 @@ def test_the_sample_clip_is_small_real_and_25_fps() -> None:
     assert frames[0].mean() == pytest.approx(first.mean(), abs=12)  # the first sample image (borders aside)
     assert np.abs(frames[0].astype(int) - frames[2].astype(int)).mean() < 3  # held 3 frames
     assert np.abs(frames[0].astype(int) - frames[3].astype(int)).mean() > 10  # then the next image
+
+
+def test_ctrl_c_leaves_a_playable_overlay_and_a_matching_record(work: dict, tmp_path: Path) -> None:
+    """SIGINT in the middle of a video: exit 130, the overlay holds the frames finished so far and
+    plays to its end, ``frames.json`` lists exactly those frames (``complete`` false)."""
+    import signal
+    import time
+
+    frames = real_frames(8, 320, 240)
+    clip = write_clip(tmp_path / "long.mp4", [frames[i % 8] for i in range(400)])
+    out = tmp_path / "o"
+    env = {**os.environ, "CI": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "resunetpp", "infer", str(work["torch"]), str(clip), "--out",
+                             str(out), "--save-masks"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "long_masks").is_dir() and len(list((out / "long_masks").glob("*.png"))) >= 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    record = json.loads((out / "long_frames.json").read_text())
+    n = record["summary"]["frames"]
+    assert record["summary"]["complete"] is False and 20 <= n < 400
+    assert [f["index"] for f in record["frames"]] == list(range(n))
+    assert probe(out / "long_overlay.mp4").frames == n
+    with VideoReader(out / "long_overlay.mp4") as reader:
+        assert sum(1 for _ in reader) == n and reader.error is None
+    assert no_partials(out)
