@@ -18,8 +18,9 @@ One *row* is one backend at one precision and one batch size. For each row the h
    on the same images (:func:`end_to_end_rate`).
 
 Each row's rate is also given in GFLOP/s (the model's FLOPs per image x images/s) and, for rows
-whose convolutions run in one precision on the CPU (fp32, bf16), as a share of this CPU's peak at
-that precision, measured at the end of the run (:mod:`resunetpp.bench.peak`) rather than assumed.
+whose convolutions run in one precision on the CPU (fp32, bf16; OpenVINO int8), as a share of this
+CPU's peak at that precision, measured at the end of the run (:mod:`resunetpp.bench.peak`) rather
+than assumed.
 
 Combinations this machine cannot run are rows with status ``skipped`` and the reason.
 
@@ -645,9 +646,10 @@ def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None,
 
 
 def arithmetic_precision(row: BenchRow) -> str | None:
-    """The precision a CPU row's convolutions all run in (``f32``, ``bf16``), or ``None``: a GPU row,
-    INT8 (mixed with float layers) or ONNX Runtime fp16 (casts around unsupported kernels) -- as its
-    backend's bench options tell (``BenchSpec.arithmetic``)."""
+    """The precision a CPU row's convolutions run in (``f32``, ``bf16``, ``int8`` for OpenVINO INT8,
+    whose recipe keeps a few in float), or ``None``: a GPU row, ONNX Runtime INT8 (float convolutions
+    on dequantized values) or fp16 (casts around unsupported kernels) -- as its backend's bench
+    options tell (``BenchSpec.arithmetic``)."""
     backend = registry.find(row.backend)
     if backend is None or backend.bench.arithmetic is None:
         return None
@@ -657,22 +659,33 @@ def arithmetic_precision(row: BenchRow) -> str | None:
 def measure_peaks(rows: Sequence[BenchRow], threads: int | None, cpu_flags: dict, notes: list[str],
                   seconds: float = 3.0) -> dict[str, dict] | None:
     """The CPU's measured peaks (:func:`resunetpp.bench.peak.cpu_peaks`) when a measured row runs its
-    convolutions in f32/bf16 on the CPU and OpenVINO is installed; ``None`` otherwise."""
+    convolutions on the CPU in f32, bf16 or int8 (:func:`arithmetic_precision`) and OpenVINO is
+    installed; ``None`` otherwise. f32 is always measured then (the reference scale), bf16 where a
+    row needs it and the CPU computes it natively, int8 where an OpenVINO INT8 row ran."""
     wanted = {arithmetic_precision(r) for r in rows if r.ok} - {None}
     if not wanted or importlib.util.find_spec("openvino") is None:
         return None
-    from resunetpp.bench.peak import cpu_peaks
+    from resunetpp.bench.peak import cpu_peaks, peak_shapes
 
+    problems: dict[str, str] = {}
     try:
-        peaks = cpu_peaks(threads, bf16="bf16" in wanted and cpu_bf16_problem(cpu_flags) is None, seconds=seconds)
+        peaks = cpu_peaks(threads, bf16="bf16" in wanted and cpu_bf16_problem(cpu_flags) is None, seconds=seconds,
+                          int8="int8" in wanted, problems=problems)
     except Exception as e:  # noqa: BLE001 - the rows stand without it
         notes.append(f"the CPU peak could not be measured: {_one_line(e)}")
         return None
-    text = ", ".join(f"{p} {v['gflops']:.0f} GFLOP/s ({v['kernel']})" for p, v in peaks.items())
-    notes.append(f"peak: {text}, measured on this CPU at the end of the run (the fastest of three OpenVINO 3x3 "
-                 f"convolutions, {next(iter(peaks.values()))['threads']} threads); GFLOP/s (x%) = share of the peak "
-                 "at the row's precision (fp32, bf16 rows on the CPU); a whole model can come out slightly above "
-                 "one isolated layer's rate")
+    for p, why in problems.items():
+        notes.append(f"the CPU's {p} peak could not be measured: {why}")
+    if not peaks:
+        return None
+    text = ", ".join(f"{p} {v['gflops']:.0f} {v.get('unit', 'GFLOP/s')} ({v['kernel']}, {v['runtime_precision']})"
+                     for p, v in peaks.items())
+    notes.append(f"peak: {text}, measured on this CPU at the end of the run (the fastest of "
+                 f"{len(peak_shapes('f32'))} OpenVINO 3x3 convolutions, {len(peak_shapes('int8'))} for int8: u8 "
+                 f"activations x int8 weights; {next(iter(peaks.values()))['threads']} threads); GFLOP/s (x%) = share "
+                 "of the peak at the row's precision (fp32, bf16 rows on the CPU; OpenVINO int8 rows against the "
+                 "int8 peak, though the recipe keeps some convolutions in float); a whole model can come out "
+                 "slightly above one isolated layer's rate")
     return peaks
 
 
@@ -721,7 +734,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchR
     rows = sorted(rows + skipped, key=lambda r: (order[(r.backend, r.precision)], r.batch_size or 0))
     flops = model_flops(setup.ckpt, data.inputs[0].shape)
     notes += _standard_notes(settings)
-    with reporter.task("CPU peak (f32, bf16)"):
+    with reporter.task("CPU peak (f32, bf16, int8)"):
         peaks = measure_peaks(rows, options.threads, env["cpu"]["flags"], notes)
     notes += _contention_notes(rows)
     env["cpu_peak"] = peaks
@@ -836,7 +849,7 @@ def run_bench_files(files: Sequence[Path], options: BenchOptions, reporter: Repo
     notes += _standard_notes(settings)[1:]
     notes.insert(0, f"accuracy is measured once per file (batch {ACCURACY_BATCH}) against {reference.name} and "
                     "repeated in each batch-size row; dice_drop = 1 - Dice vs the reference mask")
-    with reporter.task("CPU peak (f32, bf16)"):
+    with reporter.task("CPU peak (f32, bf16, int8)"):
         peaks = measure_peaks(rows, options.threads, env["cpu"]["flags"], notes)
     notes += _contention_notes(rows)
     env["cpu_peak"] = peaks

@@ -107,6 +107,16 @@ def machine_line(result: BenchResult) -> str:
             f"threads: {threads if threads else 'runtime defaults'}")
 
 
+def peaks_line(result: BenchResult) -> str | None:
+    """The measured CPU peaks, one phrase each (``None`` when none was measured)."""
+    peaks = result.environment.get("cpu_peak") or {}
+    parts = [f"{name} {p['gflops']:.0f} {p.get('unit', 'GFLOP/s')} ({p.get('kernel')}"
+             + (f" in {p['runtime_precision']}" if p.get("runtime_precision") else "")
+             + f", conv {'x'.join(map(str, p.get('shape') or []))}, {p.get('threads')} threads)"
+             for name, p in peaks.items() if isinstance(p, dict) and p.get("gflops")]
+    return "; ".join(parts) or None
+
+
 def versions_line(result: BenchResult) -> str:
     versions = result.environment.get("versions") or {}
     return ", ".join(f"{k} {v}" for k, v in versions.items() if v)
@@ -230,6 +240,7 @@ def to_markdown(result: BenchResult) -> str:
              + (f", {settings['gflop_per_image']:.2f} GFLOP per image" if settings.get("gflop_per_image") else ""),
              f"- **machine**: {machine_line(result)}",
              f"- **versions**: {versions_line(result)}",
+             *([f"- **CPU peak**: {peaks_line(result)}"] if peaks_line(result) else []),
              f"- **evaluation**: {result.evaluation.get('count')} images of `{result.evaluation.get('source')}`"
              + (f" (split {result.evaluation.get('split')})" if result.evaluation.get("split") else ""),
              f"- **timing**: {settings['warmup_s']:g} s warm-up, {settings['duration_s']:g} s per measurement, "
@@ -346,7 +357,7 @@ def plot_figure(result: BenchResult):
     """The bench plot as a matplotlib Figure: speed-up over the reference (x) against Dice vs the
     reference (y), one point per backend and precision (its fastest batch size), labelled; colour
     is the backend and marker the precision, both in legends; dashed vertical lines where a row
-    would run at the CPU's measured peak (f32, bf16); the axes end just past the data."""
+    would run at the CPU's measured peak (f32, bf16, int8 in GOP/s); the axes end just past the data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -372,7 +383,7 @@ def plot_figure(result: BenchResult):
             if isinstance(peak, dict) and peak.get("gflops"):
                 at = peak["gflops"] / reference.gflops_per_s
                 ax.axvline(at, color="0.35", lw=0.8, ls="--", zorder=1)
-                ax.annotate(f"{name} peak ({peak['gflops']:.0f} GFLOP/s)", (at, 0), xycoords=("data", "axes fraction"),
+                ax.annotate(f"{name} peak ({peak['gflops']:.0f} {peak.get('unit', 'GFLOP/s')})", (at, 0), xycoords=("data", "axes fraction"),
                             rotation=90, fontsize=7, color="0.35", ha="right", va="bottom", xytext=(-2, 2),
                             textcoords="offset points")  # at the bottom: the rows near Dice 1 are at the top
                 xs.append(at)
