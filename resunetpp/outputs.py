@@ -76,6 +76,11 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: 
     return result
 
 
+def overlay_array(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.4) -> np.ndarray:
+    """:func:`overlay_image` as an ``(H, W, 3)`` uint8 array (a video frame to encode)."""
+    return np.asarray(overlay_image(image, mask, num_classes, alpha))
+
+
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
