@@ -1,4 +1,4 @@
-"""``infer``: segment images with any engine."""
+"""``infer``: segment images and video files with any engine."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _infer_progress(console):
 @app.command("infer")
 def infer_command(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint, .onnx, OpenVINO .xml or TensorRT .engine; 'default': the shipped model.")],
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders or quoted globs ('scans/**/*.png').")],
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders or quoted globs ('scans/**/*.png'); or video files (.mp4, .mkv, .avi, .mov, .webm ...): <stem>_overlay.mp4 and <stem>_frames.json each.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for <stem>_mask.png (and overlays, probabilities) [default: a new runs/infer/N].")] = None,
     backend: Annotated[InferBackend, typer.Option(help="auto: from the model's suffix.")] = InferBackend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N]; onnxruntime also tensorrt[:N]; openvino also gpu, npu.")] = "auto",
@@ -48,6 +48,7 @@ def infer_command(
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png (fill and contour over the image).")] = False,
     save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write <stem>_probs.npy (K, H, W) at the original size.")] = False,
     probs_dtype: Annotated[InferProbsDtype, typer.Option(help="dtype of the saved probabilities.")] = InferProbsDtype.float16,
+    save_masks: Annotated[bool, typer.Option("--save-masks", help="Videos: also write <stem>_masks/000000.png ... (one mask per frame, named by frame index). Images always get <stem>_mask.png, so it changes nothing for them.")] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average the predictions of the image and its horizontal and vertical flips.")] = False,
     threshold: Annotated[float, typer.Option(help="Foreground threshold on the probability (one-class models).")] = 0.5,
     threads: Annotated[int, typer.Option(help="Threads decoding/preprocessing (and as many writing) alongside inference.")] = 2,
@@ -90,8 +91,8 @@ def infer_command(
                 raise ResUNetError("MODEL 'default': this install ships no default model; pass a model file")
             model = str(shipped)
         options = InferOptions(out=out, batch_size=batch_size, overlay=overlay, save_probs=save_probs,
-                               probs_dtype=probs_dtype.value, tta=tta, threshold=threshold, threads=threads,
-                               input_warnings=input_warnings)
+                               probs_dtype=probs_dtype.value, tta=tta, save_masks=save_masks, threshold=threshold,
+                               threads=threads, input_warnings=input_warnings)
         progress = _infer_progress(err_console) if show_bar else None
         table = summary_table
         engine_options = _infer_engine_options(engine_option or [])
@@ -105,6 +106,10 @@ def infer_command(
                                     other_outputs=[json_path] if json_path is not None else [],
                                     on_warning=warn)
             else:
+                from resunetpp.video import is_video_path
+
+                if any(is_video_path(i) for i in inputs):
+                    raise ResUNetError("--ray runs image files; run videos without --ray")
                 from resunetpp.engines.ray_batch import RayOptions, run_ray_batch, summary_table as ray_table
 
                 table = ray_table
@@ -122,7 +127,16 @@ def infer_command(
     Console().print(table(result, title=Path(model).name))
     if numbered:
         typer.echo(f"results in {out}")
+    videos = getattr(result, "videos", None)
+    if videos is not None:
+        for v in videos:
+            if v["overlay"]:
+                typer.echo(f"{v['source']}: {v['frames']} frames -> {v['overlay']} ({v['fps']:.1f} fps end to end)")
     if result.failures:
-        typer.echo(f"{len(result.failures)} of {result.images} image(s) failed; the others are in {out}", err=True)
+        if videos is not None:
+            typer.echo(f"{len(result.failures)} of {len(videos)} video(s) had a problem; the frames that decoded "
+                       f"are in {out}", err=True)
+        else:
+            typer.echo(f"{len(result.failures)} of {result.images} image(s) failed; the others are in {out}", err=True)
         raise typer.Exit(1)
 

@@ -67,6 +67,7 @@ from resunetpp.model_config import MAX_INPUT_SIZE
 from resunetpp.outputs import mask_image, overlay_image, save_npy_atomic
 from resunetpp.preprocess import Preprocessing, probs_to_mask
 from resunetpp.sources import Item, Source, open_source
+from resunetpp.sources.video import VideoFiles
 
 PROBS_DTYPES = ("float16", "float32")
 #: Network-input pixels one batch may hold (one 4096x4096 input, or 256 of 256x256); a batch that
@@ -89,6 +90,7 @@ class InferOptions:
     save_probs: bool = False
     probs_dtype: str = "float16"
     tta: bool = False
+    save_masks: bool = False  # videos: also <stem>_masks/NNNNNN.png (images always get <stem>_mask.png)
     threshold: float = 0.5
     threads: int = 2  # reader threads, and as many writer threads
     input_warnings: bool = True  # warn once for a grayscale or tiny image (resunetpp.input_checks)
@@ -370,6 +372,8 @@ def run_inference(engine: Engine, source: Source, options: InferOptions, *,
         raise TypeError(f"run_inference takes a resunetpp.sources.Source (e.g. ImageFiles(paths)), "
                         f"not {type(source).__name__}")
     options.validate()
+    if isinstance(source, VideoFiles):
+        return _run_videos(engine, source, options, progress, on_error, on_wait, lock, on_warning)
     with claim_output_folder(options.out, on_wait) if lock else contextlib.nullcontext():
         make_output_folder(options.out)
         start = time.perf_counter()
@@ -377,6 +381,45 @@ def run_inference(engine: Engine, source: Source, options: InferOptions, *,
         run.run(source)
         return InferResult(run.images, run.written, run.failures, run.inferred, run.model_seconds,
                            time.perf_counter() - start, engine.describe())
+
+
+@dataclass
+class VideoInferResult(InferResult):
+    """:class:`InferResult` of a run over videos: ``images`` counts the frames decoded, ``written``
+    those encoded into the overlays; ``videos`` one entry per video (its outputs, frames, error)."""
+
+    videos: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "videos": self.videos}
+
+
+def _run_videos(engine: Engine, source: "VideoFiles", options: InferOptions, progress, on_error, on_wait, lock,
+                on_warning) -> VideoInferResult:
+    """Video files: :class:`~resunetpp.engines.video_infer.VideoRun` under the same lock, sweep and
+    input guard as images (see :mod:`resunetpp.engines.video_infer` for the outputs)."""
+    from resunetpp.engines.video_infer import VideoRun
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return tta_predict(engine.predict, x) if options.tta else engine.predict(x)
+
+    run = VideoRun(engine, options, predict, progress, on_error, on_warning)
+    run.check_options()
+    guard = InputGuard(source.files())
+    for key in source.keys:
+        for path in run.outputs(key):
+            guard.check(path)
+    with claim_output_folder(options.out, on_wait) if lock else contextlib.nullcontext():
+        make_output_folder(options.out)
+        start = time.perf_counter()
+        run.run(source)
+        videos = [{"source": str(v.source), "frames": v.frames, "fps": round(v.fps, 3),
+                   "overlay": str(v.overlay) if v.overlay else None,
+                   "frames_json": str(v.frames_json) if v.frames_json else None, "error": v.error}
+                  for v in run.videos]
+        return VideoInferResult(run.images, run.written, [InferFailure(o, m) for o, m in run.failures],
+                                run.inferred, run.model_seconds, time.perf_counter() - start, engine.describe(),
+                                videos=videos)
 
 
 @contextlib.contextmanager
@@ -428,8 +471,12 @@ def summary_table(result: InferResult, title: str = "inference"):
 
     table = Table(title=f"{title}: {engine_line(result.engine)}",
                   title_justify="left")
-    for name in ("images", "written", "failed", "model-only img/s", "end-to-end img/s"):
+    video = isinstance(result, VideoInferResult)
+    names = ("videos", "frames", "written", "failed", "model-only fps", "end-to-end fps") if video else \
+        ("images", "written", "failed", "model-only img/s", "end-to-end img/s")
+    for name in names:
         table.add_column(name, justify="right")
-    table.add_row(str(result.images), str(result.written), str(len(result.failures)),
-                  f"{result.model_images_per_second:.1f}", f"{result.images_per_second:.1f}")
+    cells = [str(result.images), str(result.written), str(len(result.failures)),
+             f"{result.model_images_per_second:.1f}", f"{result.images_per_second:.1f}"]
+    table.add_row(*([str(len(result.videos))] if video else []), *cells)
     return table
