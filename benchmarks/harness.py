@@ -541,7 +541,8 @@ def _speed(engine: Any, row: BenchRow, data: EvalData, settings: Settings,
         latency_iterations=lat["latency"]["iterations"], latency_source=lat["source"],
         engine_latency_ms_p50=lat["engine"]["p50"], overhead_pct=lat["overhead_pct"], model_only_ips=model_only,
         throughput_ips=throughput, throughput_mode=mode, end_to_end_ips=e2e,
-        end_to_end_ratio=e2e / model_only if e2e is not None and model_only > 0 else None)
+        end_to_end_ratio=e2e / model_only if e2e is not None and model_only > 0 else None,
+        video_share=row.video_fps / model_only if row.video_fps is not None and model_only > 0 else None)
 
 
 # ---- targets -----------------------------------------------------------------------------------------
