@@ -530,6 +530,11 @@ def _speed(engine: Any, row: BenchRow, data: EvalData, settings: Settings,
         if throughput_engine is not None:
             with throughput_engine() as tput:
                 t = openvino_throughput(tput, x, settings.warmup_s, settings.duration_s)
+            # collect the closed engine's cyclic garbage here, in the main thread: left to the
+            # garbage collector, it can run inside a later AsyncInferQueue's callback thread and
+            # destroy OpenVINO objects there, which aborts the process natively ("terminate called
+            # ... Resource deadlock avoided": a thread joining itself)
+            gc.collect()
             throughput, mode = t["throughput_ips"], t["mode"]
         e2e = None
         if settings.end_to_end:
