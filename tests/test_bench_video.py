@@ -152,3 +152,25 @@ def test_plan_video_decodes_once_and_keeps_the_reference_masks(base):
         assert all(x.shape == (3, 32, 32) for x in plan.inputs)
         assert frame_dice(ref, plan) == [1.0] * 5
     assert plan.record()["dice_frames"] == 5 and plan.record()["fps"] == FPS
+
+
+def test_sweep_with_a_video_keeps_up_by_video_fps(base):
+    """--image-size 24,32 --video: the clip's frames at each size, the sweep's speed is the video fps."""
+    from resunetpp.bench.harness import BenchOptions, run_bench
+    from resunetpp.bench.report import to_markdown
+
+    result = run_bench(BenchOptions(model=base["ckpt"], data=base["data"], backends=("torch",), precisions=("fp32",),
+                                    image_sizes=(24, 32), video=base["clip"], warmup_s=0.01, duration_s=0.05,
+                                    batch_sizes=(1,), threads=1, end_to_end=False))
+    rows = {tuple(r.image_size): r for r in result.rows}
+    assert set(rows) == {(24, 24), (32, 32)}
+    for r in rows.values():
+        assert r.ok and r.video_fps > 0 and r.video_dice_vs_reference == 1.0  # against itself at its size
+        assert r.details["video"]["frames"] == FRAMES
+    points = result.settings["size_sweep"]
+    assert [p["target_fps"] for p in points] == [FPS, FPS]
+    for p in points:
+        assert p["video_fps"] == rows[tuple(p["image_size"])].video_fps
+        assert p["keeps_up"] == (p["video_fps"] >= FPS)
+    md = to_markdown(result)
+    assert "keeps up: 25 fps (the clip;" in md and "| input | backend | precision | batch | status |" in md
