@@ -2,7 +2,8 @@
 #
 #   make install       .venv with torch==$(TORCH_VERSION) first, then the toolkit -e .[cpu,dev]
 #   make test          install, then the test suite
-#   make demo          install, then `resunetpp info` and `resunetpp bench` on the shipped model and images
+#   make demo          install, then `resunetpp info` and `resunetpp bench` on the shipped model and images,
+#                      and `resunetpp infer` on the sample clip (runs/demo/video)
 #   make train-kvasir  reproduce the shipped Kvasir-SEG model (needs ../shared/data/kvasir-seg)
 #   make clean         remove .venv and build leftovers
 #
@@ -39,6 +40,7 @@ test: install
 demo: install
 	$(VENV)/bin/resunetpp info
 	$(VENV)/bin/resunetpp bench --json runs/demo/bench.json --markdown runs/demo/bench.md --plot runs/demo/bench.png
+	$(VENV)/bin/resunetpp infer default resunetpp/sample_data/clip.mp4 --out runs/demo/video --save-masks
 
 # The shipped model in two stages, as it was made: 21 epochs from scratch, then 70 epochs of
 # fine-tuning from them (a new warm-up + cosine schedule), both on the 256 px cache. Each stage

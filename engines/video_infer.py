@@ -221,9 +221,15 @@ class VideoRun:
                     except InputFileError as e:  # no frame decodes
                         error = str(e)
                     drain(0)
-                except BaseException:
+                except BaseException:  # Ctrl-C, a failed write: keep the frames already encoding
                     for fut in pending:
-                        fut.cancel()
+                        fut.cancel()  # those not started (the encoder runs them in order: a prefix ran)
+                    for fut in pending:
+                        if not fut.cancelled():
+                            with contextlib.suppress(Exception):
+                                state.records.append(fut.result())
+                                self.written += 1
+                    pending.clear()
                     raise
                 if error is None:
                     error = reader.error

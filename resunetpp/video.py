@@ -88,6 +88,18 @@ class VideoInfo:
     duration_s: float | None
 
 
+AV_INSTALL_HINT = "video needs PyAV (the FFmpeg binding): pip install 'resunetpp[video]'"
+
+
+def _import_av():
+    """``import av``, or one line saying how to install it."""
+    try:
+        import av
+    except ImportError:
+        raise ResUNetError(AV_INSTALL_HINT) from None
+    return av
+
+
 def _av_problem(error: BaseException) -> str:
     """The one-line reason of a PyAV/FFmpeg error (no errno, no repeated file name)."""
     import av
@@ -114,7 +126,7 @@ def _av_problem(error: BaseException) -> str:
 
 def _open_container(source: str | Path, options: dict | None, timeout: float | None) -> Any:
     """``av.open`` for reading, errors as one :class:`InputFileError` line naming ``source``."""
-    import av
+    av = _import_av()
 
     text = str(source)
     if not is_url(text):
@@ -436,8 +448,7 @@ class VideoWriter:
     def __init__(self, path: str | Path, width: int, height: int, fps: Fraction | float | int, *,
                  codec: str = "libx264", crf: int = 20, preset: str = "veryfast", pix_fmt: str | None = None,
                  options: dict | None = None) -> None:
-        import av
-
+        av = _import_av()
         self.path = Path(path)
         if width < 1 or height < 1:
             raise ValueError(f"frame size must be positive, got {width}x{height}")

@@ -60,7 +60,9 @@ def test_the_wheel_holds_every_layer_and_the_shipped_model(wheel: Path) -> None:
     for module in ("resunetpp/model.py", "resunetpp/engines/__init__.py", "resunetpp/engines/base.py",
                    "resunetpp/export/__init__.py", "resunetpp/export/pipeline.py", "resunetpp/bench/__init__.py",
                    "resunetpp/bench/harness.py", "resunetpp/cli/__init__.py", "resunetpp/__main__.py",
-                   "resunetpp/weights/resunetpp_kvasir.safetensors"):
+                   "resunetpp/weights/resunetpp_kvasir.safetensors", "resunetpp/video.py",
+                   "resunetpp/sources/video.py", "resunetpp/engines/video_infer.py",
+                   "resunetpp/sample_data/clip.mp4"):
         assert module in names, module
     assert any(n.startswith("resunetpp/sample_data/images/") for n in names)
     assert not any(n.startswith(("tests/", "export/", "engines/", "benchmarks/", "cli/")) for n in names)

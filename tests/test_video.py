@@ -357,3 +357,51 @@ def test_reader_thread_is_a_daemon_and_iterates_once(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="iterated once"):
             list(reader)
     assert threading.active_count() >= 1
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (5, 1), (2, 2), (7, 9), (300, 257)])
+@pytest.mark.parametrize("size", [3, 5])
+def test_square_filter_is_pils_max_and_min_filter(shape: tuple[int, int], size: int) -> None:
+    """The overlay's outline filter (numpy, separable) gives PIL's MaxFilter/MinFilter pixels."""
+    from PIL import Image, ImageFilter
+
+    from resunetpp.outputs import square_filter
+
+    m = np.random.default_rng(size).integers(0, 4, shape).astype(np.uint8)
+    pil = Image.fromarray(m, "L")
+    np.testing.assert_array_equal(square_filter(m, size, np.maximum), np.asarray(pil.filter(ImageFilter.MaxFilter(size))))
+    np.testing.assert_array_equal(square_filter(m, size, np.minimum), np.asarray(pil.filter(ImageFilter.MinFilter(size))))
+
+
+def test_overlay_of_multi_class_masks_matches_the_float_blend() -> None:
+    """The tabulated blend gives the float32 blend's pixels (several classes, grey and RGBA images)."""
+    from resunetpp.outputs import palette
+
+    rng = np.random.default_rng(3)
+    for channels in (1, 3, 4):
+        image = rng.integers(0, 256, (30, 40, channels), dtype=np.uint8)
+        mask = np.kron(rng.integers(0, 4, (3, 4)), np.ones((10, 10), int)).astype(np.uint8)  # 10 px blocks
+        rgb = np.repeat(image, 3, axis=2) if channels == 1 else image[:, :, :3]
+        colors = palette(4).astype(np.float32)
+        blend = np.where((mask > 0)[:, :, None], rgb.astype(np.float32) * 0.6 + colors[mask] * 0.4, rgb)
+        expected = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+        got = overlay_array(image, mask, 4)
+        from resunetpp.outputs import square_filter
+
+        hi, lo = square_filter(mask, 3, np.maximum), square_filter(mask, 3, np.minimum)
+        edge = (hi != lo) & (hi > 0)
+        assert edge.any() and (~edge).any()
+        assert np.array_equal(got[~edge], expected[~edge])  # the fill: the float blend's pixels
+        assert np.array_equal(got[edge], palette(4)[hi[edge]])  # the outline: the class colour
+def square(mask: np.ndarray) -> np.ndarray:
+    from resunetpp.outputs import square_filter
+
+    return square_filter(mask, 3, np.maximum)
+
+
+def test_without_pyav_video_input_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = make_clip(tmp_path / "c.mp4", n=2)
+    monkeypatch.setitem(__import__("sys").modules, "av", None)  # `import av` raises ImportError
+    for call in (lambda: video.probe(clip), lambda: video.VideoWriter(tmp_path / "o.mp4", 64, 48, 25)):
+        with pytest.raises(ResUNetError, match=r"pip install 'resunetpp\[video\]'"):
+            call()
