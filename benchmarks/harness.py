@@ -18,8 +18,9 @@ One *row* is one backend at one precision and one batch size. For each row the h
    on the same images (:func:`end_to_end_rate`).
 
 Each row's rate is also given in GFLOP/s (the model's FLOPs per image x images/s) and, for rows
-whose convolutions run in one precision on the CPU (fp32, bf16), as a share of this CPU's peak at
-that precision, measured at the end of the run (:mod:`resunetpp.bench.peak`) rather than assumed.
+whose convolutions run in one precision on the CPU (fp32, bf16; OpenVINO int8), as a share of this
+CPU's peak at that precision, measured at the end of the run (:mod:`resunetpp.bench.peak`) rather
+than assumed.
 
 Combinations this machine cannot run are rows with status ``skipped`` and the reason.
 
@@ -31,6 +32,7 @@ brings its own rows.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import math
 import re
@@ -103,6 +105,11 @@ class BenchOptions:
     artifacts: Path | None = None  # None: ~/.cache/resunetpp/artifacts/<key>/
     calib: Path | None = None
     end_to_end: bool = True
+    #: The input-size sweep (issue 17): each row runs at each of these sides, on artifacts exported
+    #: once at the checkpoint's own size (dynamic H/W); ``None``: one size (``image_size``).
+    image_sizes: tuple[int, ...] | None = None
+    #: A video clip: each row also runs ``infer``'s video pipeline on it (:mod:`resunetpp.bench.video`).
+    video: Path | None = None
 
     def validate(self) -> None:
         for name, values, known in (("--backends", self.backends, backends()), ("--precisions", self.precisions,
@@ -122,6 +129,16 @@ class BenchOptions:
             raise ResUNetError(f"--threads must be at least 1, got {self.threads}")
         if self.image_size is not None and input_size_problem(self.image_size):
             raise ResUNetError(f"--image-size {input_size_problem(self.image_size)}")
+        if self.image_sizes is not None:
+            if self.image_size is not None:
+                raise ResUNetError("give one --image-size, or several (a sweep), not both")
+            if not self.image_sizes:
+                raise ResUNetError("--image-size: give at least one size")
+            for size in self.image_sizes:
+                if input_size_problem(size):
+                    raise ResUNetError(f"--image-size {input_size_problem(size)}")
+            if len(set(self.image_sizes)) != len(self.image_sizes):
+                raise ResUNetError(f"--image-size: each size once, got {list(self.image_sizes)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ResUNetError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -163,6 +180,19 @@ class BenchRow:
     speedup: float | None = None  # throughput over the reference's at the same batch size
     gflops_per_s: float | None = None  # throughput x the model's FLOPs per image (2 per multiply-add)
     peak_pct: float | None = None  # gflops_per_s over the measured CPU peak at the row's precision, in %
+    image_size: list[int] | None = None  # the network input (H, W) this row ran at
+    # the input-size sweep: Dice of this row's masks against the reference run at the checkpoint's own
+    # input size (torch fp32, masks compared at each image's original resolution)
+    dice_vs_native_reference: float | None = None
+    dice_vs_native_reference_min: float | None = None
+    # --video CLIP: infer's video pipeline (decode, preprocess, infer, overlay, encode) on the clip
+    video_fps: float | None = None
+    video_latency_ms_p50: float | None = None  # glass to glass: frame decoded -> its overlay frame encoded
+    video_latency_ms_p99: float | None = None
+    video_share: float | None = None  # video_fps / model_only_ips
+    video_dice_vs_reference: float | None = None  # per frame, against torch fp32 on the same decoded frames
+    video_dice_vs_reference_min: float | None = None
+    video_keeps_up: bool | None = None  # video_fps >= the clip's frame rate
     details: dict = field(default_factory=dict)
 
     @property
@@ -257,13 +287,16 @@ def reference_outputs(predict: PredictFn, data: EvalData) -> list[np.ndarray]:
 
 
 def measure_accuracy(predict: PredictFn | None, data: EvalData, reference: Sequence[np.ndarray],
-                     batch_size: int = ACCURACY_BATCH, outputs: Sequence[np.ndarray] | None = None) -> dict:
+                     batch_size: int = ACCURACY_BATCH, outputs: Sequence[np.ndarray] | None = None,
+                     native_masks: Sequence[np.ndarray] | None = None) -> dict:
     """Accuracy of ``predict`` against the reference outputs on ``data``.
 
     Keys: ``dice_vs_reference`` (mean) and ``dice_vs_reference_min`` between binarised masks at
     the original image size, ``dice_drop`` = 1 - mean, ``mean_abs_diff`` / ``max_abs_diff`` of the
     probabilities, and with ground-truth masks ``dice_vs_gt``, ``iou_vs_gt``, ``dice_vs_gt_drop``.
     ``outputs``, when given, are ``predict``'s answers already computed (the reference row's own).
+    ``native_masks`` (the input-size sweep): the reference's masks at the checkpoint's own input size,
+    at each image's original resolution; adds ``dice_vs_native_reference`` (mean) and ``_min``.
     Raises :class:`NonFiniteResult` when any output holds NaN or Inf.
     """
     from resunetpp.engines.base import NonFiniteOutputError
@@ -279,7 +312,12 @@ def measure_accuracy(predict: PredictFn | None, data: EvalData, reference: Seque
         raise NonFiniteResult(f"NaN or Inf in the output of {m['nonfinite_images']} of {m['images']} images")
     ious = [scores(probs_to_mask(data.pre.restore(p, *size)), gt, data.num_classes).iou
             for p, size, gt in zip(outputs, data.sizes, data.masks) if gt is not None]
-    return {
+    native = {}
+    if native_masks is not None:
+        dice = [scores(probs_to_mask(data.pre.restore(p, *size)), ref, data.num_classes).dice
+                for p, size, ref in zip(outputs, data.sizes, native_masks)]
+        native = {"dice_vs_native_reference": float(np.mean(dice)), "dice_vs_native_reference_min": float(np.min(dice))}
+    return {**native,
         "dice_vs_reference": m["dice_vs_reference_mean"],
         "dice_vs_reference_min": m["dice_vs_reference_min"],
         "dice_drop": 1.0 - m["dice_vs_reference_mean"],
@@ -423,12 +461,15 @@ def _precision_hint(details: dict) -> str | None:
 
 def bench_engine(engine: Any, base: BenchRow, data: EvalData, reference: Sequence[np.ndarray], settings: Settings,
                  throughput_engine: Callable[[], Any] | None = None, reporter: Reporter | None = None,
-                 is_reference: bool = False) -> list[BenchRow]:
+                 is_reference: bool = False, native_masks: Sequence[np.ndarray] | None = None,
+                 video: Any = None) -> list[BenchRow]:
     """Accuracy once, then latency / throughput / end-to-end per batch size, of a loaded ``engine``.
 
     ``base`` carries the row's identity (backend, precision, artifact, size, load time); with
     ``is_reference`` the engine is the reference itself and its accuracy uses ``reference`` as
-    its outputs instead of computing them again.
+    its outputs instead of computing them again. ``native_masks``: the sweep's reference masks
+    (:func:`measure_accuracy`). ``video`` (a :class:`resunetpp.bench.video.VideoPlan`): the clip is
+    also run through ``infer``'s video pipeline, once per artifact, its numbers in every row.
     ``throughput_engine()`` opens a second engine for async throughput (OpenVINO); without it
     throughput is batch / mean latency. A NaN/Inf output or an error fails the row(s); it never
     raises (except ``KeyboardInterrupt``).
@@ -437,18 +478,30 @@ def bench_engine(engine: Any, base: BenchRow, data: EvalData, reference: Sequenc
     details = {k: v for k, v in engine.describe().items() if k not in ("file",)}
     if _precision_hint(details):
         details["precision_hint"] = _precision_hint(details)
-    base = dataclasses.replace(base, details={**base.details, **details})
+    base = dataclasses.replace(base, details={**base.details, **details}, image_size=list(data.pre.size))
     if engine.preprocessing.to_dict() != data.pre.to_dict():
         return [dataclasses.replace(base, status="failed: preprocessing mismatch",
                                     reason=f"the artifact preprocesses {engine.preprocessing.to_dict()}, the "
                                            f"reference {data.pre.to_dict()}")]
     try:
         with reporter.task(f"{base.label}: accuracy on {len(data)} images"):
-            acc = measure_accuracy(engine.predict, data, reference, outputs=reference if is_reference else None)
+            acc = measure_accuracy(engine.predict, data, reference, outputs=reference if is_reference else None,
+                                   native_masks=native_masks)
     except Exception as e:  # noqa: BLE001 - a broken backend is a failed row, not a crashed benchmark
         return [_failure(base, e)]
     worst = acc.pop("worst_images")
     base = dataclasses.replace(base, **acc, details={**base.details, "worst_images": worst})
+    if video is not None:
+        from resunetpp.bench.video import measure_video
+
+        try:
+            with reporter.task(f"{base.label}: video {video.path.name} ({video.frames} frames)"):
+                found = measure_video(engine, video, settings.threads)
+            base = dataclasses.replace(base, **found.fields(), details={**base.details, "video": found.details})
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - the model-only numbers stand; the video's failure is said
+            base = dataclasses.replace(base, details={**base.details, "video_error": _one_line(e)})
     rows = []
     for b in settings.batch_sizes:
         row = dataclasses.replace(base, batch_size=b, details=dict(base.details))
@@ -477,6 +530,11 @@ def _speed(engine: Any, row: BenchRow, data: EvalData, settings: Settings,
         if throughput_engine is not None:
             with throughput_engine() as tput:
                 t = openvino_throughput(tput, x, settings.warmup_s, settings.duration_s)
+            # collect the closed engine's cyclic garbage here, in the main thread: left to the
+            # garbage collector, it can run inside a later AsyncInferQueue's callback thread and
+            # destroy OpenVINO objects there, which aborts the process natively ("terminate called
+            # ... Resource deadlock avoided": a thread joining itself)
+            gc.collect()
             throughput, mode = t["throughput_ips"], t["mode"]
         e2e = None
         if settings.end_to_end:
@@ -488,7 +546,8 @@ def _speed(engine: Any, row: BenchRow, data: EvalData, settings: Settings,
         latency_iterations=lat["latency"]["iterations"], latency_source=lat["source"],
         engine_latency_ms_p50=lat["engine"]["p50"], overhead_pct=lat["overhead_pct"], model_only_ips=model_only,
         throughput_ips=throughput, throughput_mode=mode, end_to_end_ips=e2e,
-        end_to_end_ratio=e2e / model_only if e2e is not None and model_only > 0 else None)
+        end_to_end_ratio=e2e / model_only if e2e is not None and model_only > 0 else None,
+        video_share=row.video_fps / model_only if row.video_fps is not None and model_only > 0 else None)
 
 
 # ---- targets -----------------------------------------------------------------------------------------
@@ -587,14 +646,30 @@ def _open(target: Target, setup: _Setup, artifacts: ArtifactSet | None, **extra:
     if target.artifact is None:  # the backend runs the checkpoint itself (torch)
         return engines.open(setup.ckpt, backend=target.backend, device=target.device, **target.options, **extra)
     assert artifacts is not None
-    return engines.open(artifacts.paths[target.artifact], backend=target.backend, device=target.device,
+    path = artifacts.paths[target.artifact]
+    return engines.open(path, backend=target.backend, device=target.device, record=sized_record(path, setup.pre),
                         **target.options, **extra)
 
 
+def sized_record(path: Path, pre: Preprocessing) -> dict | None:
+    """The artifact's metadata record with its input size set to ``pre``'s (the input-size sweep runs
+    one dynamic-H/W artifact at every size), or ``None`` when it already has that size (the sidecar
+    is used as it is). Only the size changes: a different normalisation still shows as a mismatch.
+    A static-size artifact then refuses to load ("graph input is 256x256 ..."): a failed row."""
+    from resunetpp.artifact import read_record
+
+    record = read_record(path)
+    own = Preprocessing.from_dict(record["preprocessing"])
+    if tuple(own.size) == tuple(pre.size) or own.mode != "resize":
+        return None
+    return {**record, "preprocessing": own.with_size(pre.size).to_dict()}
+
+
 def bench_target(target: Target, setup: _Setup, artifacts: ArtifactSet | None, data: EvalData,
-                 reference: Sequence[np.ndarray], settings: Settings, reporter: Reporter) -> list[BenchRow]:
+                 reference: Sequence[np.ndarray], settings: Settings, reporter: Reporter,
+                 native_masks: Sequence[np.ndarray] | None = None, video: Any = None) -> list[BenchRow]:
     """Open one target (timed), then :func:`bench_engine`; problems become failed/skipped rows."""
-    base = BenchRow(target.backend, target.precision, device=target.device,
+    base = BenchRow(target.backend, target.precision, device=target.device, image_size=list(setup.pre.size),
                     details={"engine_options": dict(target.options)})
     if target.artifact is None:
         base.artifact, base.size_mb = str(setup.ckpt_path), artifact_size_mb(setup.ckpt_path)
@@ -616,7 +691,8 @@ def bench_target(target: Target, setup: _Setup, artifacts: ArtifactSet | None, d
     tput = (lambda: _open(target, setup, artifacts, **tput_options)) if tput_options is not None else None
     with engine:
         return bench_engine(engine, base, data, reference, settings, tput, reporter,
-                            is_reference=(target.backend, target.precision) == REFERENCE)
+                            is_reference=(target.backend, target.precision) == REFERENCE,
+                            native_masks=native_masks, video=video)
 
 
 def model_flops(ckpt: Checkpoint, input_shape: tuple[int, ...]) -> int:
@@ -629,14 +705,18 @@ def model_flops(ckpt: Checkpoint, input_shape: tuple[int, ...]) -> int:
 
 def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None,
                  peaks: dict[str, dict] | None = None) -> None:
-    """``speedup`` of each measured row (its throughput over the reference's at the same batch size)
+    """``speedup`` of each measured row (its throughput over the reference's at the same batch size and
+    input size)
     and, given the model's FLOPs per image, the arithmetic rate it reaches (``gflops_per_s``); given
     the CPU's measured peaks (:func:`resunetpp.bench.peak.cpu_peaks`), that rate as a share of the peak
     at the row's :func:`arithmetic_precision` (``peak_pct``)."""
-    ref = {r.batch_size: r.throughput_ips for r in rows if r.is_reference and r.ok and r.throughput_ips}
+    def at(r: BenchRow) -> tuple:
+        return tuple(r.image_size or ()), r.batch_size
+
+    ref = {at(r): r.throughput_ips for r in rows if r.is_reference and r.ok and r.throughput_ips}
     for r in rows:
-        if r.ok and r.throughput_ips and ref.get(r.batch_size):
-            r.speedup = r.throughput_ips / ref[r.batch_size]
+        if r.ok and r.throughput_ips and ref.get(at(r)):
+            r.speedup = r.throughput_ips / ref[at(r)]
         if r.ok and r.throughput_ips and flops_per_image:
             r.gflops_per_s = r.throughput_ips * flops_per_image / 1e9
             peak = (peaks or {}).get(arithmetic_precision(r) or "")
@@ -645,9 +725,10 @@ def add_speedups(rows: Sequence[BenchRow], flops_per_image: int | None = None,
 
 
 def arithmetic_precision(row: BenchRow) -> str | None:
-    """The precision a CPU row's convolutions all run in (``f32``, ``bf16``), or ``None``: a GPU row,
-    INT8 (mixed with float layers) or ONNX Runtime fp16 (casts around unsupported kernels) -- as its
-    backend's bench options tell (``BenchSpec.arithmetic``)."""
+    """The precision a CPU row's convolutions run in (``f32``, ``bf16``, ``int8`` for OpenVINO INT8,
+    whose recipe keeps a few in float), or ``None``: a GPU row, ONNX Runtime INT8 (float convolutions
+    on dequantized values) or fp16 (casts around unsupported kernels) -- as its backend's bench
+    options tell (``BenchSpec.arithmetic``)."""
     backend = registry.find(row.backend)
     if backend is None or backend.bench.arithmetic is None:
         return None
@@ -657,22 +738,33 @@ def arithmetic_precision(row: BenchRow) -> str | None:
 def measure_peaks(rows: Sequence[BenchRow], threads: int | None, cpu_flags: dict, notes: list[str],
                   seconds: float = 3.0) -> dict[str, dict] | None:
     """The CPU's measured peaks (:func:`resunetpp.bench.peak.cpu_peaks`) when a measured row runs its
-    convolutions in f32/bf16 on the CPU and OpenVINO is installed; ``None`` otherwise."""
+    convolutions on the CPU in f32, bf16 or int8 (:func:`arithmetic_precision`) and OpenVINO is
+    installed; ``None`` otherwise. f32 is always measured then (the reference scale), bf16 where a
+    row needs it and the CPU computes it natively, int8 where an OpenVINO INT8 row ran."""
     wanted = {arithmetic_precision(r) for r in rows if r.ok} - {None}
     if not wanted or importlib.util.find_spec("openvino") is None:
         return None
-    from resunetpp.bench.peak import cpu_peaks
+    from resunetpp.bench.peak import cpu_peaks, peak_shapes
 
+    problems: dict[str, str] = {}
     try:
-        peaks = cpu_peaks(threads, bf16="bf16" in wanted and cpu_bf16_problem(cpu_flags) is None, seconds=seconds)
+        peaks = cpu_peaks(threads, bf16="bf16" in wanted and cpu_bf16_problem(cpu_flags) is None, seconds=seconds,
+                          int8="int8" in wanted, problems=problems)
     except Exception as e:  # noqa: BLE001 - the rows stand without it
         notes.append(f"the CPU peak could not be measured: {_one_line(e)}")
         return None
-    text = ", ".join(f"{p} {v['gflops']:.0f} GFLOP/s ({v['kernel']})" for p, v in peaks.items())
-    notes.append(f"peak: {text}, measured on this CPU at the end of the run (the fastest of three OpenVINO 3x3 "
-                 f"convolutions, {next(iter(peaks.values()))['threads']} threads); GFLOP/s (x%) = share of the peak "
-                 "at the row's precision (fp32, bf16 rows on the CPU); a whole model can come out slightly above "
-                 "one isolated layer's rate")
+    for p, why in problems.items():
+        notes.append(f"the CPU's {p} peak could not be measured: {why}")
+    if not peaks:
+        return None
+    text = ", ".join(f"{p} {v['gflops']:.0f} {v.get('unit', 'GFLOP/s')} ({v['kernel']}, {v['runtime_precision']})"
+                     for p, v in peaks.items())
+    notes.append(f"peak: {text}, measured on this CPU at the end of the run (the fastest of "
+                 f"{len(peak_shapes('f32'))} OpenVINO 3x3 convolutions, {len(peak_shapes('int8'))} for int8: u8 "
+                 f"activations x int8 weights; {next(iter(peaks.values()))['threads']} threads); GFLOP/s (x%) = share "
+                 "of the peak at the row's precision (fp32, bf16 rows on the CPU; OpenVINO int8 rows against the "
+                 "int8 peak, though the recipe keeps some convolutions in float); a whole model can come out "
+                 "slightly above one isolated layer's rate")
     return peaks
 
 
@@ -691,13 +783,22 @@ def gate_failures(rows: Sequence[BenchRow], max_dice_drop: float) -> list[str]:
 
 
 def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
-    """Run the whole benchmark (see the module docstring) and return its result."""
+    """Run the whole benchmark (see the module docstring) and return its result.
+
+    With ``options.image_sizes`` (the input-size sweep) every row runs at each size, on artifacts
+    exported once at the checkpoint's own input size; each row's accuracy is also measured against
+    the reference at that native size (``dice_vs_native_reference``), and ``size_sweep`` in the
+    settings summarises speed and accuracy per size. With ``options.video`` every row also runs
+    ``infer``'s video pipeline on the clip (:mod:`resunetpp.bench.video`)."""
     from resunetpp import engines
 
     options.validate()
     reporter = reporter or NullReporter()
     started = time.perf_counter()
     setup = _setup(options)
+    if options.image_sizes and setup.pre.mode != "resize":
+        raise ResUNetError(f"--image-size with several sizes needs a model that resizes its input; this one "
+                           f"preprocesses in {setup.pre.mode!r} mode (the network runs at each image's own size)")
     env = collect_environment(options.threads)
     targets, skipped = plan_targets(options.backends or backends(), options.precisions or precisions(),
                                     device=options.device, cpu_flags=env["cpu"]["flags"],
@@ -706,31 +807,139 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None) -> BenchR
     settings = Settings(tuple(sorted(set(int(b) for b in options.batch_sizes))), options.warmup_s,
                         options.duration_s, options.threads, options.end_to_end)
     notes = list(setup.images.notes)
+    sizes: tuple[int | None, ...] = tuple(options.image_sizes) if options.image_sizes else (None,)
+    flops: dict[tuple[int, ...], int] = {}
+    video_record = None
     with torch_threads(options.threads):
         artifacts = _artifacts(options, setup, targets, reporter, notes)
-        with reporter.task(f"load {len(setup.images.evaluation)} evaluation images"):
-            data = EvalData.load(setup.images.evaluation, setup.pre, setup.ckpt.config.num_classes)
-        with reporter.task("torch fp32 reference outputs"):
-            ref = registry.get(REFERENCE[0])
-            with engines.open(setup.ckpt, backend=ref.name, device=ref.bench.device(options.device)) as ref_engine:
-                reference = reference_outputs(ref_engine.predict, data)
+        native_masks = None
+        if options.image_sizes:
+            with reporter.task(f"torch fp32 reference at the native {setup.pre.size[0]}x{setup.pre.size[1]}"):
+                native = EvalData.load(setup.images.evaluation, setup.pre, setup.ckpt.config.num_classes)
+                native_masks = native_reference_masks(setup, native, options.device)
+        per_size = []  # (setup at the size, its images, the reference's outputs, the clip's plan)
+        for size in sizes:
+            at = _at_size(setup, size)
+            with reporter.task(f"load {len(setup.images.evaluation)} evaluation images"
+                               + (f" at {size}x{size}" if size else "")):
+                data = EvalData.load(setup.images.evaluation, at.pre, setup.ckpt.config.num_classes)
+            with reporter.task("torch fp32 reference outputs" + (f" at {size}x{size}" if size else "")):
+                ref = registry.get(REFERENCE[0])
+                with engines.open(at.ckpt, backend=ref.name, device=ref.bench.device(options.device)) as ref_engine:
+                    reference = reference_outputs(ref_engine.predict, data)
+                    video = None
+                    if options.video is not None:
+                        from resunetpp.bench.video import plan_video
+
+                        video = plan_video(options.video, ref_engine)
+                        video_record = video.record()
+            flops[tuple(at.pre.size)] = model_flops(at.ckpt, data.inputs[0].shape)
+            per_size.append((at, data, reference, video))
         rows: list[BenchRow] = []
+        # every size of one backend before the next backend: an ONNX Runtime session created after
+        # OpenVINO ran in the same process can abort natively ("Resource deadlock avoided")
         for target in targets:
-            rows.extend(bench_target(target, setup, artifacts, data, reference, settings, reporter))
+            for at, data, reference, video in per_size:
+                rows.extend(bench_target(target, at, artifacts, data, reference, settings, reporter,
+                                         native_masks=native_masks, video=video))
+                gc.collect()  # the runtime objects of this size go here, not in a runtime's worker thread
     order = {combo: i for i, combo in enumerate(matrix())}
-    rows = sorted(rows + skipped, key=lambda r: (order[(r.backend, r.precision)], r.batch_size or 0))
-    flops = model_flops(setup.ckpt, data.inputs[0].shape)
+    rows = sorted(rows, key=lambda r: (tuple(r.image_size or ()), order[(r.backend, r.precision)],
+                                       r.batch_size or 0))
+    rows = skipped + rows if options.image_sizes else sorted(
+        rows + skipped, key=lambda r: (order[(r.backend, r.precision)], r.batch_size or 0))
     notes += _standard_notes(settings)
-    with reporter.task("CPU peak (f32, bf16)"):
+    if options.image_sizes:
+        notes.append(_sweep_note(setup))
+    if options.video is not None:
+        notes.append(_video_note(video_record))
+    with reporter.task("CPU peak (f32, bf16, int8)"):
         peaks = measure_peaks(rows, options.threads, env["cpu"]["flags"], notes)
     notes += _contention_notes(rows)
     env["cpu_peak"] = peaks
-    add_speedups(rows, flops, peaks)
-    return BenchResult(env, {**_settings_record(options, settings, setup), "gflop_per_image": flops / 1e9},
-                       _evaluation_record(setup, data),
+    for size_hw, per_image in flops.items():
+        add_speedups([r for r in rows if tuple(r.image_size or ()) == size_hw or (r.image_size is None and len(flops) == 1)],
+                     per_image, peaks)
+    native_flops = flops.get(tuple(setup.pre.size)) or model_flops(setup.ckpt, (setup.pre.channels, *setup.pre.size))
+    record = {**_settings_record(options, settings, setup), "gflop_per_image": native_flops / 1e9}
+    if options.image_sizes:
+        record.update(image_sizes=list(options.image_sizes), native_size=list(setup.pre.size),
+                      gflop_per_image_by_size={f"{h}x{w}": f / 1e9 for (h, w), f in flops.items()})
+        record["size_sweep"] = size_sweep(rows, target_fps(video_record))
+    if video_record is not None:
+        record["video"] = video_record
+    return BenchResult(env, record, _evaluation_record(setup, data),
                        setup.images.calibration.record() if setup.images.calibration is not None else None,
                        artifacts.record() if artifacts is not None else None, rows, notes,
                        time.perf_counter() - started)
+
+
+#: The frame rate an operating point must keep up with when no clip gives one (colonoscopy video: 25-30 fps).
+DEFAULT_TARGET_FPS = 25.0
+
+
+def target_fps(video_record: dict | None) -> float:
+    """The clip's frame rate when there is one, else :data:`DEFAULT_TARGET_FPS`."""
+    fps = (video_record or {}).get("fps")
+    return float(fps) if fps else DEFAULT_TARGET_FPS
+
+
+def _at_size(setup: _Setup, size: int | None) -> _Setup:
+    if size is None:
+        return setup
+    pre = setup.pre.with_size(size)
+    return dataclasses.replace(setup, pre=pre, ckpt=dataclasses.replace(setup.ckpt, preprocessing=pre))
+
+
+def native_reference_masks(setup: _Setup, data: EvalData, device: str) -> list[np.ndarray]:
+    """The reference's masks at the checkpoint's own input size, each at its image's original resolution."""
+    from resunetpp import engines
+
+    ref = registry.get(REFERENCE[0])
+    with engines.open(setup.ckpt, backend=ref.name, device=ref.bench.device(device)) as engine:
+        outputs = reference_outputs(engine.predict, data)
+    return [probs_to_mask(data.pre.restore(p, *size)) for p, size in zip(outputs, data.sizes)]
+
+
+def size_sweep(rows: Sequence[BenchRow], fps: float = DEFAULT_TARGET_FPS) -> list[dict]:
+    """One point per input size and backend/precision (its smallest batch size's row): the numbers a
+    user picks an operating point from -- speed (throughput, model-only and, with a clip, video FPS),
+    Dice against ground truth and against the reference at the native size, and whether it keeps up
+    with ``fps`` (the clip's rate; video FPS when measured, else the model-only rate)."""
+    best: dict[tuple, BenchRow] = {}
+    for r in rows:
+        if r.image_size is None or r.batch_size is None:
+            continue
+        key = (tuple(r.image_size), r.label)
+        if key not in best or r.batch_size < best[key].batch_size:
+            best[key] = r
+    out = []
+    for (size, _), r in best.items():
+        speed = r.video_fps if r.video_fps is not None else r.model_only_ips
+        out.append({"image_size": list(size), "backend": r.backend, "precision": r.precision, "status": r.status,
+                    "reason": r.reason, "batch_size": r.batch_size, "throughput_ips": r.throughput_ips,
+                    "model_only_ips": r.model_only_ips, "video_fps": r.video_fps, "dice_vs_gt": r.dice_vs_gt,
+                    "dice_vs_native_reference": r.dice_vs_native_reference,
+                    "dice_vs_native_reference_min": r.dice_vs_native_reference_min,
+                    "dice_vs_reference": r.dice_vs_reference, "target_fps": fps,
+                    "keeps_up": None if speed is None else bool(speed >= fps)})
+    return out
+
+
+def _sweep_note(setup: _Setup) -> str:
+    h, w = setup.pre.size
+    return (f"input-size sweep: every row runs at each size on the artifacts exported once at {h}x{w} (dynamic H/W); "
+            "Dice vs ref compares with torch fp32 at the same size, Dice vs GT and dice_vs_native_reference (torch "
+            f"fp32 at {h}x{w}) are measured at each image's original resolution")
+
+
+def _video_note(record: dict | None) -> str:
+    r = record or {}
+    return (f"video: {r.get('file')} ({r.get('frames')} frames, {r.get('width')}x{r.get('height')} at "
+            f"{r.get('fps') or 0:.3g} fps) through infer's video pipeline (decode, preprocess, infer, overlay, "
+            "encode); video fps over the whole clip, latency from a frame decoded to its overlay frame encoded, "
+            "share = video fps / model-only rate, Dice per frame against torch fp32 on the same decoded frames; "
+            "keeps up: video fps >= the clip's frame rate")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -758,7 +967,7 @@ def run_bench_files(files: Sequence[Path], options: BenchOptions, reporter: Repo
     options.validate()
     for name, value in (("--backends", options.backends), ("--precisions", options.precisions),
                         ("--artifacts", options.artifacts), ("--calib", options.calib),
-                        ("--image-size", options.image_size)):
+                        ("--image-size", options.image_size if options.image_sizes is None else options.image_sizes)):
         if value is not None:
             raise ResUNetError(f"{name} applies to benchmarking a checkpoint (which bench exports); the model "
                                "files given are benchmarked as they are")
@@ -808,9 +1017,14 @@ def run_bench_files(files: Sequence[Path], options: BenchOptions, reporter: Repo
             data = EvalData.load(evaluation, pre, num_classes)
         ckpt = next((load_checkpoint(p) for p in [reference, *order] if is_checkpoint(p)), None)
         flops = model_flops(ckpt, data.inputs[0].shape) if ckpt is not None else None  # before any OpenVINO row
+        video = None
         with reporter.task(f"{reference.name}: reference outputs"):
             with open_file(reference) as ref_engine:
                 reference_out = reference_outputs(ref_engine.predict, data)
+                if options.video is not None:
+                    from resunetpp.bench.video import plan_video
+
+                    video = plan_video(options.video, ref_engine)
         for path in measure:
             backend_name, precision = probes[path][:2]
             base = BenchRow(backend_name, precision, artifact=str(path), size_mb=artifact_size_mb(path),
@@ -828,15 +1042,17 @@ def run_bench_files(files: Sequence[Path], options: BenchOptions, reporter: Repo
             tput = (lambda p=path: open_file(p, **tput_options)) if tput_options is not None else None
             with engine:
                 rows.extend(bench_engine(engine, base, data, reference_out, settings, tput, reporter,
-                                         is_reference=path == reference))
+                                         is_reference=path == reference, video=video))
     position = {str(f): i for i, f in enumerate(order)}
     rows.sort(key=lambda r: (position[r.artifact], r.batch_size or 0))
     if flops is None:
         notes.append("GFLOP/s needs a checkpoint (the model's FLOPs are counted on it); none was given")
     notes += _standard_notes(settings)[1:]
+    if video is not None:
+        notes.append(_video_note(video.record()))
     notes.insert(0, f"accuracy is measured once per file (batch {ACCURACY_BATCH}) against {reference.name} and "
                     "repeated in each batch-size row; dice_drop = 1 - Dice vs the reference mask")
-    with reporter.task("CPU peak (f32, bf16)"):
+    with reporter.task("CPU peak (f32, bf16, int8)"):
         peaks = measure_peaks(rows, options.threads, env["cpu"]["flags"], notes)
     notes += _contention_notes(rows)
     env["cpu_peak"] = peaks
@@ -849,6 +1065,8 @@ def run_bench_files(files: Sequence[Path], options: BenchOptions, reporter: Repo
               "duration_s": settings.duration_s, "threads": settings.threads, "device": options.device,
               "accuracy_batch": ACCURACY_BATCH, "min_iterations": MIN_ITERATIONS,
               "gflop_per_image": flops / 1e9 if flops else None}
+    if video is not None:
+        record["video"] = video.record()
     return BenchResult(env, record, {**evaluation.record(), "with_masks": all(m is not None for m in data.masks)},
                        None, None, rows, notes, time.perf_counter() - started,
                        reference=f"{reference.name} ({ref_backend} {ref_precision})")

@@ -78,6 +78,58 @@ NUMERIC = {"batch", "size MB", "Dice vs ref", "Dice vs GT", "max |dp|", "p50 ms"
            "GFLOP/s", "e2e img/s", "overhead %"}
 
 
+def _input(r: BenchRow) -> str:
+    return "-" if not r.image_size else "x".join(map(str, r.image_size))
+
+
+def _video_fps(r: BenchRow) -> str:
+    if r.video_fps is None:
+        return "-" if not r.details.get("video_error") else "failed"
+    share = f" ({100 * r.video_share:.0f}%)" if r.video_share is not None else ""
+    return f"{r.video_fps:.1f}{share}"
+
+
+def _video_latency(r: BenchRow) -> str:
+    if r.video_latency_ms_p50 is None:
+        return "-"
+    return f"{r.video_latency_ms_p50:.0f} / {r.video_latency_ms_p99:.0f}"
+
+
+def _video_dice(r: BenchRow) -> str:
+    if r.video_dice_vs_reference is None:
+        return "-"
+    return f"{r.video_dice_vs_reference:.4f} (min {r.video_dice_vs_reference_min:.4f})"
+
+
+def _keeps_up(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+#: Columns added after the main ones when the run had a video clip (``--video``).
+VIDEO_COLUMNS: tuple[Column, ...] = (
+    ("video fps (share)", _video_fps),
+    ("g2g p50 / p99 ms", _video_latency),
+    ("video Dice vs ref", _video_dice),
+    ("keeps up", lambda r: _keeps_up(r.video_keeps_up)),
+)
+NUMERIC |= {"input", "video fps (share)", "g2g p50 / p99 ms", "video Dice vs ref"}
+
+
+def is_sweep(result: BenchResult) -> bool:
+    """Whether the run swept the input size (``--image-size`` with several sizes)."""
+    return bool(result.settings.get("image_sizes"))
+
+
+def columns(result: BenchResult, base: Sequence[Column] = COLUMNS) -> tuple[Column, ...]:
+    """``base`` with the input size first in a sweep and the video columns last with a clip."""
+    cols = tuple(base)
+    if is_sweep(result):
+        cols = (("input", _input), *cols)
+    if result.settings.get("video"):
+        cols = (*cols, *VIDEO_COLUMNS)
+    return cols
+
+
 def _is_reference(r: BenchRow) -> bool:
     return r.is_reference
 
@@ -105,6 +157,16 @@ def machine_line(result: BenchResult) -> str:
     threads = (env.get("threads") or {}).get("requested")
     return (f"{cpu.get('model') or 'unknown CPU'} ({cpu.get('cores')} logical cores; {flags}); GPU: {gpu_text}; "
             f"threads: {threads if threads else 'runtime defaults'}")
+
+
+def peaks_line(result: BenchResult) -> str | None:
+    """The measured CPU peaks, one phrase each (``None`` when none was measured)."""
+    peaks = result.environment.get("cpu_peak") or {}
+    parts = [f"{name} {p['gflops']:.0f} {p.get('unit', 'GFLOP/s')} ({p.get('kernel')}"
+             + (f" in {p['runtime_precision']}" if p.get("runtime_precision") else "")
+             + f", conv {'x'.join(map(str, p.get('shape') or []))}, {p.get('threads')} threads)"
+             for name, p in peaks.items() if isinstance(p, dict) and p.get("gflops")]
+    return "; ".join(parts) or None
 
 
 def versions_line(result: BenchResult) -> str:
@@ -149,11 +211,12 @@ def results_table(result: BenchResult, title: str = "resunetpp bench") -> Table:
 
     table = Table(title=f"{title}: {machine_line(result)}", title_justify="left", caption=_caption(result),
                   caption_justify="left")
-    for header, _ in TERMINAL:
+    shown = columns(result, TERMINAL)
+    for header, _ in shown:
         table.add_column(header, justify="right" if header in NUMERIC else "left",
                          no_wrap=header in ("backend", "precision"))
     for r in _measured(result):
-        table.add_row(*(cell(r) for _, cell in TERMINAL), style="bold" if _is_reference(r) else None)
+        table.add_row(*(cell(r) for _, cell in shown), style="bold" if _is_reference(r) else None)
     return table
 
 
@@ -230,12 +293,20 @@ def to_markdown(result: BenchResult) -> str:
              + (f", {settings['gflop_per_image']:.2f} GFLOP per image" if settings.get("gflop_per_image") else ""),
              f"- **machine**: {machine_line(result)}",
              f"- **versions**: {versions_line(result)}",
+             *([f"- **CPU peak**: {peaks_line(result)}"] if peaks_line(result) else []),
              f"- **evaluation**: {result.evaluation.get('count')} images of `{result.evaluation.get('source')}`"
              + (f" (split {result.evaluation.get('split')})" if result.evaluation.get("split") else ""),
              f"- **timing**: {settings['warmup_s']:g} s warm-up, {settings['duration_s']:g} s per measurement, "
              f"batch sizes {', '.join(map(str, settings['batch_sizes']))}", ""]
-    lines += _md_table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in _measured(result)],
-                       NUMERIC)
+    cols = columns(result)
+    if result.settings.get("video"):
+        v = result.settings["video"]
+        lines[-1:-1] = [f"- **video**: `{Path(str(v.get('file'))).name}`, {v.get('frames')} frames, "
+                        f"{v.get('width')}x{v.get('height')} at {v.get('fps') or 0:.3g} fps"
+                        + (f" ({v.get('codec')})" if v.get("codec") else "")]
+    lines += _md_table([h for h, _ in cols], [[cell(r) for _, cell in cols] for r in _measured(result)], NUMERIC)
+    if is_sweep(result):
+        lines += ["", "## Input-size sweep", ""] + sweep_table(result)
     missing = _not_measured(result)
     if missing:
         lines += ["", "## Not measured", ""]
@@ -244,6 +315,33 @@ def to_markdown(result: BenchResult) -> str:
                              r.reason or ""] for r in missing], set())
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
     return "\n".join(lines) + "\n"
+
+
+SWEEP_HEADERS = ("input", "backend", "precision", "GFLOP/img", "img/s", "model-only fps", "video fps",
+                 "Dice vs GT", "Dice vs ref at native", "min", "keeps up")
+
+
+def sweep_table(result: BenchResult) -> list[str]:
+    """The sweep's Markdown table: one line per input size and backend/precision (settings' ``size_sweep``)."""
+    settings = result.settings
+    by_size = settings.get("gflop_per_image_by_size") or {}
+    native = "x".join(map(str, settings.get("native_size") or []))
+    fps = next((p.get("target_fps") for p in settings.get("size_sweep") or []), None)
+    lines = [f"Dice vs ref at native: against torch fp32 at {native}; keeps up: {fps:g} fps "
+             f"({'the clip' if settings.get('video') else 'colonoscopy video'}; video fps when measured, else the "
+             "model-only rate).", ""] if fps else []
+    rows = []
+    for p in settings.get("size_sweep") or []:
+        size = "x".join(map(str, p["image_size"]))
+        if p["status"] != "ok":
+            rows.append([size, p["backend"], p["precision"], _num(by_size.get(size), ".2f"), p["status"], "", "",
+                         "", "", p.get("reason") or "", ""])
+            continue
+        rows.append([size, p["backend"], p["precision"], _num(by_size.get(size), ".2f"), _num(p["throughput_ips"], ".1f"),
+                     _num(p["model_only_ips"], ".1f"), _num(p["video_fps"], ".1f"), _num(p["dice_vs_gt"], ".4f"),
+                     _num(p["dice_vs_native_reference"], ".4f"), _num(p["dice_vs_native_reference_min"], ".4f"),
+                     _keeps_up(p["keeps_up"])])
+    return lines + _md_table(SWEEP_HEADERS, rows, set(SWEEP_HEADERS) - {"backend", "precision", "keeps up"})
 
 
 def write_markdown(result: BenchResult, path: str | Path) -> Path:
@@ -273,6 +371,8 @@ def backend_color(backend: str) -> str:
 
 
 PRECISION_MARKERS = {"fp32": "o", "bf16": "s", "fp16": "^", "int8": "D"}
+#: The sweep plot's line style per precision (colour is the backend, as in the main plot).
+PRECISION_LINES = {"fp32": "-", "bf16": ":", "fp16": "-.", "int8": "--"}
 
 
 def _speedup(r: BenchRow, reference: BenchRow | None) -> float | None:
@@ -346,7 +446,7 @@ def plot_figure(result: BenchResult):
     """The bench plot as a matplotlib Figure: speed-up over the reference (x) against Dice vs the
     reference (y), one point per backend and precision (its fastest batch size), labelled; colour
     is the backend and marker the precision, both in legends; dashed vertical lines where a row
-    would run at the CPU's measured peak (f32, bf16); the axes end just past the data."""
+    would run at the CPU's measured peak (f32, bf16, int8 in GOP/s); the axes end just past the data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -372,7 +472,7 @@ def plot_figure(result: BenchResult):
             if isinstance(peak, dict) and peak.get("gflops"):
                 at = peak["gflops"] / reference.gflops_per_s
                 ax.axvline(at, color="0.35", lw=0.8, ls="--", zorder=1)
-                ax.annotate(f"{name} peak ({peak['gflops']:.0f} GFLOP/s)", (at, 0), xycoords=("data", "axes fraction"),
+                ax.annotate(f"{name} peak ({peak['gflops']:.0f} {peak.get('unit', 'GFLOP/s')})", (at, 0), xycoords=("data", "axes fraction"),
                             rotation=90, fontsize=7, color="0.35", ha="right", va="bottom", xytext=(-2, 2),
                             textcoords="offset points")  # at the bottom: the rows near Dice 1 are at the top
                 xs.append(at)
@@ -409,10 +509,64 @@ def plot_figure(result: BenchResult):
     return fig
 
 
+def sweep_figure(result: BenchResult):
+    """The input-size sweep as a matplotlib Figure: speed (x: video FPS when a clip was run, else the
+    model-only rate, images/s at batch 1) against Dice vs ground truth (left) and Dice vs the
+    reference at the native size (right); one line per backend/precision through its sizes, each
+    point labelled with its size; a dashed line at the frame rate to keep up with. A user picks the
+    operating point right of that line with the highest Dice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = [p for p in result.settings.get("size_sweep") or [] if p["status"] == "ok"]
+    video = bool(result.settings.get("video"))
+    fps = next((p["target_fps"] for p in result.settings.get("size_sweep") or []), 25.0)
+    fig = Figure(figsize=(11, 5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    native = "x".join(map(str, result.settings.get("native_size") or []))
+    axes = fig.subplots(1, 2, sharex=True)
+    for ax, key, label in ((axes[0], "dice_vs_gt", "Dice vs ground truth (original resolution)"),
+                           (axes[1], "dice_vs_native_reference", f"Dice vs torch fp32 at {native}")):
+        for name in dict.fromkeys((p["backend"], p["precision"]) for p in points):
+            line = sorted((p for p in points if (p["backend"], p["precision"]) == name
+                           and p[key] is not None and _sweep_speed(p, video) is not None),
+                          key=lambda p: p["image_size"][0])
+            if not line:
+                continue
+            xs = [_sweep_speed(p, video) for p in line]
+            ys = [p[key] for p in line]
+            ax.plot(xs, ys, color=backend_color(name[0]), marker=PRECISION_MARKERS.get(name[1], "o"), lw=1.2,
+                    ls=PRECISION_LINES.get(name[1], "-"),
+                    ms=6, label=f"{name[0]} {name[1]}", markeredgecolor="black", markeredgewidth=0.4)
+            for p, x, y in zip(line, xs, ys):
+                ax.annotate(str(p["image_size"][0]), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        ax.axvline(fps, color="0.35", lw=0.8, ls="--")
+        ax.annotate(f"{fps:g} fps", (fps, 0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                    color="0.35", ha="right", va="bottom", xytext=(-2, 2), textcoords="offset points")
+        ax.set_ylabel(label)
+        ax.set_xlabel("video fps (end to end)" if video else "model-only images/s (batch 1)")
+        ax.grid(True, alpha=0.3)
+    if points:
+        axes[1].legend(loc="lower left", fontsize=8, frameon=False, title="backend precision", title_fontsize=8)
+    else:
+        axes[0].text(0.5, 0.5, "no row was measured", ha="center", va="center", transform=axes[0].transAxes)
+    cpu = result.environment.get("cpu") or {}
+    fig.suptitle(f"resunetpp bench: input size sweep on {cpu.get('model') or 'unknown CPU'} "
+                 f"({cpu.get('cores')} logical cores); labels: input side", fontsize=9, x=0.01, ha="left")
+    return fig
+
+
+def _sweep_speed(point: dict, video: bool) -> float | None:
+    return point.get("video_fps") if video else point.get("model_only_ips")
+
+
 def write_plot(result: BenchResult, path: str | Path) -> Path:
-    """:func:`plot_figure` as a PNG, written atomically."""
+    """:func:`plot_figure` (:func:`sweep_figure` for an input-size sweep) as a PNG, written atomically."""
     path = Path(path)
-    fig = plot_figure(result)
+    fig = sweep_figure(result) if is_sweep(result) else plot_figure(result)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")

@@ -16,6 +16,19 @@ from resunetpp.errors import ResUNetError
 BenchDevice = choice_enum("BenchDevice", TORCH_DEVICES)
 
 
+def _bench_image_sizes(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes:
+        raise typer.BadParameter(f"expected sizes separated by commas (e.g. 256 or 160,192,224,256,320), got {text!r}",
+                                 param_hint="--image-size")
+    return sizes
+
+
 def _bench_batch_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(v) for v in text.split(",") if v.strip())
@@ -44,8 +57,11 @@ def bench_command(
     precisions: Annotated[Optional[list[str]], typer.Option(
         metavar="NAMES", help=f"Comma-separated or repeated: {', '.join(harness.precisions())} (default: all).")] = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8",
-    image_size: Annotated[Optional[int], typer.Option(
-        help="Network input side (a multiple of 8, at most 4096; default: the checkpoint's).")] = None,
+    image_size: Annotated[Optional[str], typer.Option(
+        metavar="S[,S...]", help="Network input side (a multiple of 8, at most 4096; default: the checkpoint's). "
+                                 "Several (e.g. 160,192,224,256,320): a sweep -- every row at each size on artifacts "
+                                 "exported once, with Dice vs ground truth and vs the reference at the checkpoint's "
+                                 "own size, and the accuracy/speed curve in --plot.")] = None,
     warmup_s: Annotated[float, typer.Option(min=0.0, help="Warm-up seconds before each timing (at most 3600).")] = 1.0,
     duration_s: Annotated[float, typer.Option(min=0.001, help="Seconds each timing window lasts (at most 3600).")] = 3.0,
     threads: Annotated[Optional[int], typer.Option(
@@ -70,6 +86,11 @@ def bench_command(
                                            "split is used); must not overlap the evaluation images.")] = None,
     end_to_end: Annotated[bool, typer.Option(
         "--end-to-end/--no-end-to-end", help="Also time the infer pipeline (decode to PNG) per row.")] = True,
+    video: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, metavar="CLIP",
+        help="Also run infer's video pipeline on this clip per row: end-to-end FPS, glass-to-glass latency "
+             "p50/p99, share of the model-only rate, per-frame Dice vs torch FP32, keeps up with its frame rate.")]
+    = None,
     reference: Annotated[Optional[Path], typer.Option(
         exists=True, dir_okay=False, help="With model files: measure accuracy and speed-up against this "
                                           "checkpoint or artifact (default: the first checkpoint given, else the "
@@ -85,6 +106,7 @@ def bench_command(
     from resunetpp.bench.harness import is_checkpoint, run_bench_files
 
     models = list(models or [])
+    sizes = _bench_image_sizes(image_size)
     try:
         files_mode = len(models) > 1 or reference is not None or (models and not is_checkpoint(models[0]))
     except ResUNetError as e:
@@ -92,7 +114,8 @@ def bench_command(
     options = BenchOptions(
         model=None if files_mode or not models else models[0], data=data, split=split, backends=comma_list(backends, harness.backends(), "--backends"),
         precisions=comma_list(precisions, harness.precisions(), "--precisions"), batch_sizes=_bench_batch_sizes(batch_sizes),
-        image_size=image_size, warmup_s=warmup_s, duration_s=duration_s, threads=threads, device=device.value,
+        image_size=sizes[0] if sizes and len(sizes) == 1 else None,
+        image_sizes=sizes if sizes and len(sizes) > 1 else None, video=video, warmup_s=warmup_s, duration_s=duration_s, threads=threads, device=device.value,
         artifacts=artifacts, calib=calib, end_to_end=end_to_end)
     try:
         progress = RichReporter(Console(stderr=True)) if sys.stderr.isatty() \

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from resunetpp import engines
 from resunetpp.bench import harness
 from resunetpp.bench.artifacts import MARKER, plan_images
+from resunetpp.bench.peak import INT8_PEAK_SHAPES
 from resunetpp.bench.harness import (MATRIX, NONFINITE, BenchOptions, BenchRow, EvalData, NonFiniteResult,
                                 Settings, bench_engine, gate_failures, measure_accuracy, measure_latency,
                                 plan_targets, run_bench)
@@ -157,14 +158,28 @@ def test_rates_read_against_the_measured_cpu_peak(case):
     for label in ("torch fp32", "onnxruntime fp32", "openvino fp32"):
         r = rows[(label, 1)]
         assert r.peak_pct == pytest.approx(100 * r.gflops_per_s / peaks["f32"]["gflops"]), label
-    assert rows[("openvino int8", 1)].peak_pct is None and rows[("onnxruntime int8", 1)].peak_pct is None
+    # issue 19: the INT8 peak, measured on a quantized convolution that really runs in int8
+    int8 = peaks["int8"]
+    assert int8["runtime_precision"] in ("u8", "i8") and int8["unit"] == "GOP/s" and int8["gops"] == int8["gflops"] > 0
+    assert int8["kernel"] and "f32" not in int8["kernel"] and int8["threads"] == 1
+    assert tuple(int8["shape"]) in INT8_PEAK_SHAPES and set(int8["by_shape"]) == {
+        "x".join(map(str, s)) for s in INT8_PEAK_SHAPES} and max(int8["by_shape"].values()) == round(int8["gops"], 1)
+    assert peaks["f32"]["runtime_precision"] == "f32"
+    r = rows[("openvino int8", 1)]
+    assert r.peak_pct == pytest.approx(100 * r.gflops_per_s / int8["gops"])
+    assert rows[("onnxruntime int8", 1)].peak_pct is None  # float convolutions on dequantized values
     if ("openvino bf16", 1) in rows and rows[("openvino bf16", 1)].ok:
         assert rows[("openvino bf16", 1)].peak_pct == pytest.approx(
             100 * rows[("openvino bf16", 1)].gflops_per_s / peaks["bf16"]["gflops"])
-    assert any(n.startswith("peak: f32 ") for n in result.notes)
+    assert any(n.startswith("peak: f32 ") and f"int8 {int8['gops']:.0f} GOP/s ({int8['kernel']}" in n
+               for n in result.notes)
     md = write_markdown(result, case["root"] / "peak.md").read_text()
-    r = rows[("openvino fp32", 1)]
-    assert f"| {r.gflops_per_s:.0f} ({r.peak_pct:.0f}%) |" in md
+    for label in ("openvino fp32", "openvino int8"):
+        r = rows[(label, 1)]
+        assert f"| {r.gflops_per_s:.0f} ({r.peak_pct:.0f}%) |" in md
+    assert f"int8 {int8['gops']:.0f} GOP/s ({int8['kernel']} in {int8['runtime_precision']}" in md
+    data = json.loads(write_json(result, case["root"] / "peak.json").read_text())
+    assert data["environment"]["cpu_peak"]["int8"]["kernel"] == int8["kernel"]
 
 
 def test_arithmetic_precision_of_rows():
@@ -173,7 +188,8 @@ def test_arithmetic_precision_of_rows():
 
     assert harness.arithmetic_precision(row("openvino", "fp32", precision_hint="f32")) == "f32"
     assert harness.arithmetic_precision(row("openvino", "fp16", precision_hint="bf16")) == "bf16"
-    assert harness.arithmetic_precision(row("openvino", "int8", precision_hint="f32")) is None
+    assert harness.arithmetic_precision(row("openvino", "int8", precision_hint="f32")) == "int8"
+    assert harness.arithmetic_precision(row("onnxruntime", "int8", providers=["CPUExecutionProvider"])) is None
     assert harness.arithmetic_precision(row("torch", "bf16")) == "bf16"
     assert harness.arithmetic_precision(row("torch", "fp32", device="cuda")) is None
     assert harness.arithmetic_precision(row("onnxruntime", "fp32", "auto", providers=["CPUExecutionProvider"])) == "f32"
@@ -186,6 +202,12 @@ def test_arithmetic_precision_of_rows():
     harness.add_speedups(rows, 10**10, {"f32": {"gflops": 40.0}, "bf16": {"gflops": 100.0}})
     assert [r.gflops_per_s for r in rows] == [20.0, 80.0] and [r.peak_pct for r in rows] == [50.0, 80.0]
     assert rows[1].speedup == 4.0
+    q = [BenchRow("openvino", "int8", device="cpu", batch_size=1, throughput_ips=30.0)]
+    harness.add_speedups(q, 10**10, {"f32": {"gflops": 40.0}, "int8": {"gflops": 600.0, "gops": 600.0}})
+    assert q[0].peak_pct == 50.0  # against the int8 peak, not f32's
+    q = [BenchRow("openvino", "int8", device="cpu", batch_size=1, throughput_ips=30.0)]
+    harness.add_speedups(q, 10**10, {"f32": {"gflops": 40.0}})
+    assert q[0].gflops_per_s == 300.0 and q[0].peak_pct is None  # no int8 peak measured: no share
 
 
 def test_conv_peak_measures_the_requested_precision():
@@ -196,6 +218,37 @@ def test_conv_peak_measures_the_requested_precision():
     small = (1, 16, 16, 16, 3)
     got = conv_peak("f32", threads=1, seconds=0.05, shape=small)
     assert got["gflops"] > 0 and got["kernel"].endswith("_f32") and got["threads"] == 1 and got["shape"] == list(small)
+    assert got["runtime_precision"] == "f32" and "gops" not in got
+    q = conv_peak("int8", threads=1, seconds=0.05, shape=small)
+    assert q["runtime_precision"] in ("u8", "i8") and q["gops"] == q["gflops"] > 0 and q["unit"] == "GOP/s"
+    assert q["kernel"] and "f32" not in q["kernel"] and q["threads"] == 1
+
+
+def test_an_int8_peak_that_runs_in_float_is_refused(monkeypatch):
+    """A quantized convolution the plugin leaves in float is no INT8 peak: it is left out, with why,
+    and the f32 peak stands."""
+    pytest.importorskip("openvino")
+    import dataclasses as dc
+
+    from resunetpp.bench import peak
+    from resunetpp.engines import openvino_engine
+
+    real = openvino_engine.compile_conv
+
+    def float_int8(shape, precision="f32", threads=None):
+        conv = real((1, 8, 8, 8, 3), "f32" if precision == "int8" else precision, threads)
+        return dc.replace(conv, kernel="jit_avx2_f32") if precision == "int8" else conv
+
+    monkeypatch.setattr(openvino_engine, "compile_conv", float_int8)
+    problems: dict = {}
+    got = peak.cpu_peaks(threads=1, bf16=False, seconds=0.02, int8=True, problems=problems)
+    assert set(got) == {"f32"} and "in f32, not in int8" in problems["int8"]
+    with pytest.raises(ResUNetError, match="not in int8"):
+        peak.conv_peak("int8", threads=1, seconds=0.01)
+    notes: list = []
+    rows = [BenchRow("openvino", "int8", device="cpu", batch_size=1, throughput_ips=1.0)]
+    got = harness.measure_peaks(rows, 1, {}, notes, seconds=0.02)
+    assert set(got) == {"f32"} and any(n.startswith("the CPU's int8 peak could not be measured") for n in notes)
 
 
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="measured from /proc/stat (Linux)")
