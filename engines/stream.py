@@ -39,7 +39,7 @@ import numpy as np
 
 from resunetpp.engines.base import Engine, NonFiniteOutputError
 from resunetpp.errors import InputFileError, ResUNetError
-from resunetpp.frame_overlay import overlay_frame
+from resunetpp.outputs import overlay_array
 from resunetpp.preprocess import probs_to_mask
 
 __all__ = ["DROP_POLICIES", "StreamOptions", "StreamResult", "StreamRun", "StreamStats", "open_frames",
@@ -427,7 +427,7 @@ class StreamRun:
                 h, w = image.shape[:2]
                 mask = self._mask(work.probs, h, w)
                 work.probs = None
-                work.overlay = overlay_frame(image, mask, self.num_classes)
+                work.overlay = overlay_array(image, mask, self.num_classes)
                 if self.size is None:
                     self.size = (w, h)
                 if self.publish is not None:
@@ -648,7 +648,7 @@ def _warm_up(engine: Engine, height: int, width: int, threshold: float) -> None:
     probs = engine.predict(pre.apply(blank)[None])[0]
     mask = probs_to_mask(pre.restore(probs, height, width), threshold)
     mask[: max(1, height // 4), : max(1, width // 4)] = 1
-    overlay_frame(blank, mask, engine.num_classes)
+    overlay_array(blank, mask, engine.num_classes)
 
 
 def open_frames(source: str, **kwargs: Any) -> FrameSource:

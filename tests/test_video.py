@@ -338,16 +338,32 @@ def test_video_container_suffixes_and_urls() -> None:
     assert video.is_url("rtsp://cam/1") and video.is_url("udp://@:1234") and not video.is_url("clip.mp4")
 
 
-def test_overlay_array_is_overlay_image() -> None:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    mask = np.zeros((40, 50), np.uint8)
-    mask[10:30, 5:25] = 1
-    arr = overlay_array(image, mask, 1)
-    assert arr.shape == (40, 50, 3) and arr.dtype == np.uint8
-    np.testing.assert_array_equal(arr, np.asarray(overlay_image(image, mask, 1)))
-    assert (arr[0, 0] == image[0, 0]).all() and not (arr[20, 15] == image[20, 15]).all()
+@pytest.mark.parametrize("shape,classes", [((40, 60), 1), ((100, 37), 3), ((600, 700), 1), ((9, 17), 3), ((530, 300), 4)])
+def test_overlay_array_and_image_are_the_pil_reference(shape: tuple[int, int], classes: int) -> None:
+    """overlay_array (frames) and overlay_image (PNGs) give the pixels of the whole-image float
+    blend with PIL's rank filters: empty masks, rectangles touching the borders, scattered pixels,
+    several bands of rows (the work is done only where the mask reaches)."""
+    from test_hardening_ii import overlay_before  # the PIL reference
 
+    rng = np.random.default_rng(sum(shape) + classes)
+    for trial in range(6):
+        image = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+        mask = np.zeros(shape, np.uint8)
+        for _ in range(3):  # rectangles, some touching the borders
+            a, b = sorted(rng.integers(0, shape[0], 2))
+            c, d = sorted(rng.integers(0, shape[1], 2))
+            mask[a:b + 1, c:d + 1] = rng.integers(1, max(2, classes))
+        if trial == 0:
+            mask[:] = 0
+        if trial == 1:
+            mask = (rng.random(shape) > 0.7).astype(np.uint8)
+        expected = np.asarray(overlay_before(image, mask, classes))
+        arr = overlay_array(image, mask, classes)
+        assert arr.shape == (*shape, 3) and arr.dtype == np.uint8
+        assert np.array_equal(arr, expected)
+        assert np.array_equal(np.asarray(overlay_image(image, mask, classes)), expected)
+    with pytest.raises(ValueError, match="differ in size"):
+        overlay_array(image, mask[1:], classes)
 
 def test_reader_thread_is_a_daemon_and_iterates_once(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "c.mp4", n=3)
