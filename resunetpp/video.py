@@ -408,18 +408,27 @@ class VideoReader:
             raise InputFileError(self.source, f"no frame decodes ({problem})")
 
     def close(self) -> None:
-        """Stop the decode thread (promptly: it checks between frames) and close the container."""
+        """Stop the decode thread (promptly: it checks between frames) and close the container.
+
+        A thread iterating the reader meanwhile stops too: the stopped decoder queues no end
+        marker, so close() queues one (after the frames still queued are dropped)."""
         self._stop.set()
-        while True:  # unblock a decoder waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        self._drain()  # unblock a decoder waiting on a full queue
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         if self._thread is None or not self._thread.is_alive():
             with contextlib.suppress(Exception):
                 self._container.close()
+        self._drain()  # a frame the decoder queued before it saw the stop
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_END)  # wake a consumer blocked in __iter__
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
 
     def __enter__(self) -> "VideoReader":
         return self

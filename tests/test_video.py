@@ -167,6 +167,29 @@ def test_reader_queue_is_bounded_and_close_stops_the_thread(tmp_path: Path) -> N
     assert not reader._thread.is_alive()
 
 
+@pytest.mark.parametrize("queue_size", [1, 8])
+def test_close_wakes_a_thread_iterating_the_reader(tmp_path: Path, queue_size: int) -> None:
+    """A consumer thread blocked waiting for the next (paced) frame finishes when another thread
+    closes the reader: close() queues the end marker the stopped decoder does not."""
+    clip = make_clip(tmp_path / "c.mp4", n=50, fps=5)  # 10 s of frames, one every 0.2 s
+    reader = video.VideoReader(clip, realtime=True, queue_size=queue_size)
+    got: list[int] = []
+    first = threading.Event()
+
+    def consume() -> None:
+        for frame in reader:
+            got.append(frame.index)
+            first.set()
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    assert first.wait(5.0)
+    reader.close()
+    consumer.join(timeout=1.0)
+    assert not consumer.is_alive()
+    assert 1 <= len(got) < 50
+
+
 def test_reader_realtime_paces_at_the_native_rate(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "c.mp4", n=6, fps=10)
     start = time.perf_counter()
