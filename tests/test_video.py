@@ -297,6 +297,37 @@ def test_writer_round_trip_keeps_count_size_rate_and_colours(tmp_path: Path) -> 
         assert c.streams.video[0].pix_fmt == "yuv420p" and not c.streams.audio
 
 
+def _frame_times(path: Path) -> list[float]:
+    import av
+
+    with av.open(str(path)) as container:
+        return [float(f.time) for f in container.decode(video=0)]
+
+
+def test_writer_timestamps_nominal_rate_and_given_times(tmp_path: Path) -> None:
+    """write(image): one tick of 1/fps after the previous frame; write(image, pts_s): at that time
+    (rounded to a tick; one rounding onto the previous tick moves to the next); the two mix."""
+    frame = np.zeros((48, 64, 3), np.uint8)
+    nominal = tmp_path / "nominal.mp4"
+    with video.VideoWriter(nominal, 64, 48, Fraction(25)) as w:
+        for _ in range(4):
+            w.write(frame)
+        assert w.last_pts_s == pytest.approx(0.12)
+    assert _frame_times(nominal) == pytest.approx([0.0, 0.04, 0.08, 0.12])
+
+    timed = tmp_path / "timed.mp4"
+    with video.VideoWriter(timed, 64, 48, Fraction(25)) as w:
+        assert w.last_pts_s is None
+        for t in (0.0, 0.2, 0.21, 1.0):  # 0.21 rounds onto 0.2's tick: the next one, 0.24
+            w.write(frame, t)
+        w.write(frame)  # then the nominal rate again
+        for bad in (1.0, 0.5, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="timestamp"):
+                w.write(frame, bad)
+        assert w.frames_written == 5
+    assert _frame_times(timed) == pytest.approx([0.0, 0.2, 0.24, 1.0, 1.04])
+
+
 def test_writer_odd_size_kept_exactly_as_yuv444p(tmp_path: Path) -> None:
     out = tmp_path / "odd.mkv"
     with video.VideoWriter(out, 63, 47, Fraction(30000, 1001)) as w:
