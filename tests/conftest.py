@@ -130,3 +130,22 @@ def fitted_checkpoint(data: Path, path: Path, *, steps: int = 15, size: int = 32
 @pytest.fixture
 def tiny_ckpt(tmp_path: Path) -> Path:
     return tiny_checkpoint(tmp_path / "tiny.safetensors")
+
+
+def mux_silence(container, stream) -> None:
+    """Encode one frame of silence (1024 mono samples) into the PyAV audio ``stream`` and flush it."""
+    import av
+
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+    frame.sample_rate = stream.rate
+    for packet in [*stream.encode(frame), *stream.encode()]:
+        container.mux(packet)
+
+
+def make_audio_only(path: Path, format: str | None = None) -> Path:
+    """A file with one AAC audio stream and no video (a video input's "only audio" case)."""
+    import av
+
+    with av.open(str(path), "w", format=format) as container:
+        mux_silence(container, container.add_stream("aac", rate=8000))
+    return path

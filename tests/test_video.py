@@ -14,6 +14,7 @@ import pytest
 
 av = pytest.importorskip("av")
 
+from conftest import make_audio_only, mux_silence  # noqa: E402
 from resunetpp import video  # noqa: E402
 from resunetpp.atomic import clean_stale_temporaries, is_stale_temporary  # noqa: E402
 from resunetpp.errors import InputFileError, ResUNetError  # noqa: E402
@@ -49,12 +50,7 @@ def make_clip(path: Path, n: int = 10, w: int = 64, h: int = 48, fps: int = 25, 
     for p in s.encode():
         c.mux(p)
     if a is not None:
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        fr.sample_rate = 8000
-        for p in a.encode(fr):
-            c.mux(p)
-        for p in a.encode():
-            c.mux(p)
+        mux_silence(c, a)
     c.close()
     return path
 
@@ -94,14 +90,7 @@ def test_probe_and_reader_refuse_in_one_line(tmp_path: Path, case: str, problem:
     elif case == "text":
         path.write_text("this is not a video\n" * 50)
     elif case == "audio":
-        path = tmp_path / "x.m4a"
-        c = av.open(str(path), "w")
-        s = c.add_stream("aac", rate=8000)
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        fr.sample_rate = 8000
-        for p in [*s.encode(fr), *s.encode()]:
-            c.mux(p)
-        c.close()
+        path = make_audio_only(tmp_path / "x.m4a")
     elif case == "codec":  # an H.264 clip whose sample entry says a codec FFmpeg does not know
         data = make_clip(tmp_path / "ok.mp4").read_bytes()
         assert data.count(b"avc1") >= 1
