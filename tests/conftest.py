@@ -149,3 +149,24 @@ def make_audio_only(path: Path, format: str | None = None) -> Path:
     with av.open(str(path), "w", format=format) as container:
         mux_silence(container, container.add_stream("aac", rate=8000))
     return path
+
+
+def overlay_before(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.4) -> Image.Image:
+    """The overlay as it was computed before issue 20 (whole-image float temporaries, PIL's rank
+    filters): the pixel reference for resunetpp.outputs.overlay_image / overlay_array."""
+    from PIL import ImageFilter
+
+    from resunetpp.outputs import palette
+
+    rgb_ = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+    colors = palette(num_classes).astype(np.float32)
+    out = rgb_.astype(np.float32)
+    inside = mask > 0
+    out[inside] = out[inside] * (1.0 - alpha) + colors[mask[inside]] * alpha
+    width = 3 if min(mask.shape) < 512 else 5
+    m = Image.fromarray(mask.astype(np.uint8), "L")
+    hi = np.asarray(m.filter(ImageFilter.MaxFilter(width)))
+    lo = np.asarray(m.filter(ImageFilter.MinFilter(width)))
+    edge = (hi != lo) & (hi > 0)
+    out[edge] = colors[hi[edge]]
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")

@@ -386,7 +386,7 @@ def test_overlay_array_and_image_are_the_pil_reference(shape: tuple[int, int], c
     """overlay_array (frames) and overlay_image (PNGs) give the pixels of the whole-image float
     blend with PIL's rank filters: empty masks, rectangles touching the borders, scattered pixels,
     several bands of rows (the work is done only where the mask reaches)."""
-    from test_hardening_ii import overlay_before  # the PIL reference
+    from conftest import overlay_before  # the PIL reference
 
     rng = np.random.default_rng(sum(shape) + classes)
     for trial in range(6):
