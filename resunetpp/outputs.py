@@ -104,8 +104,9 @@ def _overlay_bands(image: np.ndarray, mask: np.ndarray, num_classes: int,
     """``(first row, uint8 RGB band)`` of the overlay, :data:`OVERLAY_BAND_ROWS` rows at a time.
 
     A band with no foreground within the outline's reach is the image's rows as they are (a video
-    frame is mostly background); elsewhere the work is done only in the columns the foreground
-    spans (plus the outline's halo), the rest of the band being a copy: each pixel's blended value
+    frame is mostly background); elsewhere the work is done only in the box of rows and columns
+    the foreground spans (plus the outline's halo), the rest of the band being a copy (the cost
+    follows the polyp's area, not the frame's): each pixel's blended value
     is looked up in :func:`_blend_table` by (class, value) -- the float32 blend's own results,
     tabulated, so the pixels are the same as computing it (about 5x faster on a 720p frame).
     """
@@ -122,21 +123,25 @@ def _overlay_bands(image: np.ndarray, mask: np.ndarray, num_classes: int,
         rgb = np.repeat(band, 3, axis=2) if band.shape[2] == 1 else band[:, :, :3]
         lo_row, hi_row = max(0, r0 - halo), min(height, r1 + halo)
         m = mask[lo_row:hi_row].astype(np.uint8)
-        cols = np.flatnonzero(m.any(axis=0))
-        if cols.size == 0:
+        rows = np.flatnonzero(m.any(axis=1))
+        if rows.size == 0:
             yield r0, np.ascontiguousarray(rgb)
             continue
-        # columns the outline can reach, and the columns its square filter reads for them (a
-        # crop's replicated edge is only used where it is the image's edge)
+        cols = np.flatnonzero(m.any(axis=0))
+        # the box the fill and the outline can reach (band coordinates), and the box the outline's
+        # square filter reads for it (``m`` coordinates; a crop's replicated edge is only used where
+        # it is the image's edge)
+        y0, y1 = max(0, lo_row + int(rows[0]) - halo - r0), min(r1 - r0, lo_row + int(rows[-1]) + 1 + halo - r0)
         x0, x1 = max(0, int(cols[0]) - halo), min(width, int(cols[-1]) + 1 + halo)
-        px0, px1 = max(0, x0 - halo), min(width, x1 + halo)
         out = np.array(rgb, dtype=np.uint8, order="C")
-        sub = out[:, x0:x1]
-        idx = mask[r0:r1, x0:x1].astype(np.uint16)[:, :, None] * np.uint16(256) + rgb[:, x0:x1]
+        py0, py1 = max(0, r0 + y0 - halo - lo_row), min(hi_row - lo_row, r0 + y1 + halo - lo_row)
+        px0, px1 = max(0, x0 - halo), min(width, x1 + halo)
+        sub = out[y0:y1, x0:x1]
+        idx = mask[r0 + y0:r0 + y1, x0:x1].astype(np.uint16)[:, :, None] * np.uint16(256) + rgb[y0:y1, x0:x1]
         for ch, table in enumerate(lut):  # (class, value) -> the blended value; class 0 keeps it
             np.take(table, idx[:, :, ch], out=sub[:, :, ch])
-        keep = (slice(r0 - lo_row, r0 - lo_row + (r1 - r0)), slice(x0 - px0, x1 - px0))
-        crop = m[:, px0:px1]
+        keep = (slice(r0 + y0 - lo_row - py0, r0 + y1 - lo_row - py0), slice(x0 - px0, x1 - px0))
+        crop = m[py0:py1, px0:px1]
         hi = square_filter(crop, size, np.maximum)[keep]
         lo = square_filter(crop, size, np.minimum)[keep]
         edge = (hi != lo) & (hi > 0)

@@ -400,6 +400,11 @@ def test_overlay_array_and_image_are_the_pil_reference(shape: tuple[int, int], c
             mask[:] = 0
         if trial == 1:
             mask = (rng.random(shape) > 0.7).astype(np.uint8)
+        if trial == 2:  # a line just past the first band of rows, one just before it, the last column
+            mask[:] = 0
+            mask[min(257, shape[0] - 1), : shape[1] // 2] = 1
+            mask[max(0, min(253, shape[0] - 3)), shape[1] // 3:] = max(1, classes - 1)
+            mask[:, -1] = 1
         expected = np.asarray(overlay_before(image, mask, classes))
         arr = overlay_array(image, mask, classes)
         assert arr.shape == (*shape, 3) and arr.dtype == np.uint8
