@@ -62,7 +62,7 @@ def infer_command(
     """Segment images with any engine; write masks at the original resolution."""
     from rich.console import Console
 
-    from resunetpp.defaults import default_model_path
+    from resunetpp.defaults import resolve_model
     from resunetpp.engines.infer import InferOptions, infer_path, summary_table
 
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -85,11 +85,7 @@ def infer_command(
         out = next_run_folder(Path("runs") / "infer")
         typer.echo(f"writing to {out}", err=True)
     try:
-        if model == "default":
-            shipped = default_model_path()
-            if shipped is None:
-                raise ResUNetError("MODEL 'default': this install ships no default model; pass a model file")
-            model = str(shipped)
+        model = str(resolve_model(model))
         options = InferOptions(out=out, batch_size=batch_size, overlay=overlay, save_probs=save_probs,
                                probs_dtype=probs_dtype.value, tta=tta, save_masks=save_masks, threshold=threshold,
                                threads=threads, input_warnings=input_warnings)

@@ -62,7 +62,7 @@ def stream_command(
     """Segment a live source frame by frame: overlay file, MJPEG page, live FPS/latency/drops."""
     from rich.console import Console
 
-    from resunetpp.defaults import default_model_path
+    from resunetpp.defaults import resolve_model
     from resunetpp.engines.stream import StreamOptions, stream_source
 
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -74,11 +74,7 @@ def stream_command(
         live = Live(Text("stream: opening the source, loading the model"), console=err_console, refresh_per_second=2, transient=True)
     tick = (lambda snap: live.update(Text(live_text(snap)))) if live is not None else None
     try:
-        if model == "default":
-            shipped = default_model_path()
-            if shipped is None:
-                raise ResUNetError("MODEL 'default': this install ships no default model; pass a model file")
-            model = str(shipped)
+        model = str(resolve_model(model))
         options = StreamOptions(drop=drop.value, out=out, frames=frames, threshold=threshold)
         with sigterm_as_interrupt():
             if live is not None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from resunetpp.defaults import default_model_path
+from resunetpp.defaults import resolve_model
 from resunetpp.engines.base import Engine
 from resunetpp.errors import ResUNetError
 from resunetpp.imageio import read_image
@@ -144,11 +144,7 @@ def load(model: str | Path = "default", *, backend: str = "auto", device: str | 
     ``input_warnings=False`` silences the one warning about a grayscale or tiny image."""
     from resunetpp import engines
 
-    if str(model) == "default":
-        shipped = default_model_path()
-        if shipped is None:
-            raise ResUNetError("model 'default': this install ships no default model; pass a model file")
-        model = shipped
+    model = resolve_model(model, "model")
     engine = engines.open(model, backend=backend, device=device, **options)
     try:
         engine.load()

@@ -39,7 +39,7 @@ import numpy as np
 
 from resunetpp.engines.base import Engine, NonFiniteOutputError
 from resunetpp.errors import InputFileError, ResUNetError
-from resunetpp.frame_overlay import overlay_frame
+from resunetpp.outputs import overlay_array
 from resunetpp.preprocess import probs_to_mask
 
 __all__ = ["DROP_POLICIES", "StreamOptions", "StreamResult", "StreamRun", "StreamStats", "open_frames",
@@ -282,39 +282,12 @@ class _Queue:
 
 # ---- the output file ---------------------------------------------------------------------------------------
 def _open_writer(path: Path, width: int, height: int, fps: float | Fraction | None, preset: str):
-    """A :class:`~resunetpp.video.VideoWriter` whose frames carry their source timestamps."""
+    """A :class:`~resunetpp.video.VideoWriter` at the source's rate (25 when it has none); the run
+    writes each frame at its source timestamp (``write(image, pts_s)``)."""
     from resunetpp.video import VideoWriter
 
-    class TimedWriter(VideoWriter):
-        """Frames at ``pts`` ticks of 1/fps (the source's frame slots), so skipped (dropped)
-        frames leave the timing honest instead of speeding the video up."""
-
-        last_pts = -1
-
-        def write_at(self, image: np.ndarray, seconds: float) -> None:
-            import av
-
-            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8
-                    and image.shape == (self.height, self.width, 3)):
-                raise ValueError(f"{self.path}: frame is {getattr(image, 'shape', None)}, expected "
-                                 f"({self.height}, {self.width}, 3) uint8")
-            pts = max(int(round(seconds * float(self.fps))), self.last_pts + 1)
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts = pts
-            frame.time_base = Fraction(1) / self.fps
-            try:
-                for packet in self._stream.encode(frame):
-                    self._container.mux(packet)
-            except OSError as e:
-                from resunetpp.atomic import write_problem
-                from resunetpp.errors import OutputWriteError
-
-                raise OutputWriteError(self.path, write_problem(e), e.errno, e.strerror) from None
-            self.last_pts = pts
-            self.frames_written += 1
-
     rate = fps if fps and float(fps) > 0 else 25
-    return TimedWriter(path, width, height, rate, preset=preset)
+    return VideoWriter(path, width, height, rate, preset=preset)
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
@@ -427,7 +400,7 @@ class StreamRun:
                 h, w = image.shape[:2]
                 mask = self._mask(work.probs, h, w)
                 work.probs = None
-                work.overlay = overlay_frame(image, mask, self.num_classes)
+                work.overlay = overlay_array(image, mask, self.num_classes)
                 if self.size is None:
                     self.size = (w, h)
                 if self.publish is not None:
@@ -457,7 +430,11 @@ class StreamRun:
                 h, w = work.overlay.shape[:2]
                 self.writer = _open_writer(self.opt.out, w, h, self.source_fps, self.opt.preset)
                 self._first_pts = frame.pts_s
-            self.writer.write_at(work.overlay, frame.pts_s - self._first_pts)
+            t = frame.pts_s - self._first_pts
+            last = self.writer.last_pts_s
+            if last is not None and not t > last:
+                t = None  # a source timestamp that does not advance: the next tick
+            self.writer.write(work.overlay, t)
             self.stats.output_done(frame.decoded_at)
 
     # ---- control --------------------------------------------------------------------------------
@@ -648,7 +625,7 @@ def _warm_up(engine: Engine, height: int, width: int, threshold: float) -> None:
     probs = engine.predict(pre.apply(blank)[None])[0]
     mask = probs_to_mask(pre.restore(probs, height, width), threshold)
     mask[: max(1, height // 4), : max(1, width // 4)] = 1
-    overlay_frame(blank, mask, engine.num_classes)
+    overlay_array(blank, mask, engine.num_classes)
 
 
 def open_frames(source: str, **kwargs: Any) -> FrameSource:

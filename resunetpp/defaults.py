@@ -21,6 +21,19 @@ def default_model_path() -> Path | None:
     return DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None
 
 
+def resolve_model(model: str | Path, name: str = "MODEL") -> str | Path:
+    """``model`` itself, or the shipped checkpoint's path when it is ``"default"`` (one line naming
+    ``name`` -- the argument as the user wrote it -- when this install ships none)."""
+    if str(model) != "default":
+        return model
+    shipped = default_model_path()
+    if shipped is None:
+        from resunetpp.errors import ResUNetError
+
+        raise ResUNetError(f"{name} 'default': this install ships no default model; pass a model file")
+    return str(shipped)
+
+
 def default_data_path() -> Path | None:
     """The shipped sample images (Kvasir-SEG layout), or ``None`` when this install has none."""
     return DEFAULT_DATA if DEFAULT_DATA.is_dir() else None

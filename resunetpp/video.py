@@ -408,18 +408,27 @@ class VideoReader:
             raise InputFileError(self.source, f"no frame decodes ({problem})")
 
     def close(self) -> None:
-        """Stop the decode thread (promptly: it checks between frames) and close the container."""
+        """Stop the decode thread (promptly: it checks between frames) and close the container.
+
+        A thread iterating the reader meanwhile stops too: the stopped decoder queues no end
+        marker, so close() queues one (after the frames still queued are dropped)."""
         self._stop.set()
-        while True:  # unblock a decoder waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        self._drain()  # unblock a decoder waiting on a full queue
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         if self._thread is None or not self._thread.is_alive():
             with contextlib.suppress(Exception):
                 self._container.close()
+        self._drain()  # a frame the decoder queued before it saw the stop
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_END)  # wake a consumer blocked in __iter__
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
 
     def __enter__(self) -> "VideoReader":
         return self
@@ -458,6 +467,8 @@ class VideoWriter:
         self.width, self.height, self.fps = int(width), int(height), rate
         self.pix_fmt = pix_fmt or ("yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p")
         self.frames_written = 0
+        self._last_pts = -1  # the last frame's tick of 1/fps
+        self._last_pts_s: float | None = None  # and its time in seconds
         self._closed = False
         suffix = self.path.suffix.lower()
         fmt = CONTAINER_FORMATS.get(suffix)
@@ -493,8 +504,17 @@ class VideoWriter:
                                    f"({getattr(e, 'strerror', None) or e})") from None
             raise
 
-    def write(self, image: np.ndarray) -> None:
-        """Encode one ``(H, W, 3)`` uint8 RGB frame of the writer's size."""
+    def write(self, image: np.ndarray, pts_s: float | None = None) -> None:
+        """Encode one ``(H, W, 3)`` uint8 RGB frame of the writer's size.
+
+        Timestamps count in ticks of ``1/fps``. ``pts_s=None``: the frame is shown one tick after
+        the previous one (a constant-rate video at the nominal rate). ``pts_s`` given: the frame is
+        shown at that presentation time in seconds from the start of the file (a live source's
+        timestamps, so frames skipped by a drop policy leave the timing honest instead of speeding
+        the video up: a variable-rate file). Timestamps must be strictly increasing (a
+        ``ValueError`` otherwise); each is rounded to the nearest tick, and one that rounds onto
+        the previous frame's tick (a source faster than ``fps``) is moved to the next tick.
+        """
         import av
 
         if self._closed:
@@ -503,15 +523,32 @@ class VideoWriter:
                 and image.shape == (self.height, self.width, 3)):
             got = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
             raise ValueError(f"{self.path}: frame is {got}, expected ({self.height}, {self.width}, 3) uint8")
+        if pts_s is None:
+            pts = self._last_pts + 1
+        else:
+            pts_s = float(pts_s)
+            if not np.isfinite(pts_s) or pts_s < 0:
+                raise ValueError(f"{self.path}: timestamp {pts_s} s is not a time from the start of the file")
+            if self._last_pts_s is not None and pts_s <= self._last_pts_s:
+                raise ValueError(f"{self.path}: timestamp {pts_s} s is not after the previous frame's "
+                                 f"({self._last_pts_s} s)")
+            pts = max(int(round(pts_s * self.fps)), self._last_pts + 1)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-        frame.pts = self.frames_written
+        frame.pts = pts
         frame.time_base = Fraction(1) / self.fps
         try:
             for packet in self._stream.encode(frame):
                 self._container.mux(packet)
         except OSError as e:
             raise OutputWriteError(self.path, write_problem(e), e.errno, e.strerror) from None
+        self._last_pts = pts
+        self._last_pts_s = pts_s if pts_s is not None else float(pts / self.fps)
         self.frames_written += 1
+
+    @property
+    def last_pts_s(self) -> float | None:
+        """The presentation time (seconds) of the last frame written; None before the first."""
+        return self._last_pts_s
 
     def close(self) -> None:
         """Flush the encoder, finish the container and rename it onto :attr:`path` (idempotent).

@@ -130,3 +130,43 @@ def fitted_checkpoint(data: Path, path: Path, *, steps: int = 15, size: int = 32
 @pytest.fixture
 def tiny_ckpt(tmp_path: Path) -> Path:
     return tiny_checkpoint(tmp_path / "tiny.safetensors")
+
+
+def mux_silence(container, stream) -> None:
+    """Encode one frame of silence (1024 mono samples) into the PyAV audio ``stream`` and flush it."""
+    import av
+
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+    frame.sample_rate = stream.rate
+    for packet in [*stream.encode(frame), *stream.encode()]:
+        container.mux(packet)
+
+
+def make_audio_only(path: Path, format: str | None = None) -> Path:
+    """A file with one AAC audio stream and no video (a video input's "only audio" case)."""
+    import av
+
+    with av.open(str(path), "w", format=format) as container:
+        mux_silence(container, container.add_stream("aac", rate=8000))
+    return path
+
+
+def overlay_before(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.4) -> Image.Image:
+    """The overlay as it was computed before issue 20 (whole-image float temporaries, PIL's rank
+    filters): the pixel reference for resunetpp.outputs.overlay_image / overlay_array."""
+    from PIL import ImageFilter
+
+    from resunetpp.outputs import palette
+
+    rgb_ = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+    colors = palette(num_classes).astype(np.float32)
+    out = rgb_.astype(np.float32)
+    inside = mask > 0
+    out[inside] = out[inside] * (1.0 - alpha) + colors[mask[inside]] * alpha
+    width = 3 if min(mask.shape) < 512 else 5
+    m = Image.fromarray(mask.astype(np.uint8), "L")
+    hi = np.asarray(m.filter(ImageFilter.MaxFilter(width)))
+    lo = np.asarray(m.filter(ImageFilter.MinFilter(width)))
+    edge = (hi != lo) & (hi > 0)
+    out[edge] = colors[hi[edge]]
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")

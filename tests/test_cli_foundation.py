@@ -14,6 +14,7 @@ from resunetpp import cli
 import resunetpp.defaults as defaults
 from conftest import tiny_checkpoint
 from resunetpp.checkpoint import load_checkpoint
+from resunetpp.errors import ResUNetError
 
 pytestmark = pytest.mark.usefixtures("torch_threads")
 
@@ -219,3 +220,24 @@ def test_the_shipped_defaults_if_this_install_has_them() -> None:
     from resunetpp.data import SegmentationDataset
 
     assert len(SegmentationDataset(data)) >= 1
+
+
+@pytest.mark.parametrize("command", ["infer", "stream"])
+def test_model_default_without_a_shipped_model(no_defaults: None, tmp_path: Path, command: str) -> None:
+    """infer and stream resolve MODEL 'default' the same way (resunetpp.defaults.resolve_model)."""
+    clip = str(tmp_path / "clip.mp4")
+    args = ["default", clip, "--out", str(tmp_path / "o")] if command == "infer" else [clip, "default"]
+    result = CliRunner().invoke(cli.app, [command, *args])
+    assert result.exit_code == 1
+    assert "MODEL 'default': this install ships no default model; pass a model file" in result.output
+
+
+def test_resolve_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"x")
+    monkeypatch.setattr(defaults, "DEFAULT_MODEL", model)
+    assert defaults.resolve_model("default") == str(model)
+    assert defaults.resolve_model("other.onnx") == "other.onnx"
+    monkeypatch.setattr(defaults, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
+    with pytest.raises(ResUNetError, match="^model 'default': this install ships no default model"):
+        defaults.resolve_model("default", "model")

@@ -34,19 +34,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import REPO, make_dataset, tiny_checkpoint
+from conftest import REPO, make_dataset, overlay_before, tiny_checkpoint
 from resunetpp.artifact import write_sidecar
 from resunetpp.checkpoint import load_checkpoint, save_checkpoint
 from resunetpp.cli import app
 from resunetpp.errors import InputFileError
 from resunetpp.locking import INFER_LOCK_NAME, OutLock
 from resunetpp.model import MAX_INPUT_SIZE, ModelConfig
-from resunetpp.outputs import overlay_image, palette
+from resunetpp.outputs import overlay_image
 from resunetpp.preprocess import Preprocessing
 from test_hardening_inputs import graph, record_for, save_graph
 from test_hardening_interrupt import Run
@@ -269,20 +269,6 @@ def test_pad_mode_refuses_an_image_over_the_largest_network_input(tmp_path: Path
 
 
 # ---- 3. memory on big images -----------------------------------------------------------------------------------
-def overlay_before(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.4) -> Image.Image:
-    """The overlay as it was computed before issue 20 (whole-image float temporaries)."""
-    rgb_ = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
-    colors = palette(num_classes).astype(np.float32)
-    out = rgb_.astype(np.float32)
-    inside = mask > 0
-    out[inside] = out[inside] * (1.0 - alpha) + colors[mask[inside]] * alpha
-    width = 3 if min(mask.shape) < 512 else 5
-    m = Image.fromarray(mask.astype(np.uint8), "L")
-    hi = np.asarray(m.filter(ImageFilter.MaxFilter(width)))
-    lo = np.asarray(m.filter(ImageFilter.MinFilter(width)))
-    edge = (hi != lo) & (hi > 0)
-    out[edge] = colors[hi[edge]]
-    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
 def _blobs(h: int, w: int, classes: int, seed: int) -> np.ndarray:

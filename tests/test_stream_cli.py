@@ -83,7 +83,7 @@ def test_writer_keeps_the_source_timestamps_of_the_frames_it_gets(tmp_path):
     writer = _open_writer(tmp_path / "x.mp4", 32, 24, Fraction(25), "veryfast")
     times = [0.0, 0.04, 0.2, 0.24, 0.6]
     for i, t in enumerate(times):
-        writer.write_at(np.full((24, 32, 3), 40 * i, np.uint8), t)
+        writer.write(np.full((24, 32, 3), 40 * i, np.uint8), t)
     writer.close()
     got = decoded_frames(tmp_path / "x.mp4")
     assert [round(t, 3) for t, _ in got] == times  # not 0, 0.04, 0.08 ...: time runs as it did live

@@ -16,7 +16,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from resunetpp.engines.stream import StreamOptions, StreamRun, run_stream
-from resunetpp.frame_overlay import overlay_frame
 from resunetpp.mjpeg import BOUNDARY, MjpegServer
 from resunetpp.outputs import overlay_image
 from resunetpp.preprocess import Preprocessing
@@ -177,25 +176,6 @@ def test_options_are_checked():
         StreamOptions(drop="oldest").validate()
     with pytest.raises(ResUNetError, match="--frames"):
         StreamOptions(frames=0).validate()
-
-
-# ---- overlay ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,classes", [((40, 60), 1), ((100, 37), 3), ((600, 700), 1), ((9, 17), 3)])
-def test_overlay_frame_equals_overlay_image(shape, classes):
-    rng = np.random.default_rng(sum(shape) + classes)
-    for trial in range(6):
-        image = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
-        mask = np.zeros(shape, np.uint8)
-        for _ in range(3):  # rectangles, some touching the borders
-            a, b = sorted(rng.integers(0, shape[0], 2))
-            c, d = sorted(rng.integers(0, shape[1], 2))
-            mask[a:b + 1, c:d + 1] = rng.integers(1, max(2, classes))
-        if trial == 0:
-            mask[:] = 0
-        if trial == 1:
-            mask = (rng.random(shape) > 0.7).astype(np.uint8)
-        expected = np.asarray(overlay_image(image, mask, classes))
-        assert np.array_equal(overlay_frame(image, mask, classes), expected)
 
 
 # ---- MJPEG server ------------------------------------------------------------------------------------------

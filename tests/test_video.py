@@ -14,6 +14,7 @@ import pytest
 
 av = pytest.importorskip("av")
 
+from conftest import make_audio_only, mux_silence  # noqa: E402
 from resunetpp import video  # noqa: E402
 from resunetpp.atomic import clean_stale_temporaries, is_stale_temporary  # noqa: E402
 from resunetpp.errors import InputFileError, ResUNetError  # noqa: E402
@@ -49,12 +50,7 @@ def make_clip(path: Path, n: int = 10, w: int = 64, h: int = 48, fps: int = 25, 
     for p in s.encode():
         c.mux(p)
     if a is not None:
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        fr.sample_rate = 8000
-        for p in a.encode(fr):
-            c.mux(p)
-        for p in a.encode():
-            c.mux(p)
+        mux_silence(c, a)
     c.close()
     return path
 
@@ -94,14 +90,7 @@ def test_probe_and_reader_refuse_in_one_line(tmp_path: Path, case: str, problem:
     elif case == "text":
         path.write_text("this is not a video\n" * 50)
     elif case == "audio":
-        path = tmp_path / "x.m4a"
-        c = av.open(str(path), "w")
-        s = c.add_stream("aac", rate=8000)
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        fr.sample_rate = 8000
-        for p in [*s.encode(fr), *s.encode()]:
-            c.mux(p)
-        c.close()
+        path = make_audio_only(tmp_path / "x.m4a")
     elif case == "codec":  # an H.264 clip whose sample entry says a codec FFmpeg does not know
         data = make_clip(tmp_path / "ok.mp4").read_bytes()
         assert data.count(b"avc1") >= 1
@@ -165,6 +154,29 @@ def test_reader_queue_is_bounded_and_close_stops_the_thread(tmp_path: Path) -> N
     reader.close()
     assert time.perf_counter() - start < 2.0
     assert not reader._thread.is_alive()
+
+
+@pytest.mark.parametrize("queue_size", [1, 8])
+def test_close_wakes_a_thread_iterating_the_reader(tmp_path: Path, queue_size: int) -> None:
+    """A consumer thread blocked waiting for the next (paced) frame finishes when another thread
+    closes the reader: close() queues the end marker the stopped decoder does not."""
+    clip = make_clip(tmp_path / "c.mp4", n=50, fps=5)  # 10 s of frames, one every 0.2 s
+    reader = video.VideoReader(clip, realtime=True, queue_size=queue_size)
+    got: list[int] = []
+    first = threading.Event()
+
+    def consume() -> None:
+        for frame in reader:
+            got.append(frame.index)
+            first.set()
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    assert first.wait(5.0)
+    reader.close()
+    consumer.join(timeout=1.0)
+    assert not consumer.is_alive()
+    assert 1 <= len(got) < 50
 
 
 def test_reader_realtime_paces_at_the_native_rate(tmp_path: Path) -> None:
@@ -274,6 +286,37 @@ def test_writer_round_trip_keeps_count_size_rate_and_colours(tmp_path: Path) -> 
         assert c.streams.video[0].pix_fmt == "yuv420p" and not c.streams.audio
 
 
+def _frame_times(path: Path) -> list[float]:
+    import av
+
+    with av.open(str(path)) as container:
+        return [float(f.time) for f in container.decode(video=0)]
+
+
+def test_writer_timestamps_nominal_rate_and_given_times(tmp_path: Path) -> None:
+    """write(image): one tick of 1/fps after the previous frame; write(image, pts_s): at that time
+    (rounded to a tick; one rounding onto the previous tick moves to the next); the two mix."""
+    frame = np.zeros((48, 64, 3), np.uint8)
+    nominal = tmp_path / "nominal.mp4"
+    with video.VideoWriter(nominal, 64, 48, Fraction(25)) as w:
+        for _ in range(4):
+            w.write(frame)
+        assert w.last_pts_s == pytest.approx(0.12)
+    assert _frame_times(nominal) == pytest.approx([0.0, 0.04, 0.08, 0.12])
+
+    timed = tmp_path / "timed.mp4"
+    with video.VideoWriter(timed, 64, 48, Fraction(25)) as w:
+        assert w.last_pts_s is None
+        for t in (0.0, 0.2, 0.21, 1.0):  # 0.21 rounds onto 0.2's tick: the next one, 0.24
+            w.write(frame, t)
+        w.write(frame)  # then the nominal rate again
+        for bad in (1.0, 0.5, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="timestamp"):
+                w.write(frame, bad)
+        assert w.frames_written == 5
+    assert _frame_times(timed) == pytest.approx([0.0, 0.2, 0.24, 1.0, 1.04])
+
+
 def test_writer_odd_size_kept_exactly_as_yuv444p(tmp_path: Path) -> None:
     out = tmp_path / "odd.mkv"
     with video.VideoWriter(out, 63, 47, Fraction(30000, 1001)) as w:
@@ -338,16 +381,37 @@ def test_video_container_suffixes_and_urls() -> None:
     assert video.is_url("rtsp://cam/1") and video.is_url("udp://@:1234") and not video.is_url("clip.mp4")
 
 
-def test_overlay_array_is_overlay_image() -> None:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    mask = np.zeros((40, 50), np.uint8)
-    mask[10:30, 5:25] = 1
-    arr = overlay_array(image, mask, 1)
-    assert arr.shape == (40, 50, 3) and arr.dtype == np.uint8
-    np.testing.assert_array_equal(arr, np.asarray(overlay_image(image, mask, 1)))
-    assert (arr[0, 0] == image[0, 0]).all() and not (arr[20, 15] == image[20, 15]).all()
+@pytest.mark.parametrize("shape,classes", [((40, 60), 1), ((100, 37), 3), ((600, 700), 1), ((9, 17), 3), ((530, 300), 4)])
+def test_overlay_array_and_image_are_the_pil_reference(shape: tuple[int, int], classes: int) -> None:
+    """overlay_array (frames) and overlay_image (PNGs) give the pixels of the whole-image float
+    blend with PIL's rank filters: empty masks, rectangles touching the borders, scattered pixels,
+    several bands of rows (the work is done only where the mask reaches)."""
+    from conftest import overlay_before  # the PIL reference
 
+    rng = np.random.default_rng(sum(shape) + classes)
+    for trial in range(6):
+        image = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+        mask = np.zeros(shape, np.uint8)
+        for _ in range(3):  # rectangles, some touching the borders
+            a, b = sorted(rng.integers(0, shape[0], 2))
+            c, d = sorted(rng.integers(0, shape[1], 2))
+            mask[a:b + 1, c:d + 1] = rng.integers(1, max(2, classes))
+        if trial == 0:
+            mask[:] = 0
+        if trial == 1:
+            mask = (rng.random(shape) > 0.7).astype(np.uint8)
+        if trial == 2:  # a line just past the first band of rows, one just before it, the last column
+            mask[:] = 0
+            mask[min(257, shape[0] - 1), : shape[1] // 2] = 1
+            mask[max(0, min(253, shape[0] - 3)), shape[1] // 3:] = max(1, classes - 1)
+            mask[:, -1] = 1
+        expected = np.asarray(overlay_before(image, mask, classes))
+        arr = overlay_array(image, mask, classes)
+        assert arr.shape == (*shape, 3) and arr.dtype == np.uint8
+        assert np.array_equal(arr, expected)
+        assert np.array_equal(np.asarray(overlay_image(image, mask, classes)), expected)
+    with pytest.raises(ValueError, match="differ in size"):
+        overlay_array(image, mask[1:], classes)
 
 def test_reader_thread_is_a_daemon_and_iterates_once(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "c.mp4", n=3)

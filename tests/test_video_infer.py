@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 av = pytest.importorskip("av")
 pytest.importorskip("cv2")
 
+from conftest import make_audio_only, mux_silence  # noqa: E402
 from resunetpp import engines  # noqa: E402
 from resunetpp.cli import app  # noqa: E402
 from resunetpp.defaults import PACKAGE_DIR  # noqa: E402
@@ -201,10 +202,7 @@ def test_overlay_frames_are_the_image_overlay_and_audio_is_dropped(work: dict, t
             c.mux(p)
     for p in s.encode():
         c.mux(p)
-    fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-    fr.sample_rate = 8000
-    for p in [*a.encode(fr), *a.encode()]:
-        c.mux(p)
+    mux_silence(c, a)
     c.close()
     rc, _, err = infer([work["torch"], clip, "--out", tmp_path / "o", "--save-masks", "--tta"])
     assert rc == 0, err
@@ -271,15 +269,7 @@ def test_bad_videos_are_refused_in_one_line(work: dict, tmp_path: Path, case: st
     elif case == "codec":
         path.write_bytes(data.replace(b"avc1", b"zzzz"))
     elif case == "audio-only":
-        path = tmp_path / "bad.m4a"
-        c = av.open(str(path), "w", format="mp4")
-        a = c.add_stream("aac", rate=8000)
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        fr.sample_rate = 8000
-        for p in [*a.encode(fr), *a.encode()]:
-            c.mux(p)
-        c.close()
-        path = path.rename(tmp_path / "bad.mov")
+        path = make_audio_only(tmp_path / "bad.m4a", "mp4").rename(tmp_path / "bad.mov")
     rc, _, err = infer([work["torch"], path, "--out", tmp_path / "o"])
     assert rc == 1
     assert err.count("\n") == 1 and err.startswith(f"error: {path}: ") and problem in err, err
