@@ -7,7 +7,7 @@ the code ``resunetpp infer clip.mp4`` runs), and the bench reports
 * the end-to-end video FPS (frames over the pipeline's wall time) and its share of the row's
   model-only rate (``video_share``);
 * the glass-to-glass latency p50/p99 as the pipeline records it per frame: from the frame decoded
-  to its overlay frame handed to the encoder (``<stem>_frames.json``'s ``latency_ms``);
+  to its overlay frame encoded (the encoder's call returned) (``<stem>_frames.json``'s ``latency_ms``);
 * the per-frame Dice against the torch FP32 reference on the same decoded frames (mean and min),
   at the frame's own resolution -- the frames are decoded once (:class:`resunetpp.video.VideoReader`,
   resized in the decode thread as the pipeline does) and every row and the reference predict on
@@ -134,7 +134,7 @@ def pipeline_run(engine: Any, path: Path, threads: int | None = None) -> dict:
     on a :class:`~resunetpp.sources.video.VideoFiles` source, batch 1, outputs in a temporary folder
     that is removed): the summary of its ``<stem>_frames.json`` -- ``fps`` (frames over the run's
     wall time, decode to last encode), ``latency_ms_p50`` / ``_p99`` (frame decoded -> its overlay
-    frame handed to the encoder), ``model_fps``, ``frames`` ... -- as the pipeline wrote it."""
+    frame encoded (the encoder's call returned)), ``model_fps``, ``frames`` ... -- as the pipeline wrote it."""
     from resunetpp.engines.infer import InferOptions, run_inference
     from resunetpp.sources.video import VideoFiles
 

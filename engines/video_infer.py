@@ -157,10 +157,10 @@ class VideoRun:
     @staticmethod
     def _encode(writer: VideoWriter, frame: Frame, post: Future) -> dict:
         overlay, area, boxes = post.result()
-        handed = time.perf_counter()
         writer.write(overlay)
+        encoded = time.perf_counter()
         return {"index": frame.index, "timestamp_s": round(frame.pts_s, 6), "area_fraction": round(area, 6),
-                "boxes": boxes, "latency_ms": round((handed - frame.decoded_at) * 1000.0, 3)}
+                "boxes": boxes, "latency_ms": round((encoded - frame.decoded_at) * 1000.0, 3)}
 
     # ---- one video ---------------------------------------------------------------------------------------
     def run_video(self, source: VideoFiles, i: int) -> None:
@@ -258,7 +258,7 @@ class VideoRun:
 
         ``fps``: frames written per second of the whole run (decode to last encode, end to end);
         ``model_fps``: frames per second inside the engine; latencies: frame decoded -> its overlay
-        frame handed to the encoder, in ms; ``source_fps`` the container's rate (``fps`` of the
+        frame encoded (the encoder's call returned), in ms; ``source_fps`` the container's rate (``fps`` of the
         overlay); ``source_frames`` the container's frame count (``null`` when it has none).
         """
         latencies = [r["latency_ms"] for r in state.records]
