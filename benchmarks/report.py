@@ -28,17 +28,22 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _mean_min(mean: float | None, minimum: float | None) -> str:
+    """A Dice as ``mean (min worst)``, ``-`` when not measured."""
+    return "-" if mean is None else f"{mean:.4f} (min {minimum:.4f})"
+
+
+def _rate_share(rate: float, share: float | None) -> str:
+    """A rate with its share of another in brackets when known: ``12.3 (95%)``."""
+    return f"{rate:.1f}" + (f" ({100 * share:.0f}%)" if share is not None else "")
+
+
 def _dice_ref(r: BenchRow) -> str:
-    if r.dice_vs_reference is None:
-        return "-"
-    return f"{r.dice_vs_reference:.4f} (min {r.dice_vs_reference_min:.4f})"
+    return _mean_min(r.dice_vs_reference, r.dice_vs_reference_min)
 
 
 def _e2e(r: BenchRow) -> str:
-    if r.end_to_end_ips is None:
-        return "-"
-    ratio = f" ({100 * r.end_to_end_ratio:.0f}%)" if r.end_to_end_ratio is not None else ""
-    return f"{r.end_to_end_ips:.1f}{ratio}"
+    return "-" if r.end_to_end_ips is None else _rate_share(r.end_to_end_ips, r.end_to_end_ratio)
 
 
 def _gflops(r: BenchRow) -> str:
@@ -85,8 +90,7 @@ def _input(r: BenchRow) -> str:
 def _video_fps(r: BenchRow) -> str:
     if r.video_fps is None:
         return "-" if not r.details.get("video_error") else "failed"
-    share = f" ({100 * r.video_share:.0f}%)" if r.video_share is not None else ""
-    return f"{r.video_fps:.1f}{share}"
+    return _rate_share(r.video_fps, r.video_share)
 
 
 def _video_latency(r: BenchRow) -> str:
@@ -96,9 +100,7 @@ def _video_latency(r: BenchRow) -> str:
 
 
 def _video_dice(r: BenchRow) -> str:
-    if r.video_dice_vs_reference is None:
-        return "-"
-    return f"{r.video_dice_vs_reference:.4f} (min {r.video_dice_vs_reference_min:.4f})"
+    return _mean_min(r.video_dice_vs_reference, r.video_dice_vs_reference_min)
 
 
 def _keeps_up(value: bool | None) -> str:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import make_dataset, tiny_checkpoint
+from conftest import make_dataset, tiny_checkpoint, run_resunetpp
 from resunetpp.bench.harness import BenchOptions, run_bench_files
 from resunetpp.bench.report import to_markdown
 from resunetpp.errors import ResUNetError
@@ -65,16 +64,8 @@ def test_a_checkpoint_among_the_files_is_the_reference(files):
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    """The real command in its own process. KNOWN, UNFIXED (reported): a process that has run OpenVINO
-    rows sometimes aborts natively when OpenVINO objects are released ("terminate called ...
-    Resource deadlock avoided", SIGABRT), not caused by this feature's Python code; only that exact
-    abort is retried (twice), every other failure fails the test."""
-    for _ in range(3):
-        result = subprocess.run([sys.executable, "-m", "resunetpp", *map(str, args)], capture_output=True,
-                                text=True, timeout=600)
-        if not (result.returncode == -6 and "Resource deadlock avoided" in result.stderr):
-            return result
-    return result
+    """The real command in its own process (see conftest.run_resunetpp for the one retried abort)."""
+    return run_resunetpp(*args, timeout=600)
 
 
 def test_cli_bench_on_files_with_reference(files, tmp_path):

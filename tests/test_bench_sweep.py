@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import onnx
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_dataset, tiny_checkpoint
+from conftest import make_dataset, tiny_checkpoint, run_resunetpp
 from resunetpp.bench import harness
 from resunetpp.bench.harness import BenchOptions, BenchResult, BenchRow
 from resunetpp.bench.report import to_markdown
@@ -33,15 +32,8 @@ LABELS = ("torch fp32", "onnxruntime fp32", "onnxruntime int8", "openvino fp32",
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    """The real command in its own process (OpenVINO rows after torch and ONNX Runtime ones in one
-    process can abort natively, "Resource deadlock avoided": KNOWN, UNFIXED, see test_bench_files);
-    only that exact abort is retried (twice), every other failure fails the test."""
-    for _ in range(3):
-        result = subprocess.run([sys.executable, "-m", "resunetpp", *map(str, args)], capture_output=True,
-                                text=True, timeout=900)
-        if not (result.returncode == -6 and "Resource deadlock avoided" in result.stderr):
-            return result
-    return result
+    """The real command in its own process (see conftest.run_resunetpp for the one retried abort)."""
+    return run_resunetpp(*args, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_dataset, tiny_checkpoint
+from conftest import make_dataset, tiny_checkpoint, run_resunetpp
 from resunetpp.cli import app
 
 av = pytest.importorskip("av")
@@ -52,13 +51,8 @@ def make_clip(path: Path, n: int = FRAMES) -> Path:
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    """The real command in its own process; only the known native OpenVINO abort is retried."""
-    for _ in range(3):
-        result = subprocess.run([sys.executable, "-m", "resunetpp", *map(str, args)], capture_output=True,
-                                text=True, timeout=900)
-        if not (result.returncode == -6 and "Resource deadlock avoided" in result.stderr):
-            return result
-    return result
+    """The real command in its own process (see conftest.run_resunetpp for the one retried abort)."""
+    return run_resunetpp(*args, timeout=900)
 
 
 @pytest.fixture(scope="module")
