@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import onnx
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_dataset, tiny_checkpoint, run_resunetpp
+from conftest import make_dataset, tiny_checkpoint, run_resunetpp as cli  # the real command in its own process
 from resunetpp.bench import harness
 from resunetpp.bench.harness import BenchOptions, BenchResult, BenchRow
 from resunetpp.bench.report import to_markdown
@@ -29,11 +28,6 @@ SIZES = (24, 32, 40)
 FAST = dict(warmup_s=0.01, duration_s=0.05, batch_sizes=(1,), threads=1, end_to_end=False)
 CLI_FAST = ["--warmup-s", "0.01", "--duration-s", "0.05", "--batch-sizes", "1", "--threads", "1"]
 LABELS = ("torch fp32", "onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino int8")
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    """The real command in its own process (see conftest.run_resunetpp for the one retried abort)."""
-    return run_resunetpp(*args, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ Timings are never asserted -- only that they were measured, are consistent, and 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_dataset, tiny_checkpoint, run_resunetpp
+from conftest import make_dataset, tiny_checkpoint, run_resunetpp as cli  # the real command in its own process
 from resunetpp.cli import app
 
 av = pytest.importorskip("av")
@@ -48,11 +47,6 @@ def make_clip(path: Path, n: int = FRAMES) -> Path:
         c.mux(p)
     c.close()
     return path
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    """The real command in its own process (see conftest.run_resunetpp for the one retried abort)."""
-    return run_resunetpp(*args, timeout=900)
 
 
 @pytest.fixture(scope="module")
