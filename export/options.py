@@ -44,6 +44,9 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     simplify: bool = True
     allow_accuracy_drop: bool = False
+    #: INT8 gate: the largest share (0-1) of any held-out image's pixels on which the INT8 and FP32
+    #: masks may differ; ``None``: :data:`resunetpp.export.verify.INT8_MAX_DISAGREEMENT`.
+    int8_max_disagreement: float | None = None
     qdq: QDQRecipe = QDQRecipe()
     nncf: NNCFRecipe = NNCFRecipe()
     fp16: FP16Recipe = FP16Recipe()
@@ -58,6 +61,9 @@ class ExportOptions:
     openvino_int8: str = "qdq"
 
     def __post_init__(self) -> None:
+        d = self.int8_max_disagreement
+        if d is not None and not (isinstance(d, int | float) and 0.0 <= d <= 1.0):
+            raise ResUNetError(f"the INT8 disagreement limit must be a share of the image in [0, 1], got {d!r}")
         if self.openvino_int8 not in OPENVINO_INT8_SOURCES:
             raise ResUNetError(f"OpenVINO INT8 source must be one of {', '.join(OPENVINO_INT8_SOURCES)}, "
                                f"got {self.openvino_int8!r}")
