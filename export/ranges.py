@@ -68,3 +68,12 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, largest: float | None = None,
         if err < best_err:
             best, best_err = float(a), err
     return best
+
+
+# ---- range estimators over per-image statistics (small calibration sets) -------------------------------
+def max_of_percentiles(per_image_max: np.ndarray, per_image_pct: np.ndarray) -> float:
+    """The largest per-image 99.99th percentile."""
+    return float(np.max(per_image_pct))
+
+
+ESTIMATORS = {"max_of_percentiles": max_of_percentiles}
