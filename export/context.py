@@ -51,6 +51,7 @@ class ExportRun:
         self.fp16_result: FP16Result | None = None
         self.qdq_record: dict | None = None
         self.int8_source_model = None
+        self.int8_source_torch = None  # the PyTorch model int8_source_model was exported from
         self.equalization_record: dict | None = None
         self.bias_correction_record: dict | None = None
         self.calib: cal.ImageSet | None = None  # set by the pipeline once the options are checked

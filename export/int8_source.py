@@ -33,6 +33,14 @@ def int8_source(run: ExportRun):
     return run.onnx_paths["int8_source"], run.int8_source_model
 
 
+def int8_source_torch(run: ExportRun):
+    """The PyTorch model :func:`int8_source`'s ONNX was exported from (the same function)."""
+    int8_source(run)
+    if run.int8_source_torch is None:
+        run.int8_source_torch = run.ckpt.build_model().eval()
+    return run.int8_source_torch
+
+
 def source_record(run: ExportRun) -> dict:
     """What the INT8 source model went through, for every INT8 artifact's ``quantization``."""
     return {"equalization": run.equalization_record, "bias_correction": run.bias_correction_record}
@@ -81,11 +89,12 @@ def _prepare(run: ExportRun, recipe: QDQRecipe) -> None:
         steps.append("bias-corrected")
     name = " and ".join(steps)
     with run.r.task(f"export the {name} model to ONNX"):
-        run.int8_source_model = onnx_graph.export_onnx(WithActivation(model), run.spec, opset=run.o.opset,
+        run.int8_source_torch = model.eval()
+    run.int8_source_model = onnx_graph.export_onnx(WithActivation(model), run.spec, opset=run.o.opset,
                                                        simplify=run.o.simplify)
     path = run.work / "fp32_int8_source.onnx"
     onnx.save_model(run.int8_source_model, str(path))
     run.onnx_paths["int8_source"] = path
 
 
-__all__ = ["EQUALIZATION_CHECK_IMAGES", "int8_source", "source_record"]
+__all__ = ["EQUALIZATION_CHECK_IMAGES", "int8_source", "int8_source_torch", "source_record"]

@@ -14,7 +14,7 @@ import numpy as np
 from resunetpp.export import onnx_graph
 from resunetpp.export.formats import ExportFormat, register_format
 from resunetpp.export.inputs import batches
-from resunetpp.export.int8_source import int8_source, source_record
+from resunetpp.export.int8_source import int8_source, int8_source_torch, source_record
 # Also the ONNX graph API callers outside export use (DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact);
 # new code imports them from export.onnx_graph.
 from resunetpp.export.onnx_graph import DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact  # noqa: F401
@@ -141,14 +141,19 @@ def _probe_inputs(run: ExportRun) -> list[np.ndarray]:
 def int8(run: ExportRun, write: bool) -> None:
     import onnx
 
+    from resunetpp.export import fast_calibration
     from resunetpp.export.quantize import calibrate_ranges, quantize_qdq
 
     recipe = run.o.qdq
-    source, _ = int8_source(run)
+    source, source_model = int8_source(run)
     cache = run.work / f"ranges_{recipe.method}.json"
-    with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, ONNX Runtime)", total=len(run.calib)) as adv:
-        calibrate_ranges(source, batches(run.calib.inputs(run.pre), run.o.batch or 1, fixed=run.o.batch is not None),
-                         cache, method=recipe.method, percentile=recipe.percentile, progress=adv)
+    calib_batches = batches(run.calib.inputs(run.pre), run.o.batch or 1, fixed=run.o.batch is not None)
+    if fast_calibration.supports(recipe.method, recipe.conv_only, recipe.quantize_outputs):
+        _fast_ranges(run, source_model, calib_batches, cache)
+    else:
+        with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, ONNX Runtime)", total=len(run.calib)) as adv:
+            calibrate_ranges(source, calib_batches, cache, method=recipe.method, percentile=recipe.percentile,
+                             progress=adv)
     with run.r.task("quantize Q/DQ ONNX (ONNX Runtime quantize_static)"):
         result = quantize_qdq(source, cache, run.work / "int8_qdq.onnx", recipe)
     run.onnx_paths["int8_qdq"] = result.path
@@ -167,6 +172,22 @@ def int8(run: ExportRun, write: bool) -> None:
                          verification={**run.vset.record(), "runtime": "onnxruntime CPUExecutionProvider"})
         write_onnx_artifact(model, final, rec)
     run.add("onnx", "int8", final, keep, metrics, gate)
+
+def _fast_ranges(run: ExportRun, source_model, calib_batches, cache) -> None:
+    """The conv-only recipe's ranges from one PyTorch pass with ONNX Runtime's histograms
+    (:mod:`resunetpp.export.fast_calibration`), written as the calibration cache ``quantize_qdq`` reads."""
+    from resunetpp.export import fast_calibration
+    from resunetpp.export.quantize import CALIB_CHUNK, _chunks
+
+    recipe = run.o.qdq
+    model = int8_source_torch(run)
+    tensors = fast_calibration.conv_input_tensors(source_model)
+    with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, one PyTorch pass)", total=len(run.calib)) as adv:
+        chunks = (np.concatenate(c) for c in _chunks(calib_batches, CALIB_CHUNK))
+        histograms = fast_calibration.collect_conv_histograms(model, tensors, chunks, progress=adv)
+    fast_calibration.save_ranges(fast_calibration.ranges_from_histograms(histograms, recipe.method, recipe.percentile),
+                                 cache)
+
 
 def ensure_source(run: ExportRun, source: str) -> None:
     """Build the intermediate ONNX ``source`` (``fp16`` or ``int8_qdq``) another format is built from,
