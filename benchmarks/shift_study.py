@@ -402,7 +402,9 @@ def calib_count_cmd(
     data: DataOpt, out: Annotated[Path, typer.Option(help="JSON results.")],
     checkpoint: CkptOpt = DEFAULT_CKPT,
     count: Annotated[Optional[list[int]], typer.Option(help="Calibration image counts (repeatable).")] = None,
-    estimator: Annotated[Optional[list[str]], typer.Option(help="Range estimators of resunetpp.export.ranges.ESTIMATORS (repeatable; default: percentile).")] = None,
+    estimator: Annotated[Optional[list[str]], typer.Option(help="'percentile' or a range estimator of resunetpp.export.ranges.ESTIMATORS, optionally "
+                                                                     "'+flips' (calibration images and their mirror images); repeatable; default: percentile. "
+                                                                     "Equalization and bias correction use the percentile.")] = None,
     eval_count: Annotated[Optional[int], typer.Option(help="Validation images (default: all).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Folder caching FP32 reference outputs.")] = None,
     record_val_ranges: bool = False,
@@ -426,33 +428,42 @@ def calib_count_cmd(
     if out.is_file():  # resume
         result = json.loads(out.read_text())
     done = {(r["calibration_images"], r["estimator"]) for r in result["runs"]}
+    names = estimator or ["percentile"]
+    for name in names:
+        base = name.removesuffix("+flips")
+        if base != "percentile" and base not in ESTIMATORS:
+            raise typer.BadParameter(f"unknown estimator {name!r}; known: percentile, {', '.join(ESTIMATORS)} "
+                                     "(each also with +flips)")
     for n in count or [16, 32, 64, 100, 300, 880]:
         calib = None
-        for name in estimator or ["percentile"]:
-            if (n, name) in done:
+        for flips in (False, True):
+            todo = [e for e in names if e.endswith("+flips") == flips and (n, e) not in done]
+            if not todo:
                 continue
-            if name != "percentile" and name not in ESTIMATORS:
-                raise typer.BadParameter(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")
             calib = calib or _load(data, None, n, val.pre, role="calibration")
-            fn = ESTIMATORS.get(name)
-            model, sim, stats = simulated_int8(ckpt, list(calib.inputs(val.pre)),
-                                               range_fn=None if name == "percentile" else
-                                               (lambda st, fn=fn: {k: fn(np.asarray(st.max[k]), np.asarray(st.p9999[k]))
-                                                                   for k in st.max}))
-            vstats = RangeStats(sim)
-            if record_val_ranges:
-                with vstats.recording():
+            images = list(calib.inputs(val.pre))
+            if flips:  # the calibration set augmented with its mirror images
+                images = images + [np.ascontiguousarray(x[:, :, ::-1]) for x in images]
+            model, sim, stats = simulated_int8(ckpt, images)
+            percentile = dict(sim.amax)
+            for name in todo:
+                fn = ESTIMATORS.get(name.removesuffix("+flips"))
+                sim.amax = dict(percentile) if fn is None else {
+                    k: float(fn(np.asarray(stats.max[k]), np.asarray(stats.p9999[k]))) for k in percentile}
+                vstats = RangeStats(sim)
+                if record_val_ranges:
+                    with vstats.recording():
+                        probs = predict_torch(model, inputs)
+                else:
                     probs = predict_torch(model, inputs)
-            else:
-                probs = predict_torch(model, inputs)
-            r = val.row(f"{n} images, {name}", probs, ref, per_image=True)
-            r.update(calibration_images=len(calib), estimator=name, amax=dict(sim.amax),
-                     calibration_ranges=stats.as_dict())
-            if record_val_ranges:
-                r["validation_ranges"] = vstats.as_dict()
-            result["runs"].append(r)
-            print(line(r), f"{time.time() - t0:.0f}s", flush=True)
-            _write(out, result)
+                r = val.row(f"{n} images, {name}", probs, ref, per_image=True)
+                r.update(calibration_images=len(calib), estimator=name, amax=dict(sim.amax),
+                         percentile_amax=percentile, calibration_ranges=stats.as_dict())
+                if record_val_ranges:
+                    r["validation_ranges"] = vstats.as_dict()
+                result["runs"].append(r)
+                print(line(r), f"{time.time() - t0:.0f}s", flush=True)
+                _write(out, result)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ scopes, writing) are :mod:`resunetpp.export.onnx_graph`.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -182,11 +184,20 @@ def _fast_ranges(run: ExportRun, source_model, calib_batches, cache) -> None:
     recipe = run.o.qdq
     model = int8_source_torch(run)
     tensors = fast_calibration.conv_input_tensors(source_model)
-    with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, one PyTorch pass)", total=len(run.calib)) as adv:
+    from resunetpp.export.image_tails import ImageTails, widen_ranges
+    from resunetpp.export.ranges import SMALL_SET_IMAGES
+
+    small = recipe.method == "percentile" and len(run.calib) < SMALL_SET_IMAGES
+    with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, one PyTorch pass)", total=len(run.calib)) as adv, \
+            (ImageTails(model, tensors, recipe.percentile) if small else contextlib.nullcontext()) as tails:
         chunks = (np.concatenate(c) for c in _chunks(calib_batches, CALIB_CHUNK))
         histograms = fast_calibration.collect_conv_histograms(model, tensors, chunks, progress=adv)
-    fast_calibration.save_ranges(fast_calibration.ranges_from_histograms(histograms, recipe.method, recipe.percentile),
-                                 cache)
+    ranges = fast_calibration.ranges_from_histograms(histograms, recipe.method, recipe.percentile)
+    if small:  # few images: each range at least the largest per-image percentile (export.ranges.small_set_range)
+        ranges, widened = widen_ranges(ranges, tails.per_image(), len(run.calib))
+        run.r.info(f"{len(run.calib)} calibration images (< {SMALL_SET_IMAGES}): {len(widened)} of "
+                   f"{len(histograms)} ranges widened to the largest per-image {recipe.percentile:g}th percentile")
+    fast_calibration.save_ranges(ranges, cache)
 
 
 def ensure_source(run: ExportRun, source: str) -> None:

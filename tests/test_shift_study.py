@@ -100,16 +100,18 @@ def test_calib_count_report_records_ranges_per_image(tmp_path):
     out = tmp_path / "cc.json"
     res = CliRunner().invoke(ss.app, ["calib-count", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(out),
                                       "--count", "2", "--count", "5", "--estimator", "percentile",
-                                      "--estimator", "max_of_percentiles"])
+                                      "--estimator", "max_of_percentiles", "--estimator", "percentile+flips"])
     assert res.exit_code == 0, res.output
     runs = json.loads(out.read_text())["runs"]
     assert [(r["calibration_images"], r["estimator"]) for r in runs] == [
-        (2, "percentile"), (2, "max_of_percentiles"), (5, "percentile"), (5, "max_of_percentiles")]
+        (2, "percentile"), (2, "max_of_percentiles"), (2, "percentile+flips"),
+        (5, "percentile"), (5, "max_of_percentiles"), (5, "percentile+flips")]
     for r in runs:
         assert set(ss.ROW_FIELDS) <= set(r) and len(r["dice_per_image"]) == 3
         stats = r["calibration_ranges"]
         assert set(stats["max"]) == set(r["amax"])
-        assert all(len(v) == r["calibration_images"] for v in stats["max"].values())
+        per_image = 2 * r["calibration_images"] if r["estimator"].endswith("+flips") else r["calibration_images"]
+        assert all(len(v) == per_image for v in stats["max"].values())
         assert all(m >= p for k in stats["max"] for m, p in zip(stats["max"][k], stats["p99.99"][k]))
     # the estimator really set the ranges: the largest per-image percentile
     r = runs[1]
