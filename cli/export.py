@@ -124,7 +124,7 @@ def export_command(
     int8_max_disagreement: Annotated[float | None, typer.Option(
         rich_help_panel="Accuracy gate", min=0.0, max=100.0, metavar="PERCENT",
         help="INT8 gate: the largest share of any held-out image's pixels (percent) on which the INT8 "
-             "and FP32 masks may differ (default 0.5: resunetpp.export.verify.INT8_MAX_DISAGREEMENT).")] = None,
+             "and FP32 masks may differ (default 2: resunetpp.export.verify.INT8_MAX_DISAGREEMENT).")] = None,
     calib_method: Annotated[ExportCalibMethod, typer.Option(
         rich_help_panel="INT8 recipe", metavar="METHOD",
         help=f"INT8 Q/DQ ONNX activation ranges: {', '.join(CALIBRATION_METHODS)}.")] = ExportCalibMethod.percentile,

