@@ -169,11 +169,12 @@ def predict_torch(model, inputs: Sequence[np.ndarray], batch: int = BATCH) -> li
 
 def simulated_int8(ckpt, calib_inputs: Sequence[np.ndarray], *, keep: Sequence[str] = DEFAULT_INT8_KEEP_MODULES,
                    alpha: float | None = DEFAULT_EQUALIZE_ALPHA, bc_images: int = DEFAULT_BIAS_CORRECTION_IMAGES,
-                   range_fn: Callable | None = None, batch: int = BATCH):
+                   range_fn: Callable | None = None, small_set_rule: bool = True, batch: int = BATCH):
     """The export's default INT8 recipe in simulation: equalization on ``calib_inputs``, bias
     correction on the first ``bc_images`` of them, then the activation ranges observed on all of
-    them. ``range_fn(per_image_stats) -> amax`` replaces the percentile (see
-    :class:`RangeStats`). Returns ``(model, sim, stats)``; ``model`` runs simulated INT8."""
+    them, widened as the export widens them below 100 images (``small_set_rule``:
+    :func:`resunetpp.export.ranges.small_set_range`). ``range_fn(per_image_stats) -> amax`` replaces
+    them instead (see :class:`RangeStats`). Returns ``(model, sim, stats)``; ``model`` runs simulated INT8."""
     import torch
 
     from resunetpp.export.bias_correction import bias_correct
@@ -198,6 +199,10 @@ def simulated_int8(ckpt, calib_inputs: Sequence[np.ndarray], *, keep: Sequence[s
     sim.freeze()
     if range_fn is not None:
         sim.amax.update({k: float(v) for k, v in range_fn(stats).items()})
+    elif small_set_rule:
+        from resunetpp.export.ranges import small_set_range
+
+        sim.amax.update({k: small_set_range(a, np.asarray(stats.p9999[k]), len(calib_inputs)) for k, a in sim.amax.items()})
     return m, sim, stats
 
 
@@ -444,7 +449,7 @@ def calib_count_cmd(
             images = list(calib.inputs(val.pre))
             if flips:  # the calibration set augmented with its mirror images
                 images = images + [np.ascontiguousarray(x[:, :, ::-1]) for x in images]
-            model, sim, stats = simulated_int8(ckpt, images)
+            model, sim, stats = simulated_int8(ckpt, images, small_set_rule=False)  # the pooled percentile
             percentile = dict(sim.amax)
             for name in todo:
                 fn = ESTIMATORS.get(name.removesuffix("+flips"))

@@ -116,3 +116,17 @@ def test_calib_count_report_records_ranges_per_image(tmp_path):
     # the estimator really set the ranges: the largest per-image percentile
     r = runs[1]
     assert all(r["amax"][k] == pytest.approx(max(r["calibration_ranges"]["p99.99"][k])) for k in r["amax"])
+
+
+def test_simulation_widens_small_sets_as_the_export_does(tmp_path):
+    from resunetpp.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.safetensors"))
+    rng = np.random.default_rng(0)
+    images = [rng.normal(0, 1, (3, 32, 32)).astype(np.float32) * s for s in (0.5, 1.0, 3.0)]
+    _, pooled, stats = ss.simulated_int8(ckpt, images, small_set_rule=False)
+    _, widened, _ = ss.simulated_int8(ckpt, images)
+    assert set(pooled.amax) == set(widened.amax)
+    for k, a in pooled.amax.items():
+        assert widened.amax[k] == pytest.approx(max(a, max(stats.p9999[k])), rel=1e-6)
+    assert any(widened.amax[k] > pooled.amax[k] for k in pooled.amax)
