@@ -170,6 +170,11 @@ def export_command(
     trt_fp16: Annotated[ExportTRTFP16Mode, typer.Option(
         rich_help_panel="TensorRT",
         help="TensorRT 10 only: 'flag' builds FP16 with BuilderFlag.FP16 from the FP32 ONNX.")] = ExportTRTFP16Mode.onnx,
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache", rich_help_panel="INT8 recipe", show_default=False,
+        help="Reuse calibration statistics and reference outputs from an earlier export of the same checkpoint "
+             "and images ($RESUNETPP_CACHE_DIR, else $XDG_CACHE_HOME/resunetpp or ~/.cache/resunetpp; default: "
+             "on). --no-cache recomputes everything and stores nothing.")] = True,
     int8_reference: Annotated[Optional[Path], typer.Option(
         rich_help_panel="Data",
         exists=True, dir_okay=False,
@@ -211,7 +216,7 @@ def export_command(
             fp16=FP16Recipe(),
             tensorrt=TensorRTOptions(workspace_mib=workspace, dla_core=dla_core, max_batch=max_batch,
                                      calibrator=calibrator.value if calibrator else None, fp16_mode=trt_fp16.value),
-            reference=int8_reference,
+            reference=int8_reference, cache=cache,
         )
         with sigterm_as_interrupt(), RichReporter(Console(stderr=True)) as reporter:
             report = run_export(options, reporter)

@@ -16,9 +16,10 @@ chunk goes beyond, values counted with the same edge rules, one update per chunk
 signed min/max tracked alongside. :func:`ranges_from_histograms` hands them to ONNX Runtime's own
 ``HistogramCollector.compute_collection_result`` (percentile), :func:`resunetpp.export.ranges.mse_range`
 (mse) or the min/max (minmax), and keys them by the ONNX tensor name each convolution reads
-(:func:`conv_input_tensors`, from the exporter's node metadata). The only differences from ONNX
-Runtime's ranges are float rounding between the two runtimes' convolutions (tested:
-``tests/test_fast_calibration.py``).
+(:func:`conv_input_tensors`, from the exporter's node metadata). The differences from ONNX Runtime's
+ranges: float rounding between the two runtimes' convolutions, and values on a bin edge counted in
+the neighbouring bin, so that a range can differ by one histogram bin, 1/2048 of the tensor's
+largest |x| (tested against ORT's calibrator: ``tests/test_fast_calibration.py``).
 
 Recipes that need other tensors (``--int8-ops all``, ``--int8-outputs``) or the entropy method
 keep ONNX Runtime's calibrator (:func:`supports`).
@@ -54,7 +55,8 @@ class OrtAbsHistogram:
     whose max |x| passes the last edge appends edges of the first width (``np.arange``, as ORT
     does) and counts |x| in the edges (``np.histogram(|x|, bins=edges)``: bin ``k`` holds
     ``edges[k] <= v < edges[k+1]``, the last bin includes its right edge, values outside are not
-    counted). Edges are float32, counts int64, as ORT keeps them.
+    counted; here up to float rounding at the edges, see :meth:`_count`). Edges are float32, counts
+    int64, as ORT keeps them.
     """
 
     def __init__(self, bins: int = ORT_BINS) -> None:
@@ -90,12 +92,12 @@ class OrtAbsHistogram:
 
     @staticmethod
     def _count(a: torch.Tensor, edges: np.ndarray) -> np.ndarray:
+        """Counts of ``a`` in ``edges`` (equal widths up to float32 rounding). ``torch.histc`` is six
+        times faster here than an exact search of the edges (``torch.bucketize``) and, in float32,
+        puts about one value in a thousand that lies within rounding of an edge into the
+        neighbouring bin -- which can move a percentile by at most one bin (1/2048 of the range)."""
         n = len(edges) - 1
-        e = torch.from_numpy(edges)
-        idx = torch.bucketize(a, e, right=True) - 1  # edges[idx] <= v < edges[idx + 1]
-        idx[a == e[-1]] = n - 1  # the last bin is closed on the right
-        keep = (idx >= 0) & (idx < n)
-        return torch.bincount(idx[keep], minlength=n).numpy().astype(np.int64)
+        return torch.histc(a, n, float(edges[0]), float(edges[-1])).to(torch.int64).numpy()
 
     def as_tuple(self) -> tuple:
         """``(hist, edges, min, max)``: an entry of ORT's ``HistogramCollector.histogram_dict``."""

@@ -59,6 +59,10 @@ class ExportOptions:
     #: scales ONNX Runtime and TensorRT run, so one quantization is verified on two runtimes, with
     #: the placement a QAT fine-tune was simulated with); ``"nncf"`` quantizes the IR with NNCF.
     openvino_int8: str = "qdq"
+    #: Reuse (and keep) calibration statistics and reference outputs in the cache of
+    #: :mod:`resunetpp.cache` (``~/.cache/resunetpp``), keyed by the checkpoint's hash, the image sets and
+    #: the recipe; ``False`` (``--no-cache``) computes everything and writes nothing there.
+    cache: bool = True
 
     def __post_init__(self) -> None:
         d = self.int8_max_disagreement
