@@ -5,7 +5,7 @@
 and records, for every calibration image, the ``percentile`` of its own |x| at each input.
 :func:`widen_ranges` then applies :func:`resunetpp.export.ranges.small_set_range` to ONNX Runtime's
 ranges: below :data:`resunetpp.export.ranges.SMALL_SET_IMAGES` images, each range is at least the
-largest per-image percentile (benchmarks/INT8.md, section 13).
+largest per-image percentile (benchmarks/INT8.md, section 14).
 """
 
 from __future__ import annotations

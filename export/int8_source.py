@@ -185,7 +185,10 @@ def _bias_correction(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> Non
             run.bias_correction_record = {**record, "from_cache": True}
             return
         run.warn("ignoring a bias-shifts cache entry (its record is unreadable); recomputing")
-    amax = cached(run, "simulated-ranges", key_amax, _names_are({f"{c}:in" for c in convs}))
+    names = {f"{c}:in" for c in convs}
+    amax = cached(run, "simulated-ranges", key_amax,
+                  lambda a: "its entries are not this model's" if set(a) != names
+                  else ("not one range per convolution" if any(v.size != 1 for v in a.values()) else None))
     total = n + (0 if amax is not None else len(run.calib))
     state: dict = {}
     with run.r.task(f"correct INT8 biases ({n} images, simulated INT8"
@@ -193,7 +196,7 @@ def _bias_correction(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> Non
                     total=total) as adv:
         run.bias_correction_record = bias_correct(
             model, calib_images(run), recipe.bias_correction_images, progress=adv, keep_modules=recipe.keep_modules,
-            amax=None if amax is None else {k: float(v) for k, v in amax.items()}, state=state, **sim)
+            amax=None if amax is None else {k: float(v.item()) for k, v in amax.items()}, state=state, **sim)
     if amax is None:
         keep(run, "simulated-ranges", key_amax, {k: np.float64(v) for k, v in state["amax"].items()})
     import json

@@ -87,7 +87,7 @@ def small_set_range(pooled: float, per_image: np.ndarray, images: int, *,
     99.99th percentile, 0.942 at 64 (0.945 / 0.940 for the calibration images themselves), and
     16% of validation images peak above 1.5x a range (11% at 64). Taking the largest per-image
     percentile covers the calibration image with the widest bulk, not only the pooled tail
-    (benchmarks/INT8.md, section 13). From ``min_images`` on the percentile is kept as it is."""
+    (benchmarks/INT8.md, section 14). From ``min_images`` on the percentile is kept as it is."""
     per_image = np.asarray(per_image, dtype=np.float64).ravel()
     if not np.isfinite(pooled) or pooled < 0:
         raise ValueError(f"pooled range must be finite and >= 0, got {pooled}")

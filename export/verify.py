@@ -54,7 +54,7 @@ INT8_MAX_GT_DROP = 0.01
 #: image: 0.1 x 2 x 11.4% = 2.3%), now allowed on every polyp size -- stricter than Dice on large
 #: polyps, where Dice 0.90 lets a fifth of a 40% polyp change; twice the largest share measured
 #: on the 120 validation images (0.99%, simulated INT8 with 16 calibration images; the worst
-#: images are large polyps whose boundary moves: benchmarks/INT8.md, section 12).
+#: images are large polyps whose boundary moves: benchmarks/INT8.md, section 13).
 INT8_MAX_DISAGREEMENT = 0.02
 THRESHOLD = 0.5
 
