@@ -92,12 +92,12 @@ class OrtAbsHistogram:
 
     @staticmethod
     def _count(a: torch.Tensor, edges: np.ndarray) -> np.ndarray:
-        """Counts of ``a`` in ``edges`` (equal widths up to float32 rounding). ``torch.histc`` is six
-        times faster here than an exact search of the edges (``torch.bucketize``) and, in float32,
-        puts about one value in a thousand that lies within rounding of an edge into the
-        neighbouring bin -- which can move a percentile by at most one bin (1/2048 of the range)."""
-        n = len(edges) - 1
-        return torch.histc(a, n, float(edges[0]), float(edges[-1])).to(torch.int64).numpy()
+        """Counts of ``a`` in ``edges``: ``np.histogram(a, bins=edges)`` itself, as ONNX Runtime counts
+        them (bin ``k`` holds ``edges[k] <= v < edges[k+1]``, the last bin also its right edge, values
+        outside not counted). numpy's search of equal-width float32 edges takes about 10 ns a value
+        here, as fast as ``torch.histc`` and exact at the edges, where ``histc`` moves about one value
+        in a thousand lying within float32 rounding of an edge into the neighbouring bin."""
+        return np.histogram(a.numpy(), bins=edges)[0].astype(np.int64)
 
     def as_tuple(self) -> tuple:
         """``(hist, edges, min, max)``: an entry of ORT's ``HistogramCollector.histogram_dict``."""
