@@ -27,7 +27,7 @@ keep ONNX Runtime's calibrator (:func:`supports`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,11 @@ def supports(method: str, conv_only: bool, quantize_outputs: bool) -> bool:
     return method in FAST_METHODS and conv_only and not quantize_outputs
 
 
+#: Tail mode: after the first chunk, values below the first chunk's ``1 - TAIL_SHARE`` quantile are only
+#: counted, not binned (the percentile method needs the cumulative count there, not its shape).
+TAIL_SHARE = 0.01
+
+
 class OrtAbsHistogram:
     """ONNX Runtime's ``HistogramCollector.collect_absolute_value`` for one tensor, on torch tensors.
 
@@ -55,12 +60,22 @@ class OrtAbsHistogram:
     whose max |x| passes the last edge appends edges of the first width (``np.arange``, as ORT
     does) and counts |x| in the edges (``np.histogram(|x|, bins=edges)``: bin ``k`` holds
     ``edges[k] <= v < edges[k+1]``, the last bin includes its right edge, values outside are not
-    counted; here up to float rounding at the edges, see :meth:`_count`). Edges are float32, counts
-    int64, as ORT keeps them.
+    counted). Edges are float32, counts int64, as ORT keeps them.
+
+    ``percentile`` (tail mode, for the percentile method): after the first chunk, only values at or
+    above a cut are binned -- the edge where the first chunk's cumulative share reaches
+    ``1 - TAIL_SHARE`` -- and the values between the first edge and the cut are counted into the bin
+    just below it. Every cumulative count from that bin on is then ORT's exactly, and so is the
+    ``percentile`` threshold as long as it lies at or above the cut: :attr:`exact` says whether it
+    does (checked in :meth:`as_tuple`; the caller recomputes without the tail mode when not). Binning
+    1% of the values instead of all of them is what makes the pass cost about what the model does.
+    Only ``hist[:cut]`` differs from ORT's (it holds the count, not the shape, below the cut).
     """
 
-    def __init__(self, bins: int = ORT_BINS) -> None:
+    def __init__(self, bins: int = ORT_BINS, percentile: float | None = None) -> None:
         self.bins = bins
+        self.percentile = percentile
+        self.cut = 0  # bin index: values below edges[cut] are counted, not binned (tail mode)
         self.hist: np.ndarray | None = None
         self.edges: np.ndarray | None = None
         self.min = np.float32(0)
@@ -70,25 +85,44 @@ class OrtAbsHistogram:
         x = x.detach().float()
         if x.numel() == 0:
             return
-        lo, hi = np.float32(x.min().item()), np.float32(x.max().item())
+        lo_t, hi_t = torch.aminmax(x)
+        lo, hi = np.float32(lo_t.item()), np.float32(hi_t.item())
         a = x.abs().flatten()
-        amax = np.float32(a.max().item())
+        amax = np.float32(max(-lo, hi))
         if self.edges is None:
             amin = np.float32(a.min().item())
             edges = np.histogram_bin_edges(np.array([amin, amax], dtype=np.float32), bins=self.bins)
             edges = edges.astype(np.float32)
-            old = None
             self.min, self.max = lo, hi
+            self.hist, self.edges = self._count(a, edges), edges
+            if self.percentile is not None:
+                share = np.cumsum(self.hist) / max(int(self.hist.sum()), 1)
+                self.cut = int(min(np.searchsorted(share, 1.0 - TAIL_SHARE), self.bins - 1))
+            return
+        edges, old = self.edges, self.hist
+        if amax > edges[-1]:
+            width = edges[1] - edges[0]
+            edges = np.hstack((edges, np.arange(edges[-1] + width, amax + width, width))).astype(np.float32)
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if self.cut > 0:
+            cut = float(edges[self.cut])
+            tail = a[a >= cut]
+            inside = a.numel() if edges[0] <= 0 else int((a >= float(edges[0])).sum())
+            hist = self._count(tail, edges)
+            hist[self.cut - 1] += inside - tail.numel()
         else:
-            edges, old = self.edges, self.hist
-            if amax > edges[-1]:
-                width = edges[1] - edges[0]
-                edges = np.hstack((edges, np.arange(edges[-1] + width, amax + width, width))).astype(np.float32)
-            self.min, self.max = min(self.min, lo), max(self.max, hi)
-        hist = self._count(a, edges)
-        if old is not None:
-            hist[:len(old)] += old
+            hist = self._count(a, edges)
+        hist[:len(old)] += old
         self.hist, self.edges = hist, edges
+
+    @property
+    def exact(self) -> bool:
+        """Whether the ``percentile`` threshold ORT computes from :meth:`as_tuple` is ORT's own (it lies
+        at or above the tail mode's cut; always true outside the tail mode)."""
+        if self.cut == 0 or self.hist is None:
+            return True
+        cdf = np.cumsum(self.hist / self.hist.sum())
+        return int(np.searchsorted(cdf, self.percentile / 100.0)) >= self.cut
 
     @staticmethod
     def _count(a: torch.Tensor, edges: np.ndarray) -> np.ndarray:
@@ -97,7 +131,7 @@ class OrtAbsHistogram:
         outside not counted). numpy's search of equal-width float32 edges takes about 10 ns a value
         here, as fast as ``torch.histc`` and exact at the edges, where ``histc`` moves about one value
         in a thousand lying within float32 rounding of an edge into the neighbouring bin."""
-        return np.histogram(a.numpy(), bins=edges)[0].astype(np.int64)
+        return np.histogram(a.contiguous().numpy(), bins=edges)[0].astype(np.int64)
 
     def as_tuple(self) -> tuple:
         """``(hist, edges, min, max)``: an entry of ORT's ``HistogramCollector.histogram_dict``."""
@@ -123,40 +157,64 @@ def conv_input_tensors(onnx_model) -> dict[str, str]:
 
 
 @torch.no_grad()
-def collect_conv_histograms(model: nn.Module, tensors: dict[str, str], chunks: Iterable[np.ndarray], *,
-                            progress: Callable[[int], None] | None = None) -> dict[str, tuple]:
+def collect_conv_histograms(model: nn.Module, tensors: dict[str, str], chunks: Sequence[np.ndarray], *,
+                            progress: Callable[[int], None] | None = None, percentile: float | None = None,
+                            chunks_per_pass: int = 2) -> dict[str, tuple]:
     """|x| histograms of each convolution input of ``model`` over ``chunks`` (each chunk one
     ``(N, C, H, W)`` float32 array: what one ONNX Runtime ``collect_data`` call sees), keyed by
     the ONNX tensor names of ``tensors`` (module path -> tensor; :func:`conv_input_tensors`).
-    Several convolutions reading one tensor are histogrammed once."""
+    Several convolutions reading one tensor are histogrammed once. ``chunks_per_pass`` equal-shape
+    chunks go through the model together (NHWC; each still updates the histograms on its own, in
+    order, so the result is the chunk-by-chunk one). ``percentile``: the tail mode of
+    :class:`OrtAbsHistogram`, and when any threshold falls below its cut (never seen on real data)
+    the histograms are collected again without it."""
+    from resunetpp.export.equalize import nhwc
+
     modules = dict(model.named_modules())
     missing = [m for m in tensors if not isinstance(modules.get(m), nn.Conv2d | nn.ConvTranspose2d)]
     if missing:
         raise ResUNetError(f"module {missing[0]!r} of the ONNX graph is not a convolution of the PyTorch model")
     hists: dict[str, OrtAbsHistogram] = {}
-    done: set[str] = set()  # tensors already counted in the current chunk
+    done: set[str] = set()  # tensors already counted in the current pass
+    sizes: list[int] = []  # the chunks of the current pass
 
     def hook(tensor: str):
         def pre(_module, args):
             if tensor in done:
                 return
             done.add(tensor)
-            hists.setdefault(tensor, OrtAbsHistogram()).update(args[0])
+            h = hists.setdefault(tensor, OrtAbsHistogram(percentile=percentile))
+            for part in torch.split(args[0], sizes):
+                h.update(part)
         return pre
+
+    def passes():
+        group: list[np.ndarray] = []
+        for chunk in chunks:
+            if group and (len(group) == chunks_per_pass or group[0].shape[1:] != chunk.shape[1:]):
+                yield group
+                group = []
+            group.append(np.asarray(chunk, dtype=np.float32))
+        if group:
+            yield group
 
     handles = [modules[m].register_forward_pre_hook(hook(t)) for m, t in tensors.items()]
     was_training = model.training
     model.eval()
     try:
-        for chunk in chunks:
-            done.clear()
-            model(torch.as_tensor(np.ascontiguousarray(chunk, dtype=np.float32)))
-            if progress:
-                progress(int(chunk.shape[0]))
+        with nhwc(model, chunks_per_pass > 1) as tensor:
+            for group in passes():
+                done.clear()
+                sizes[:] = [int(c.shape[0]) for c in group]
+                model(tensor(np.concatenate(group)))
+                if progress:
+                    progress(sum(sizes))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    if percentile is not None and not all(h.exact for h in hists.values()):
+        return collect_conv_histograms(model, tensors, chunks, chunks_per_pass=chunks_per_pass)
     return {t: h.as_tuple() for t, h in hists.items()}
 
 
@@ -201,5 +259,5 @@ def save_ranges(ranges, path) -> None:
     save_tensors_data(ranges, path)
 
 
-__all__ = ["FAST_METHODS", "ORT_BINS", "OrtAbsHistogram", "collect_conv_histograms", "conv_input_tensors",
+__all__ = ["FAST_METHODS", "ORT_BINS", "TAIL_SHARE", "OrtAbsHistogram", "collect_conv_histograms", "conv_input_tensors",
            "ranges_from_histograms", "save_ranges", "supports"]

@@ -194,8 +194,11 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
     # below SMALL_SET_IMAGES images each range is widened to the largest per-image percentile
     # (export.ranges.small_set_range): those per-image percentiles are collected in the same pass
     small = recipe.method == "percentile" and len(run.calib) < SMALL_SET_IMAGES
+    # the percentile method bins only the upper tail after the first chunk (fast_calibration.OrtAbsHistogram)
+    tail = recipe.percentile if recipe.method == "percentile" else None
     key = {**run.source_cache_key, "batch": run.o.batch, "chunk": CALIB_CHUNK, "bins": fast_calibration.ORT_BINS,
-           **({"image_tails": recipe.percentile} if small else {})}
+           **({"image_tails": recipe.percentile} if small else {}),
+           **({"tail_share": fast_calibration.TAIL_SHARE} if tail is not None else {})}
     parts = ("hist", "edges", "minmax") + (("tails",) if small else ())
     names = {f"{m}/{part}" for m in first.values() for part in parts}
     arrays = cached(run, "conv-input-histograms", key,
@@ -214,8 +217,9 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
         with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, one PyTorch pass)", total=len(run.calib)) as adv, \
                 (ImageTails(model, tensors, recipe.percentile) if small else contextlib.nullcontext()) as image_tails:
             calib_batches = batches((x[0] for x in calib_images(run)), run.o.batch or 1, fixed=run.o.batch is not None)
-            chunks = (np.concatenate(c) for c in _chunks(calib_batches, CALIB_CHUNK))
-            histograms = fast_calibration.collect_conv_histograms(model, tensors, chunks, progress=adv)
+            chunks = [np.concatenate(c) for c in _chunks(calib_batches, CALIB_CHUNK)]
+            histograms = fast_calibration.collect_conv_histograms(model, tensors, chunks, progress=adv,
+                                                                  percentile=tail)
         tails = image_tails.per_image() if small else {}
         keep(run, "conv-input-histograms", key,
              {**{f"{first[t]}/{part}": a for t, (h, e, lo, hi) in histograms.items()
