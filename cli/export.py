@@ -121,6 +121,10 @@ def export_command(
         rich_help_panel="Accuracy gate", show_default=False,
         help="Write artifacts that fail their accuracy gate (INT8/FP16 Dice vs the FP32 reference). "
              "Default: refuse them.")] = False,
+    int8_max_disagreement: Annotated[float | None, typer.Option(
+        rich_help_panel="Accuracy gate", min=0.0, max=100.0, metavar="PERCENT",
+        help="INT8 gate: the largest share of any held-out image's pixels (percent) on which the INT8 "
+             "and FP32 masks may differ (default 2: resunetpp.export.verify.INT8_MAX_DISAGREEMENT).")] = None,
     calib_method: Annotated[ExportCalibMethod, typer.Option(
         rich_help_panel="INT8 recipe", metavar="METHOD",
         help=f"INT8 Q/DQ ONNX activation ranges: {', '.join(CALIBRATION_METHODS)}.")] = ExportCalibMethod.percentile,
@@ -166,6 +170,11 @@ def export_command(
     trt_fp16: Annotated[ExportTRTFP16Mode, typer.Option(
         rich_help_panel="TensorRT",
         help="TensorRT 10 only: 'flag' builds FP16 with BuilderFlag.FP16 from the FP32 ONNX.")] = ExportTRTFP16Mode.onnx,
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache", rich_help_panel="INT8 recipe", show_default=False,
+        help="Reuse calibration statistics and reference outputs from an earlier export of the same checkpoint "
+             "and images ($RESUNETPP_CACHE_DIR, else $XDG_CACHE_HOME/resunetpp or ~/.cache/resunetpp; default: "
+             "on). --no-cache recomputes everything and stores nothing.")] = True,
     int8_reference: Annotated[Optional[Path], typer.Option(
         rich_help_panel="Data",
         exists=True, dir_okay=False,
@@ -197,6 +206,7 @@ def export_command(
             eval=eval_dir, eval_split=eval_split, eval_count=eval_count,
             batch=_export_batch(batch), image_size=_export_size(image_size), dynamic_size=dynamic_size,
             opset=opset, simplify=simplify, allow_accuracy_drop=allow_accuracy_drop,
+            int8_max_disagreement=None if int8_max_disagreement is None else int8_max_disagreement / 100.0,
             qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep, conv_only=conv_only,
                           quantize_outputs=int8_outputs, equalize_alpha=_equalize_alpha(equalize, equalize_alpha),
                           **_bias_correction(bias_correction)),
@@ -206,7 +216,7 @@ def export_command(
             fp16=FP16Recipe(),
             tensorrt=TensorRTOptions(workspace_mib=workspace, dla_core=dla_core, max_batch=max_batch,
                                      calibrator=calibrator.value if calibrator else None, fp16_mode=trt_fp16.value),
-            reference=int8_reference,
+            reference=int8_reference, cache=cache,
         )
         with sigterm_as_interrupt(), RichReporter(Console(stderr=True)) as reporter:
             report = run_export(options, reporter)

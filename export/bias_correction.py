@@ -26,31 +26,57 @@ from torch import nn
 
 #: Images the correction averages over (calibration images; means converge fast).
 DEFAULT_IMAGES = 32
+#: Images per PyTorch pass (resunetpp.export.equalize.PASS_BATCH).
+PASS_BATCH = 8
 
 
 def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: int = DEFAULT_IMAGES, *,
                  percentile: float = 99.99, method: str = "percentile", keep_modules: Sequence[str] = (),
-                 progress: Callable[[int], None] | None = None) -> dict:
+                 progress: Callable[[int], None] | None = None, amax: dict[str, float] | None = None,
+                 batch: int = PASS_BATCH, state: dict | None = None) -> dict:
     """Correct the biases of ``model``'s INT8 convolutions in place; returns a record.
 
     ``calib_images`` (``(N, C, H, W)`` arrays) set the simulated activation ranges (``method``
     and ``percentile`` as :class:`resunetpp.export.quantsim.QuantSim` takes them), the first ``images`` of them
     the mean shifts. Convolutions under ``keep_modules`` stay float and uncorrected. ``progress``
-    is called with the number of images after each pass.
+    is called with the number of images after each pass (the range pass over every calibration
+    image, then the ``images`` of the correction). ``amax``: the ranges of that first pass, given
+    (e.g. from a cache), for every convolution (``"<module>:in"``). ``state``, a dict, receives
+    ``"amax"`` (those ranges, for every convolution whatever ``keep_modules`` says) and ``"shifts"``
+    (``{module: per-channel shift subtracted from its bias}``), what a cache keeps. Passes run ``batch``
+    images at a time (NHWC when more than one; results equal to one at a time up to float rounding).
     """
     import torch.nn.functional as F
 
+    from resunetpp.export.equalize import nhwc, stacked
     from resunetpp.export.quantsim import QuantSim
 
     if images < 1:
         raise ValueError(f"images must be >= 1, got {images}")
     model.eval()
-    tensors = [torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in calib_images]
-    sample = tensors[:images]
+    sample = list(calib_images[:images])
+    n_sample = sum(int(np.asarray(x).shape[0]) for x in sample)
     for conv in model.modules():
         if isinstance(conv, nn.Conv2d) and conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
+    if amax is None:  # the float model's ranges at every convolution input, whatever is kept in float
+        observer = QuantSim(model, percentile=percentile, method=method)
+        try:
+            observer.observe(sum(int(np.asarray(x).shape[0]) for x in calib_images))
+            with torch.no_grad(), nhwc(model, batch > 1) as tensor:
+                for x in stacked(calib_images, batch):
+                    model(tensor(x))
+                    if progress:
+                        progress(int(x.shape[0]))
+            amax = observer.freeze()
+        finally:
+            observer.remove()
     sim = QuantSim(model, keep_modules=keep_modules, percentile=percentile, method=method)
+    missing = [f"{name}:in" for name in sim.convs if f"{name}:in" not in amax]
+    if missing:
+        sim.remove()
+        raise ValueError(f"no simulated range for {missing[0]}")
+    sim.amax = {f"{name}:in": float(amax[f"{name}:in"]) for name in sim.convs}
     raw: dict[str, torch.Tensor] = {}
     shift: dict[str, torch.Tensor] = {}
 
@@ -64,34 +90,44 @@ def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: i
             w = module.parametrizations.weight.original  # the float weight
             ref = F.conv2d(raw.pop(name), w, module.bias, module.stride, module.padding, module.dilation,
                            module.groups)
-            d = (out - ref).mean(dim=(0, 2, 3)) / len(sample)
+            d = (out - ref).mean(dim=(0, 2, 3)) * (out.shape[0] / n_sample)
             shift[name] = shift[name] + d if name in shift else d
         return hook
 
     handles = []
     try:
-        sim.observe(len(tensors))
-        with torch.no_grad():
-            for x in tensors:
-                model(x)
-        sim.freeze()
         for name, conv in sim.convs.items():
             handles.append(conv.register_forward_pre_hook(capture(name), prepend=True))
             handles.append(conv.register_forward_hook(compare(name)))
-        with torch.no_grad():
-            for x in sample:
-                model(x)
+        with torch.no_grad(), nhwc(model, batch > 1) as tensor:
+            for x in stacked(sample, batch):
+                model(tensor(x))
                 if progress:
-                    progress(x.shape[0])
+                    progress(int(x.shape[0]))
     finally:
         for h in handles:
             h.remove()
         sim.remove()
-    with torch.no_grad():
-        for name, d in shift.items():
-            sim.convs[name].bias -= d
+    apply_shifts(model, shift)
+    if state is not None:
+        state["amax"] = dict(amax)
+        state["shifts"] = {k: v.detach().clone() for k, v in shift.items()}
     worst = sorted(((k, float(v.abs().max())) for k, v in shift.items()), key=lambda kv: -kv[1])[:5]
     return {"method": "bias correction (per convolution, simulated INT8 vs float on the same input)",
             "simulated_ranges": method if method == "mse" else f"percentile {percentile:g}",
-            "images": len(sample), "range_images": len(tensors), "convolutions": len(shift),
-            "largest_shifts": {k: round(v, 5) for k, v in worst}}
+            "images": n_sample, "range_images": sum(int(np.asarray(x).shape[0]) for x in calib_images),
+            "convolutions": len(shift), "largest_shifts": {k: round(v, 5) for k, v in worst}}
+
+
+@torch.no_grad()
+def apply_shifts(model: nn.Module, shifts: dict[str, torch.Tensor]) -> None:
+    """Subtract each convolution's per-channel ``shifts[module]`` from its bias (creating a zero bias
+    where it has none): the correction :func:`bias_correct` computed, replayed (e.g. from a cache)."""
+    modules = dict(model.named_modules())
+    for name, d in shifts.items():
+        conv = modules.get(name)
+        if not isinstance(conv, nn.Conv2d) or tuple(d.shape) != (conv.out_channels,):
+            raise ValueError(f"bias shift for {name!r} does not fit the model")
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
+        conv.bias -= d.to(conv.bias.dtype)

@@ -51,6 +51,9 @@ class ExportRun:
         self.fp16_result: FP16Result | None = None
         self.qdq_record: dict | None = None
         self.int8_source_model = None
+        self.int8_source_torch = None  # the PyTorch model int8_source_model was exported from
+        self.source_cache_key: dict | None = None  # what int8_source_torch depends on (calibration cache)
+        self.calib_arrays: list | None = None  # the preprocessed calibration images, once decoded
         self.equalization_record: dict | None = None
         self.bias_correction_record: dict | None = None
         self.calib: cal.ImageSet | None = None  # set by the pipeline once the options are checked
@@ -106,7 +109,7 @@ class ExportRun:
 
     def judge(self, fmt: str, precision: str, metrics: dict) -> tuple[Gate, bool]:
         """The gate's outcome and whether the artifact is written."""
-        gate = gate_for(precision, metrics)
+        gate = gate_for(precision, metrics, self.o.int8_max_disagreement)
         keep = gate.passed or self.o.allow_accuracy_drop
         if not gate.passed:
             (self.warn if keep else self.r.warn)(f"{fmt} {precision}: {gate.reason}"
@@ -129,12 +132,48 @@ class ExportRun:
     # -- the FP32 reference every artifact is compared with --
     def reference(self) -> None:
         v = self.vset
-        with self.r.task("PyTorch FP32 reference", total=len(v.inputs)) as advance:
-            v.reference.extend(self._torch_outputs(self.ckpt, advance))
+        v.reference.extend(self._reference(self.ckpt, "PyTorch FP32 reference"))
         if self.ref_ckpt is not None:
-            with self.r.task(f"PyTorch FP32 reference for INT8 ({self.o.reference.name})", total=len(v.inputs)) as adv:
-                v.int8_reference = self._torch_outputs(self.ref_ckpt, adv)
+            v.int8_reference = self._reference(self.ref_ckpt,
+                                               f"PyTorch FP32 reference for INT8 ({self.o.reference.name})")
             v.int8_reference_record = {"path": str(self.o.reference), "sha256": self.ref_ckpt.sha256}
+
+    def _reference(self, ckpt: Checkpoint, label: str) -> list[np.ndarray]:
+        """:meth:`_torch_outputs`, from the cache of :mod:`resunetpp.cache` when it has them for this
+        checkpoint and these exact inputs (and this torch)."""
+        import hashlib
+
+        import torch
+
+        inputs = self.vset.inputs
+        digest = hashlib.sha256()
+        for x in inputs:
+            digest.update(str(x.shape).encode())
+            digest.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+        key = {"model": ckpt.sha256, "inputs": digest.hexdigest(), "torch": torch.__version__, "layout": "nchw"}
+        names = {str(i) for i in range(len(inputs))}
+        if self.o.cache:
+            from resunetpp import cache
+
+            def expect(arrays: dict) -> str | None:
+                if set(arrays) != names:
+                    return "not these images"
+                if any(arrays[str(i)].shape[-2:] != x.shape[-2:] or arrays[str(i)].dtype != np.float32
+                       for i, x in enumerate(inputs)):
+                    return "outputs of another shape"
+                return None
+
+            arrays = cache.load("reference-outputs", key, warn=self.warn, expect=expect)
+            if arrays is not None:
+                with self.r.task(f"{label} (cached)"):
+                    return [arrays[str(i)] for i in range(len(inputs))]
+        with self.r.task(label, total=len(inputs)) as advance:
+            out = self._torch_outputs(ckpt, advance)
+        if self.o.cache:
+            from resunetpp import cache
+
+            cache.store("reference-outputs", key, {str(i): np.asarray(o, dtype=np.float32) for i, o in enumerate(out)})
+        return out
 
     def _torch_outputs(self, ckpt: Checkpoint, advance) -> list[np.ndarray]:
         """The checkpoint's probabilities on the verification images, as the torch engine gives them
@@ -148,6 +187,42 @@ class ExportRun:
                 out.extend(predict(x))
                 advance(len(x))
         return out
+
+    def export_onnx(self, module, label: str, key: dict | None):
+        """:func:`resunetpp.export.onnx_graph.export_onnx` of ``module`` with this export's geometry and
+        graph options, from the cache of :mod:`resunetpp.cache` when ``key`` (what ``module``'s weights
+        depend on) names a graph exported before with the same torch/onnx versions; a cached graph is
+        parsed and run through ``onnx.checker`` before use, and verified like a fresh one after."""
+        import onnx
+        import torch
+
+        from resunetpp.export import onnx_graph
+
+        full = None
+        if key is not None and self.o.cache:
+            from resunetpp import cache
+
+            full = {**key, "opset": self.o.opset, "simplify": self.o.simplify, "spec": self.spec.record(),
+                    "torch": torch.__version__, "onnx": onnx.__version__}
+            arrays = cache.load("onnx-graph", full, warn=self.warn,
+                                expect=lambda a: None if set(a) == {"model"} and a["model"].dtype == np.uint8
+                                else "not an ONNX graph")
+            if arrays is not None:
+                try:
+                    model = onnx.load_from_string(arrays["model"].tobytes())
+                    onnx.checker.check_model(model)
+                except Exception as e:  # noqa: BLE001 -- any parse/check failure: recompute
+                    self.warn(f"ignoring a cached ONNX graph ({type(e).__name__}); exporting again")
+                else:
+                    with self.r.task(f"{label} (cached graph)"):
+                        return model
+        with self.r.task(label):
+            model = onnx_graph.export_onnx(module, self.spec, opset=self.o.opset, simplify=self.o.simplify)
+        if full is not None:
+            from resunetpp import cache
+
+            cache.store("onnx-graph", full, {"model": np.frombuffer(model.SerializeToString(), dtype=np.uint8)})
+        return model
 
     def calibration_record(self, method: dict) -> dict:
         assert self.calib is not None and self.eval is not None

@@ -7,6 +7,8 @@ scopes, writing) are :mod:`resunetpp.export.onnx_graph`.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,7 +16,7 @@ import numpy as np
 from resunetpp.export import onnx_graph
 from resunetpp.export.formats import ExportFormat, register_format
 from resunetpp.export.inputs import batches
-from resunetpp.export.int8_source import int8_source, source_record
+from resunetpp.export.int8_source import int8_source, int8_source_torch, source_record
 # Also the ONNX graph API callers outside export use (DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact);
 # new code imports them from export.onnx_graph.
 from resunetpp.export.onnx_graph import DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact  # noqa: F401
@@ -44,9 +46,8 @@ def fp32(run: ExportRun, write: bool) -> None:
 
     from resunetpp.model import WithActivation
 
-    with run.r.task(f"export ONNX (opset {run.o.opset}, torch dynamo exporter)"):
-        model = onnx_graph.export_onnx(WithActivation(run.ckpt.build_model()), run.spec, opset=run.o.opset,
-                                       simplify=run.o.simplify)
+    model = run.export_onnx(WithActivation(run.ckpt.build_model()),
+                            f"export ONNX (opset {run.o.opset}, torch dynamo exporter)", {"model": run.ckpt.sha256})
     run.fp32_model = model
     path = run.work / "fp32.onnx"
     onnx.save_model(model, str(path))
@@ -141,14 +142,19 @@ def _probe_inputs(run: ExportRun) -> list[np.ndarray]:
 def int8(run: ExportRun, write: bool) -> None:
     import onnx
 
+    from resunetpp.export import fast_calibration
     from resunetpp.export.quantize import calibrate_ranges, quantize_qdq
 
     recipe = run.o.qdq
-    source, _ = int8_source(run)
+    source, source_model = int8_source(run)
     cache = run.work / f"ranges_{recipe.method}.json"
-    with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, ONNX Runtime)", total=len(run.calib)) as adv:
-        calibrate_ranges(source, batches(run.calib.inputs(run.pre), run.o.batch or 1, fixed=run.o.batch is not None),
-                         cache, method=recipe.method, percentile=recipe.percentile, progress=adv)
+    if fast_calibration.supports(recipe.method, recipe.conv_only, recipe.quantize_outputs):
+        _fast_ranges(run, source_model, cache)
+    else:
+        calib_batches = batches(run.calib.inputs(run.pre), run.o.batch or 1, fixed=run.o.batch is not None)
+        with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, ONNX Runtime)", total=len(run.calib)) as adv:
+            calibrate_ranges(source, calib_batches, cache, method=recipe.method, percentile=recipe.percentile,
+                             progress=adv)
     with run.r.task("quantize Q/DQ ONNX (ONNX Runtime quantize_static)"):
         result = quantize_qdq(source, cache, run.work / "int8_qdq.onnx", recipe)
     run.onnx_paths["int8_qdq"] = result.path
@@ -167,6 +173,67 @@ def int8(run: ExportRun, write: bool) -> None:
                          verification={**run.vset.record(), "runtime": "onnxruntime CPUExecutionProvider"})
         write_onnx_artifact(model, final, rec)
     run.add("onnx", "int8", final, keep, metrics, gate)
+
+def _fast_ranges(run: ExportRun, source_model, cache) -> None:
+    """The conv-only recipe's ranges from one PyTorch pass with ONNX Runtime's histograms
+    (:mod:`resunetpp.export.fast_calibration`), written as the calibration cache ``quantize_qdq`` reads.
+    The histograms of every convolution input (whatever is kept in float) are kept in the cache of
+    :mod:`resunetpp.cache`, keyed by what the source model depends on."""
+    from resunetpp.export import fast_calibration
+    from resunetpp.export.image_tails import ImageTails, widen_ranges
+    from resunetpp.export.int8_source import cached, calib_images, keep
+    from resunetpp.export.quantize import CALIB_CHUNK, _chunks
+    from resunetpp.export.ranges import SMALL_SET_IMAGES
+
+    recipe = run.o.qdq
+    model = int8_source_torch(run)
+    tensors = fast_calibration.conv_input_tensors(source_model)
+    first: dict[str, str] = {}  # tensor -> the first convolution reading it (names entries by module)
+    for module, tensor in tensors.items():
+        first.setdefault(tensor, module)
+    # below SMALL_SET_IMAGES images each range is widened to the largest per-image percentile
+    # (export.ranges.small_set_range): those per-image percentiles are collected in the same pass
+    small = recipe.method == "percentile" and len(run.calib) < SMALL_SET_IMAGES
+    # the percentile method bins only the upper tail after the first chunk (fast_calibration.OrtAbsHistogram)
+    tail = recipe.percentile if recipe.method == "percentile" else None
+    key = {**run.source_cache_key, "batch": run.o.batch, "chunk": CALIB_CHUNK, "bins": fast_calibration.ORT_BINS,
+           **({"image_tails": recipe.percentile} if small else {}),
+           **({"tail_share": fast_calibration.TAIL_SHARE} if tail is not None else {})}
+    parts = ("hist", "edges", "minmax") + (("tails",) if small else ())
+    names = {f"{m}/{part}" for m in first.values() for part in parts}
+    arrays = cached(run, "conv-input-histograms", key,
+                    lambda a: None if set(a) == names else "its convolutions are not this graph's")
+    if arrays is not None:
+        histograms = {t: (arrays[f"{m}/hist"].astype(np.int64), arrays[f"{m}/edges"].astype(np.float32),
+                          np.float32(arrays[f"{m}/minmax"][0]), np.float32(arrays[f"{m}/minmax"][1]))
+                      for t, m in first.items()}
+        tails = {t: arrays[f"{m}/tails"].astype(np.float64) for t, m in first.items()} if small else {}
+        bad = [m for t, m in first.items() if histograms[t][0].shape[0] + 1 != histograms[t][1].shape[0]]
+        if bad:
+            run.warn(f"ignoring a conv-input-histograms cache entry ({bad[0]}: histogram and edges disagree); "
+                     "recomputing")
+            arrays = None
+    if arrays is None:
+        with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, one PyTorch pass)", total=len(run.calib)) as adv, \
+                (ImageTails(model, tensors, recipe.percentile) if small else contextlib.nullcontext()) as image_tails:
+            calib_batches = batches((x[0] for x in calib_images(run)), run.o.batch or 1, fixed=run.o.batch is not None)
+            chunks = [np.concatenate(c) for c in _chunks(calib_batches, CALIB_CHUNK)]
+            histograms = fast_calibration.collect_conv_histograms(model, tensors, chunks, progress=adv,
+                                                                  percentile=tail)
+        tails = image_tails.per_image() if small else {}
+        keep(run, "conv-input-histograms", key,
+             {**{f"{first[t]}/{part}": a for t, (h, e, lo, hi) in histograms.items()
+                 for part, a in (("hist", h), ("edges", e), ("minmax", np.array([lo, hi], dtype=np.float32)))},
+              **{f"{first[t]}/tails": v for t, v in tails.items()}})
+    with run.r.task(f"Q/DQ ranges from the histograms ({recipe.method}"
+                    + (", cached histograms)" if arrays is not None else ")")):
+        ranges = fast_calibration.ranges_from_histograms(histograms, recipe.method, recipe.percentile)
+    if small:
+        ranges, widened = widen_ranges(ranges, tails, len(run.calib))
+        run.r.info(f"{len(run.calib)} calibration images (< {SMALL_SET_IMAGES}): {len(widened)} of "
+                   f"{len(histograms)} ranges widened to the largest per-image {recipe.percentile:g}th percentile")
+    fast_calibration.save_ranges(ranges, cache)
+
 
 def ensure_source(run: ExportRun, source: str) -> None:
     """Build the intermediate ONNX ``source`` (``fp16`` or ``int8_qdq``) another format is built from,

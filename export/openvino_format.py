@@ -126,14 +126,27 @@ def _ir(run: ExportRun, precision: str) -> None:
 def _from_qdq(run: ExportRun):
     """The INT8 IR converted from the Q/DQ ONNX: OpenVINO turns each Q/DQ pair into a
     FakeQuantize and runs the convolutions in INT8 (low-precision transformations)."""
+    import onnx
+
+    from resunetpp.export.unsigned import unsigned_nonnegative
+
     onnx_format.ensure_source(run, "int8_qdq")
-    with run.r.task("convert the INT8 Q/DQ ONNX to OpenVINO IR"):
-        ov_model = convert_onnx(run.onnx_paths["int8_qdq"])
+    with run.r.task("convert the INT8 Q/DQ ONNX to OpenVINO IR (non-negative inputs unsigned)"):
+        graph = onnx.load(str(run.onnx_paths["int8_qdq"]))
+        unsigned = unsigned_nonnegative(graph)
+        path = run.work / "int8_qdq_openvino.onnx"
+        onnx.save_model(graph, str(path))
+        ov_model = convert_onnx(path)
     fq = sum(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ordered_ops())
     calib = run.calibration_record({"tool": "onnxruntime", "method": run.o.qdq.method})
     return ov_model, {"calibration": calib,
                       "quantization": {**run.qdq_record, "openvino": "converted from the INT8 Q/DQ ONNX",
-                                       "fake_quantize_ops": fq}}
+                                       "fake_quantize_ops": fq,
+                                       "unsigned_inputs": {
+                                           "tensors": len(unsigned),
+                                           "why": "non-negative by construction: unsigned INT8, same step, zero "
+                                                  "point 0 (no +128 shift, no 16-bit saturation on CPUs without "
+                                                  "VNNI); resunetpp.export.unsigned"}}}
 
 
 def _nncf(run: ExportRun, ov_model):

@@ -44,6 +44,9 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     simplify: bool = True
     allow_accuracy_drop: bool = False
+    #: INT8 gate: the largest share (0-1) of any held-out image's pixels on which the INT8 and FP32
+    #: masks may differ; ``None``: :data:`resunetpp.export.verify.INT8_MAX_DISAGREEMENT`.
+    int8_max_disagreement: float | None = None
     qdq: QDQRecipe = QDQRecipe()
     nncf: NNCFRecipe = NNCFRecipe()
     fp16: FP16Recipe = FP16Recipe()
@@ -56,8 +59,15 @@ class ExportOptions:
     #: scales ONNX Runtime and TensorRT run, so one quantization is verified on two runtimes, with
     #: the placement a QAT fine-tune was simulated with); ``"nncf"`` quantizes the IR with NNCF.
     openvino_int8: str = "qdq"
+    #: Reuse (and keep) calibration statistics and reference outputs in the cache of
+    #: :mod:`resunetpp.cache` (``~/.cache/resunetpp``), keyed by the checkpoint's hash, the image sets and
+    #: the recipe; ``False`` (``--no-cache``) computes everything and writes nothing there.
+    cache: bool = True
 
     def __post_init__(self) -> None:
+        d = self.int8_max_disagreement
+        if d is not None and not (isinstance(d, int | float) and 0.0 <= d <= 1.0):
+            raise ResUNetError(f"the INT8 disagreement limit must be a share of the image in [0, 1], got {d!r}")
         if self.openvino_int8 not in OPENVINO_INT8_SOURCES:
             raise ResUNetError(f"OpenVINO INT8 source must be one of {', '.join(OPENVINO_INT8_SOURCES)}, "
                                f"got {self.openvino_int8!r}")

@@ -74,6 +74,8 @@ class _TopK:
             per_image = flat.numel() // max(1, x.shape[0])
             self.k = math.ceil(round(self.tail * per_image * self.images, 6)) + 1
         self.seen += flat.numel()
+        if self.kept.numel() >= self.k:  # only values above the k-th largest so far can enter: a cheap filter
+            flat = flat[flat > self.kept[-1]]
         both = torch.cat([self.kept, torch.topk(flat, min(self.k, flat.numel())).values])
         self.kept = torch.topk(both, min(self.k, both.numel())).values
 

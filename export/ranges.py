@@ -68,3 +68,41 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, largest: float | None = None,
         if err < best_err:
             best, best_err = float(a), err
     return best
+
+
+# ---- small calibration sets ---------------------------------------------------------------------
+#: Below this many calibration images the pooled percentile is widened (:func:`small_set_range`).
+SMALL_SET_IMAGES = 100
+
+
+def small_set_range(pooled: float, per_image: np.ndarray, images: int, *,
+                    min_images: int = SMALL_SET_IMAGES) -> float:
+    """The range of one tensor from a calibration set of ``images`` images: the pooled percentile
+    ``pooled`` (every value of every image together), or, for a set smaller than ``min_images``,
+    at least the largest *per-image* percentile ``per_image`` (one value per image).
+
+    With few images the pooled tail is set by the few images that happen to be in the set, and
+    the equalization's per-channel maxima by the same images: on the shipped model, at 16
+    calibration images the median validation image reaches 0.962 of a tensor's range at its own
+    99.99th percentile, 0.942 at 64 (0.945 / 0.940 for the calibration images themselves), and
+    16% of validation images peak above 1.5x a range (11% at 64). Taking the largest per-image
+    percentile covers the calibration image with the widest bulk, not only the pooled tail
+    (benchmarks/INT8.md, section 14). From ``min_images`` on the percentile is kept as it is."""
+    per_image = np.asarray(per_image, dtype=np.float64).ravel()
+    if not np.isfinite(pooled) or pooled < 0:
+        raise ValueError(f"pooled range must be finite and >= 0, got {pooled}")
+    if images >= min_images or per_image.size == 0:
+        return float(pooled)
+    if not np.all(np.isfinite(per_image)):
+        raise ValueError("per-image percentiles must be finite")
+    return float(max(pooled, float(per_image.max())))
+
+
+def max_of_percentiles(per_image_max: np.ndarray, per_image_pct: np.ndarray) -> float:
+    """The largest per-image 99.99th percentile (the study's estimator: any set size)."""
+    return float(np.max(per_image_pct))
+
+
+#: Estimators over per-image statistics ``(per-image max, per-image 99.99th percentile) -> range``
+#: compared by ``python -m resunetpp.bench.shift_study calib-count --estimator``.
+ESTIMATORS = {"max_of_percentiles": max_of_percentiles}

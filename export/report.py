@@ -122,13 +122,19 @@ def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _share(v: float | None) -> str:
+    """A share of the image's pixels, in percent: ``0.12%``."""
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
 def print_summary(report: ExportReport, console: Console) -> None:
     """The artifacts table (size, parity and accuracy numbers, gate) and the skipped targets."""
     from rich.table import Table
 
     table = Table(title=f"Exported to {report.out}", title_justify="left")
     for col, just in (("artifact", "left"), ("size", "right"), ("max |dp|", "right"), ("mean |dp|", "right"),
-                      ("Dice vs ref mean/min", "right"), ("Dice vs GT (ref)", "right"), ("gate", "left")):
+                      ("Dice vs ref mean/min", "right"), ("differing pixels, worst image", "right"),
+                      ("Dice vs GT (ref)", "right"), ("gate", "left")):
         table.add_column(col, justify=just)
     for a in report.artifacts:
         m = a.metrics
@@ -139,7 +145,7 @@ def print_summary(report: ExportReport, console: Console) -> None:
         table.add_row(a.name, _size(a.size_bytes), _num(m.get("abs_error_max"), ".2e"),
                       _num(m.get("abs_error_mean"), ".2e"),
                       f"{_num(m.get('dice_vs_reference_mean'), '.4f')} / {_num(m.get('dice_vs_reference_min'), '.4f')}",
-                      gt, gate)
+                      _share(m.get("disagreement_image_share_max")), gt, gate)
     console.print(table)
     if report.verification:
         v = report.verification

@@ -18,6 +18,7 @@ Record keys: everything of :meth:`resunetpp.checkpoint.Checkpoint.metadata` (``m
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -125,8 +126,75 @@ def record_problem(record: object) -> RecordFieldError | None:
                 return RecordFieldError("artifact.input_shape", problem)
         if "precision" in art and not isinstance(art["precision"], str):
             return RecordFieldError("artifact.precision", f"must be a string, got {art['precision']!r}")
+        if art.get("accuracy") is not None:
+            problem = accuracy_problem(art["accuracy"])
+            if problem is not None:
+                return problem.within("artifact.accuracy")
     if record.get("provenance") is not None and not isinstance(record["provenance"], Mapping):
         return RecordFieldError("provenance", f"must be a mapping, got {type(record['provenance']).__name__}")
+    return None
+
+
+#: Accuracy fields that are shares in [0, 1] (``None`` where not measured): Dice vs the reference and
+#: vs ground truth, and the disagreement of the masks (:func:`resunetpp.metrics.disagreement`).
+_SHARE_FIELDS = ("dice_vs_reference_mean", "dice_vs_reference_min", "dice_vs_gt_mean", "dice_vs_gt_min",
+                 "reference_dice_vs_gt_mean", "disagreement_image_share_mean", "disagreement_image_share_max",
+                 "disagreement_union_share_mean", "disagreement_union_share_max", "min_union_share", "threshold")
+_SHARE_LISTS = ("dice_vs_reference_per_image", "disagreement_image_share_per_image")
+_GATE_LIMITS = ("dice_vs_reference_mean", "dice_vs_reference_min", "disagreement_image_share_max", "dice_vs_gt_drop")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _share_problem(v: object) -> str | None:
+    if not _is_number(v) or not 0.0 <= v <= 1.0:  # type: ignore[operator]
+        return f"must be a number in [0, 1], got {v!r}"[:200]
+    return None
+
+
+def accuracy_problem(acc: object) -> RecordFieldError | None:
+    """The first invalid field of an artifact's ``accuracy`` record (what the export measured and
+    its gate's verdict), or ``None``. Absent fields are not required (older records lack the
+    disagreement shares); present ones must have their type and range."""
+    if not isinstance(acc, Mapping):
+        return RecordFieldError("", f"must be a mapping, got {type(acc).__name__}")
+    images = acc.get("images")
+    if images is not None and (not isinstance(images, int) or isinstance(images, bool) or images < 1):
+        return RecordFieldError("images", f"must be a positive integer, got {images!r}"[:200])
+    for name in _SHARE_FIELDS:
+        if acc.get(name) is not None and (problem := _share_problem(acc[name])):
+            return RecordFieldError(name, problem)
+    for name in ("abs_error_mean", "abs_error_max"):
+        v = acc.get(name)
+        if v is not None and not (_is_number(v) and v >= 0):
+            return RecordFieldError(name, f"must be a number >= 0, got {v!r}"[:200])
+    drop = acc.get("dice_vs_gt_drop")
+    if drop is not None and not (_is_number(drop) and -1.0 <= drop <= 1.0):
+        return RecordFieldError("dice_vs_gt_drop", f"must be a number in [-1, 1], got {drop!r}"[:200])
+    for name in _SHARE_LISTS:
+        values = acc.get(name)
+        if values is None:
+            continue
+        if not isinstance(values, list) or (isinstance(images, int) and len(values) != images):
+            return RecordFieldError(name, f"must be a list of one number per image ({images} images)")
+        for v in values:
+            if _share_problem(v):
+                return RecordFieldError(name, f"must hold numbers in [0, 1], got {v!r}"[:200])
+    gate = acc.get("gate")
+    if gate is not None:
+        if not isinstance(gate, Mapping):
+            return RecordFieldError("gate", f"must be a mapping, got {type(gate).__name__}")
+        if "passed" in gate and not isinstance(gate["passed"], bool):
+            return RecordFieldError("gate.passed", f"must be true or false, got {gate['passed']!r}"[:200])
+        limits = gate.get("limits")
+        if limits is not None:
+            if not isinstance(limits, Mapping):
+                return RecordFieldError("gate.limits", f"must be a mapping, got {type(limits).__name__}")
+            for name in _GATE_LIMITS:
+                if name in limits and (problem := _share_problem(limits[name])):
+                    return RecordFieldError(f"gate.limits.{name}", problem)
     return None
 
 

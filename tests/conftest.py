@@ -26,6 +26,14 @@ KVASIR = REPO.parent / "shared" / "data" / "kvasir-seg"
 TINY = ModelConfig(filters=(8, 8, 16, 16), bridge=16)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own empty calibration cache (resunetpp.cache), never ~/.cache/resunetpp."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("RESUNETPP_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def torch_threads() -> Iterator[int]:
     """Run the test with few torch intra-op threads (default 1), restoring the setting after.

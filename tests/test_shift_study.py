@@ -1,0 +1,132 @@
+"""benchmarks/shift_study.py: each photometric shift does what its name says, and the study's
+report has every field (tiny model, synthetic images)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from resunetpp.bench import shift_study as ss
+from tests.conftest import make_dataset, tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
+
+def _image(seed: int = 0, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    smooth = 100 + 60 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 5.0)[..., None]
+    return np.clip(smooth + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def _high_frequency(image: np.ndarray) -> float:
+    x = image.astype(np.float64).mean(axis=2)
+    lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
+    return float((lap ** 2).mean())
+
+
+def test_each_shift_does_what_it_says():
+    im = _image()
+    for name, strength in ss.SHIFTS:
+        out = ss.SHIFT_FUNCTIONS[name](im, strength)
+        assert out.shape == im.shape and out.dtype == np.uint8, name
+    assert ss.brightness(im, 40).mean() > im.mean() + 35 and ss.brightness(im, -40).mean() < im.mean() - 35
+    assert ss.brightness(np.full((4, 4, 3), 250, np.uint8), 40).max() == 255  # clipped, not wrapped
+    assert ss.contrast(im, 1.5).std() > 1.3 * im.std() and ss.contrast(im, 0.6).std() < 0.7 * im.std()
+    assert abs(float(ss.contrast(im, 0.6).mean()) - float(im.mean())) < 1.0
+    warm, cool = ss.colour_temperature(im, 0.15), ss.colour_temperature(im, -0.15)
+    assert warm[..., 0].mean() > im[..., 0].mean() > cool[..., 0].mean()
+    assert warm[..., 2].mean() < im[..., 2].mean() < cool[..., 2].mean()
+    assert np.array_equal(warm[..., 1], im[..., 1])
+    hf = _high_frequency(im)
+    assert _high_frequency(ss.blur(im, 1.5)) < 0.5 * hf
+    assert _high_frequency(ss.blur(im, 4.0)) < _high_frequency(ss.blur(im, 1.5))
+    assert _high_frequency(ss.resolution(im, 0.25)) < _high_frequency(ss.resolution(im, 0.5)) < hf
+    # JPEG: the pixels (bytes) change, the size does not; lower quality moves them more
+    q50, q15 = ss.jpeg(im, 50), ss.jpeg(im, 15)
+    assert not np.array_equal(q50, im)
+    err50 = np.abs(q50.astype(int) - im).mean()
+    assert 0 < err50 < np.abs(q15.astype(int) - im).mean()
+    buf = io.BytesIO()
+    Image.fromarray(im).save(buf, format="PNG")
+    assert ss.jpeg(im, 95).shape == im.shape
+
+
+def test_worst_case_names_the_condition_and_image():
+    rows = [{"condition": "a", "dice_min": 0.9, "disagreement_image_share_max": 0.01,
+             "worst_image": {"image": "x"}, "most_disagreeing_image": {"image": "y"}},
+            {"condition": "b", "dice_min": 0.5, "disagreement_image_share_max": 0.002,
+             "worst_image": {"image": "z"}, "most_disagreeing_image": {"image": "w"}}]
+    w = ss.worst_case(rows)
+    assert w["by_dice_min"] == {"condition": "b", "dice_min": 0.5, "image": "z"}
+    assert w["by_disagreement"] == {"condition": "a", "disagreement_image_share_max": 0.01, "image": "y"}
+
+
+def test_shift_study_report_has_every_field(tmp_path):
+    data = make_dataset(tmp_path / "d", 10, 32, splits={"train": list(range(7)), "val": [7, 8, 9]})
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    out = tmp_path / "shift.json"
+    res = CliRunner().invoke(ss.app, ["shifts", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(out),
+                                      "--calib-count", "4", "--shift", "brightness=40", "--shift", "jpeg=20",
+                                      "--cache", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert [r["condition"] for r in report["shifts"]] == ["none", "brightness +40", "jpeg 20"]
+    assert report["images"] == 3 and "simulation" in report["int8"]
+    for row in report["shifts"] + report["calibration_sets"]:
+        assert set(ss.ROW_FIELDS) <= set(row), set(ss.ROW_FIELDS) - set(row)
+        assert 0.0 <= row["dice_min"] <= row["dice_mean"] <= 1.0 and row["images"] == 3
+        assert 0.0 <= row["disagreement_image_share_max"] <= 1.0
+    assert report["shifts"][1]["shift"] == {"name": "brightness", "strength": 40.0}
+    labels = [r["condition"] for r in report["calibration_sets"]]
+    assert any(lab.startswith("seed 1") for lab in labels) and any(lab.startswith("darkest") for lab in labels)
+    assert set(report["worst_shift"]) == {"by_dice_min", "by_disagreement"}
+    assert report["worst_shift"]["by_dice_min"]["condition"] in {"none", "brightness +40", "jpeg 20"}
+    assert "worst_calibration_set" in report
+    assert list((tmp_path / "cache").glob("fp32_*.npy"))  # reference outputs cached
+    bad = CliRunner().invoke(ss.app, ["shifts", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(out),
+                                      "--shift", "sepia=1", "--no-calib-variants"])
+    assert bad.exit_code != 0 and "sepia" in bad.output
+
+
+def test_calib_count_report_records_ranges_per_image(tmp_path):
+    data = make_dataset(tmp_path / "d", 10, 32, splits={"train": list(range(7)), "val": [7, 8, 9]})
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    out = tmp_path / "cc.json"
+    res = CliRunner().invoke(ss.app, ["calib-count", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(out),
+                                      "--count", "2", "--count", "5", "--estimator", "percentile",
+                                      "--estimator", "max_of_percentiles", "--estimator", "percentile+flips"])
+    assert res.exit_code == 0, res.output
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["calibration_images"], r["estimator"]) for r in runs] == [
+        (2, "percentile"), (2, "max_of_percentiles"), (2, "percentile+flips"),
+        (5, "percentile"), (5, "max_of_percentiles"), (5, "percentile+flips")]
+    for r in runs:
+        assert set(ss.ROW_FIELDS) <= set(r) and len(r["dice_per_image"]) == 3
+        stats = r["calibration_ranges"]
+        assert set(stats["max"]) == set(r["amax"])
+        per_image = 2 * r["calibration_images"] if r["estimator"].endswith("+flips") else r["calibration_images"]
+        assert all(len(v) == per_image for v in stats["max"].values())
+        assert all(m >= p for k in stats["max"] for m, p in zip(stats["max"][k], stats["p99.99"][k]))
+    # the estimator really set the ranges: the largest per-image percentile
+    r = runs[1]
+    assert all(r["amax"][k] == pytest.approx(max(r["calibration_ranges"]["p99.99"][k])) for k in r["amax"])
+
+
+def test_simulation_widens_small_sets_as_the_export_does(tmp_path):
+    from resunetpp.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.safetensors"))
+    rng = np.random.default_rng(0)
+    images = [rng.normal(0, 1, (3, 32, 32)).astype(np.float32) * s for s in (0.5, 1.0, 3.0)]
+    _, pooled, stats = ss.simulated_int8(ckpt, images, small_set_rule=False)
+    _, widened, _ = ss.simulated_int8(ckpt, images)
+    assert set(pooled.amax) == set(widened.amax)
+    for k, a in pooled.amax.items():
+        assert widened.amax[k] == pytest.approx(max(a, max(stats.p9999[k])), rel=1e-6)
+    assert any(widened.amax[k] > pooled.amax[k] for k in pooled.amax)
