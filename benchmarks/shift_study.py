@@ -24,6 +24,7 @@ Subcommands (``python -m resunetpp.bench.shift_study --help``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -167,6 +168,19 @@ def predict_torch(model, inputs: Sequence[np.ndarray], batch: int = BATCH) -> li
     return out
 
 
+def _no_grad(fn):
+    """Run ``fn`` without autograd (and leave the caller's grad mode as it was: these functions run
+    in-process under tests and notebooks)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_no_grad
 def simulated_int8(ckpt, calib_inputs: Sequence[np.ndarray], *, keep: Sequence[str] = DEFAULT_INT8_KEEP_MODULES,
                    alpha: float | None = DEFAULT_EQUALIZE_ALPHA, bc_images: int = DEFAULT_BIAS_CORRECTION_IMAGES,
                    range_fn: Callable | None = None, small_set_rule: bool = True, batch: int = BATCH):
@@ -181,7 +195,6 @@ def simulated_int8(ckpt, calib_inputs: Sequence[np.ndarray], *, keep: Sequence[s
     from resunetpp.export.equalize import equalize
     from resunetpp.export.quantsim import QuantSim
 
-    torch.set_grad_enabled(False)
     m = ckpt.build_model().eval()
     singles = [x[None] for x in calib_inputs]
     batches = [np.stack(calib_inputs[i:i + batch]) for i in range(0, len(calib_inputs), batch)]
@@ -320,6 +333,7 @@ def _write(out: Path, result: dict) -> None:
 
 # ---- subcommands ------------------------------------------------------------------------------------
 @app.command()
+@_no_grad
 def shifts(
     data: DataOpt, out: Annotated[Path, typer.Option(help="JSON results.")],
     checkpoint: CkptOpt = DEFAULT_CKPT,
@@ -336,7 +350,6 @@ def shifts(
     from resunetpp.checkpoint import load_checkpoint
 
     t0 = time.time()
-    torch.set_grad_enabled(False)
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
     val = Val(data, ckpt, cache, count=eval_count)
@@ -403,6 +416,7 @@ def calibration_variants(data: Path, count: int, pre):
 
 
 @app.command("calib-count")
+@_no_grad
 def calib_count_cmd(
     data: DataOpt, out: Annotated[Path, typer.Option(help="JSON results.")],
     checkpoint: CkptOpt = DEFAULT_CKPT,
@@ -422,7 +436,6 @@ def calib_count_cmd(
     from resunetpp.export.ranges import ESTIMATORS
 
     t0 = time.time()
-    torch.set_grad_enabled(False)
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
     val = Val(data, ckpt, cache, count=eval_count)

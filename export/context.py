@@ -94,18 +94,22 @@ class ExportRun:
         record = self.record(fmt, precision, path, None, **extra)
         return artifact_predict(path, f.backend, record, **f.verify_options)
 
-    def measure(self, label: str, predict: Callable[[np.ndarray], np.ndarray], precision: str = "fp32") -> dict:
+    def measure(self, label: str, predict: Callable[[np.ndarray], np.ndarray], precision: str = "fp32",
+                images: int | None = None) -> dict:
+        """Metrics of ``predict`` against the reference on the verification images (the first
+        ``images`` of them when given)."""
         v = self.vset
         reference = v.int8_reference if precision == "int8" and v.int8_reference is not None else v.reference
-        with self.r.task(f"verify {label}", total=len(v.inputs)) as advance:
+        n = len(v.inputs) if images is None else min(images, len(v.inputs))
+        with self.r.task(f"verify {label}", total=n) as advance:
             def counted(x: np.ndarray) -> np.ndarray:
                 out = predict(x)
                 advance(len(x))
                 return out
 
-            outputs = predict_batched(counted, v.inputs, VERIFY_BATCH, self.o.batch)
-        return compare_outputs(outputs, reference, masks=v.masks, pre=self.pre, sizes=v.sizes, names=v.names,
-                               num_classes=self.ckpt.config.num_classes)
+            outputs = predict_batched(counted, v.inputs[:n], VERIFY_BATCH, self.o.batch)
+        return compare_outputs(outputs, reference[:n], masks=v.masks[:n], pre=self.pre, sizes=v.sizes[:n],
+                               names=v.names[:n], num_classes=self.ckpt.config.num_classes)
 
     def judge(self, fmt: str, precision: str, metrics: dict) -> tuple[Gate, bool]:
         """The gate's outcome and whether the artifact is written."""

@@ -201,6 +201,32 @@ def channel_ranges(model: nn.Module, sites: list[Site], batches: Iterable[np.nda
     return ranges
 
 
+def graph_channel_ranges(graph, sites: list[Site], batches: Iterable[np.ndarray], *,
+                         progress: Callable[[int], None] | None = None, batch: int = PASS_BATCH) -> dict[str, torch.Tensor]:
+    """:func:`channel_ranges` of the model ``graph`` (an ``onnx.ModelProto``) was exported from, measured
+    by ONNX Runtime on the graph (:class:`resunetpp.export.graph_taps.GraphTaps`; about twice as fast as
+    PyTorch on the 2-core box, equal to float32 rounding): each site's ``measure`` convolution input
+    found by the exporter's node metadata."""
+    from resunetpp.export.fast_calibration import conv_input_tensors
+    from resunetpp.export.graph_taps import GraphTaps
+
+    tensors = conv_input_tensors(graph)
+    missing = [s.measure for s in sites if s.measure not in tensors]
+    if missing:
+        raise ValueError(f"convolution {missing[0]!r} is not in the graph")
+    taps = GraphTaps(graph, [tensors[s.measure] for s in sites])
+    ranges: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for x in stacked(batches, batch):
+            outs = taps(x)
+            for s in sites:
+                r = torch.from_numpy(outs[tensors[s.measure]])[:, :s.channels].abs().amax(dim=(0, 2, 3)).float()
+                ranges[s.name] = torch.maximum(ranges[s.name], r) if s.name in ranges else r
+            if progress:
+                progress(int(x.shape[0]))
+    return ranges
+
+
 def _reader_weight_range(module: nn.Module, start: int, n: int) -> torch.Tensor:
     w = module.weight.detach()[:, start:start + n]
     return w.abs().amax(dim=tuple(d for d in range(w.ndim) if d != 1))

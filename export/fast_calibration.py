@@ -1,25 +1,23 @@
-"""Activation ranges for the Q/DQ ONNX in one PyTorch pass (``quantize_qdq``'s ranges cache).
+"""Activation ranges for the Q/DQ ONNX in one pass (``quantize_qdq``'s ranges cache).
 
 ONNX Runtime's ``HistogramCalibrater`` runs an augmented ONNX graph that returns *every*
-intermediate tensor of every quantizable op, and histograms each with numpy (``np.histogram``
-with explicit edges sorts every tensor): on the shipped model about 3 s per 256x256 image on
-the 2-core box, 16 min for the default 300 calibration images. The conv-only recipe reads the
-ranges of the convolutions' *inputs* only.
+intermediate tensor of every quantizable op, and histograms each with numpy: on the shipped model
+about 3 s per 256x256 image on the 2-core box, 16 min for the default 300 calibration images. The
+conv-only recipe reads the ranges of the convolutions' *inputs* only.
 
-:func:`collect_conv_histograms` runs the FP32 PyTorch model the ONNX was exported from (the same
-function), takes each convolution's input with a forward pre-hook, and updates an
+:func:`collect_graph_histograms` runs the same graph on ONNX Runtime with only those tensors as
+extra outputs (:class:`resunetpp.export.graph_taps.GraphTaps`) and updates an
 :class:`OrtAbsHistogram` per input: the |x| histogram exactly as ONNX Runtime's symmetric
 percentile collector (``HistogramCollector.collect_absolute_value``) builds it -- 2048 bins from
 the first chunk's smallest to largest |x|, extended with bins of the same width when a later
-chunk goes beyond, values counted with the same edge rules, one update per chunk of
+chunk goes beyond, values counted by ``np.histogram`` on the same edges, one update per chunk of
 :data:`resunetpp.export.quantize.CALIB_CHUNK` calibration batches (what one ``collect_data`` call sees),
-signed min/max tracked alongside. :func:`ranges_from_histograms` hands them to ONNX Runtime's own
-``HistogramCollector.compute_collection_result`` (percentile), :func:`resunetpp.export.ranges.mse_range`
-(mse) or the min/max (minmax), and keys them by the ONNX tensor name each convolution reads
-(:func:`conv_input_tensors`, from the exporter's node metadata). The differences from ONNX Runtime's
-ranges: float rounding between the two runtimes' convolutions, and values on a bin edge counted in
-the neighbouring bin, so that a range can differ by one histogram bin, 1/2048 of the tensor's
-largest |x| (tested against ORT's calibrator: ``tests/test_fast_calibration.py``).
+signed min/max tracked alongside; for the percentile method only the upper tail is binned after the
+first chunk (the thresholds are ORT's exactly, checked). :func:`ranges_from_histograms` hands them to
+ONNX Runtime's own ``HistogramCollector.compute_collection_result`` (percentile),
+:func:`resunetpp.export.ranges.mse_range` (mse) or the min/max (minmax), keyed by the ONNX tensor name
+each convolution reads (:func:`conv_input_tensors`, from the exporter's node metadata). Tested against
+ORT's calibrator: ``tests/test_fast_calibration.py``.
 
 Recipes that need other tensors (``--int8-ops all``, ``--int8-outputs``) or the entropy method
 keep ONNX Runtime's calibrator (:func:`supports`).
@@ -27,11 +25,10 @@ keep ONNX Runtime's calibrator (:func:`supports`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from resunetpp.export.onnx_graph import node_scopes
 from resunetpp.errors import ResUNetError
@@ -156,65 +153,32 @@ def conv_input_tensors(onnx_model) -> dict[str, str]:
     return out
 
 
-@torch.no_grad()
-def collect_conv_histograms(model: nn.Module, tensors: dict[str, str], chunks: Sequence[np.ndarray], *,
-                            progress: Callable[[int], None] | None = None, percentile: float | None = None,
-                            chunks_per_pass: int = 2) -> dict[str, tuple]:
-    """|x| histograms of each convolution input of ``model`` over ``chunks`` (each chunk one
-    ``(N, C, H, W)`` float32 array: what one ONNX Runtime ``collect_data`` call sees), keyed by
-    the ONNX tensor names of ``tensors`` (module path -> tensor; :func:`conv_input_tensors`).
-    Several convolutions reading one tensor are histogrammed once. ``chunks_per_pass`` equal-shape
-    chunks go through the model together (NHWC; each still updates the histograms on its own, in
-    order, so the result is the chunk-by-chunk one). ``percentile``: the tail mode of
-    :class:`OrtAbsHistogram`, and when any threshold falls below its cut (never seen on real data)
-    the histograms are collected again without it."""
-    from resunetpp.export.equalize import nhwc
+def collect_graph_histograms(model, tensors: Iterable[str], chunks: Sequence[np.ndarray], *,
+                             progress: Callable[[int], None] | None = None, percentile: float | None = None,
+                             image_tails=None) -> dict[str, tuple]:
+    """|x| histograms of ``tensors`` (ONNX tensor names, e.g. the values of :func:`conv_input_tensors`)
+    of the graph ``model`` (an ``onnx.ModelProto``) over ``chunks`` (each chunk one ``(N, C, H, W)``
+    float32 array: what one ONNX Runtime ``collect_data`` call sees), run by ONNX Runtime with the
+    tensors as extra outputs (:class:`resunetpp.export.graph_taps.GraphTaps`: the values ORT's own
+    calibrator would see). ``percentile``: the tail mode of :class:`OrtAbsHistogram`; when a threshold
+    falls below its cut (never seen on real data) the histograms are collected again without it.
+    ``image_tails``: an :class:`resunetpp.export.image_tails.ImageTails` fed every chunk as well."""
+    from resunetpp.export.graph_taps import GraphTaps
 
-    modules = dict(model.named_modules())
-    missing = [m for m in tensors if not isinstance(modules.get(m), nn.Conv2d | nn.ConvTranspose2d)]
-    if missing:
-        raise ResUNetError(f"module {missing[0]!r} of the ONNX graph is not a convolution of the PyTorch model")
-    hists: dict[str, OrtAbsHistogram] = {}
-    done: set[str] = set()  # tensors already counted in the current pass
-    sizes: list[int] = []  # the chunks of the current pass
-
-    def hook(tensor: str):
-        def pre(_module, args):
-            if tensor in done:
-                return
-            done.add(tensor)
-            h = hists.setdefault(tensor, OrtAbsHistogram(percentile=percentile))
-            for part in torch.split(args[0], sizes):
-                h.update(part)
-        return pre
-
-    def passes():
-        group: list[np.ndarray] = []
-        for chunk in chunks:
-            if group and (len(group) == chunks_per_pass or group[0].shape[1:] != chunk.shape[1:]):
-                yield group
-                group = []
-            group.append(np.asarray(chunk, dtype=np.float32))
-        if group:
-            yield group
-
-    handles = [modules[m].register_forward_pre_hook(hook(t)) for m, t in tensors.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with nhwc(model, chunks_per_pass > 1) as tensor:
-            for group in passes():
-                done.clear()
-                sizes[:] = [int(c.shape[0]) for c in group]
-                model(tensor(np.concatenate(group)))
-                if progress:
-                    progress(sum(sizes))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    names = list(dict.fromkeys(tensors))
+    taps = GraphTaps(model, names)
+    hists = {t: OrtAbsHistogram(percentile=percentile) for t in names}
+    for chunk in chunks:
+        outs = taps(chunk)
+        for t in names:
+            x = torch.from_numpy(outs.pop(t))
+            hists[t].update(x)
+            if image_tails is not None:
+                image_tails.record(t, x)
+        if progress:
+            progress(int(chunk.shape[0]))
     if percentile is not None and not all(h.exact for h in hists.values()):
-        return collect_conv_histograms(model, tensors, chunks, chunks_per_pass=chunks_per_pass)
+        return collect_graph_histograms(model, names, chunks)
     return {t: h.as_tuple() for t, h in hists.items()}
 
 
@@ -259,5 +223,5 @@ def save_ranges(ranges, path) -> None:
     save_tensors_data(ranges, path)
 
 
-__all__ = ["FAST_METHODS", "ORT_BINS", "TAIL_SHARE", "OrtAbsHistogram", "collect_conv_histograms", "conv_input_tensors",
+__all__ = ["FAST_METHODS", "ORT_BINS", "TAIL_SHARE", "OrtAbsHistogram", "collect_graph_histograms", "conv_input_tensors",
            "ranges_from_histograms", "save_ranges", "supports"]

@@ -1,8 +1,7 @@
 """Per-image activation tails for calibration sets too small to trust the pooled percentile.
 
-:class:`ImageTails` hooks the convolutions whose inputs the Q/DQ ONNX quantizes (the same
-``{module: ONNX tensor}`` map as :func:`resunetpp.export.fast_calibration.conv_input_tensors`)
-and records, for every calibration image, the ``percentile`` of its own |x| at each input.
+:class:`ImageTails` records, for every calibration image, the ``percentile`` of its own |x| at
+each convolution input the Q/DQ ONNX quantizes (fed by the calibration pass over the graph).
 :func:`widen_ranges` then applies :func:`resunetpp.export.ranges.small_set_range` to ONNX Runtime's
 ranges: below :data:`resunetpp.export.ranges.SMALL_SET_IMAGES` images, each range is at least the
 largest per-image percentile (benchmarks/INT8.md, section 14).
@@ -14,49 +13,27 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 
 from resunetpp.errors import ResUNetError
 
 
 class ImageTails:
-    """Forward pre-hooks recording each image's ``percentile`` of |x| at each convolution input;
-    a context manager (hooks removed on exit). Several convolutions reading one tensor count it once
-    per forward pass."""
+    """Each image's ``percentile`` of |x| at each tensor, from the batches :meth:`record` is given
+    (the calibration pass's convolution inputs, :func:`resunetpp.export.fast_calibration.collect_graph_histograms`)."""
 
-    def __init__(self, model: nn.Module, tensors: dict[str, str], percentile: float) -> None:
+    def __init__(self, percentile: float) -> None:
         if not 0 < percentile <= 100:
             raise ResUNetError(f"percentile must be in (0, 100], got {percentile}")
-        self.model, self.tensors, self.tail = model, dict(tensors), 1.0 - percentile / 100.0
+        self.tail = 1.0 - percentile / 100.0
         self.values: dict[str, list[float]] = {}
-        self._seen: set[str] = set()
-        self._handles: list = []
 
-    def __enter__(self) -> ImageTails:
-        modules = dict(self.model.named_modules())
-        missing = [m for m in self.tensors if not isinstance(modules.get(m), nn.Conv2d | nn.ConvTranspose2d)]
-        if missing:
-            raise ResUNetError(f"module {missing[0]!r} is not a convolution of the PyTorch model")
-        self._handles = [modules[m].register_forward_pre_hook(self._hook(t)) for m, t in self.tensors.items()]
-        self._handles.append(self.model.register_forward_pre_hook(lambda *_: self._seen.clear()))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def _hook(self, tensor: str):
-        def pre(_module, args):
-            if tensor in self._seen:
-                return
-            self._seen.add(tensor)
-            a = args[0].detach().abs().flatten(1).float()
-            # the ceil(tail * n)-th largest value of each image (numpy's 'higher' percentile)
-            k = max(1, math.ceil(round(self.tail * a.shape[1], 6)))
-            top = torch.topk(a, min(k, a.shape[1]), dim=1).values[:, -1]
-            self.values.setdefault(tensor, []).extend(top.tolist())
-        return pre
+    def record(self, tensor: str, x: torch.Tensor) -> None:
+        """One batch ``(N, ...)`` of ``tensor``: appends each image's percentile."""
+        a = x.detach().abs().flatten(1).float()
+        # the ceil(tail * n)-th largest value of each image (numpy's 'higher' percentile)
+        k = max(1, math.ceil(round(self.tail * a.shape[1], 6)))
+        top = torch.topk(a, min(k, a.shape[1]), dim=1).values[:, -1]
+        self.values.setdefault(tensor, []).extend(top.tolist())
 
     def per_image(self) -> dict[str, np.ndarray]:
         return {t: np.asarray(v, dtype=np.float64) for t, v in self.values.items()}

@@ -108,21 +108,25 @@ def _prepare(run: ExportRun, recipe: QDQRecipe) -> None:
     key = cache_base(run)
     steps = []
     if recipe.equalize_alpha is not None:
-        from resunetpp.export.equalize import default_sites, equalize
+        import onnxruntime
+
+        from resunetpp.export.equalize import default_sites, equalize, graph_channel_ranges
 
         alpha = recipe.equalize_alpha
         sites = default_sites(model)
-        key_ranges = {**key, "sites": [s.name for s in sites]}
+        key_ranges = {**key, "sites": [s.name for s in sites], "runtime": f"onnxruntime {onnxruntime.__version__}"}
         ranges = cached(run, "equalization-ranges", key_ranges, _names_are({s.name for s in sites}))
-        how = "cached ranges" if ranges is not None else f"{len(run.calib)} images, PyTorch"
+        how = "cached ranges" if ranges is not None else f"{len(run.calib)} images, ONNX Runtime"
         with run.r.task(f"equalize activation ranges (alpha {alpha:g}, {how})",
                         total=None if ranges is not None else len(run.calib)) as adv:
-            result = equalize(model, calib_images(run) if ranges is None else [], alpha, sites,
-                              ranges=None if ranges is None else {k: torch.from_numpy(v) for k, v in ranges.items()},
-                              progress=adv)
+            if ranges is None:  # measured on the FP32 graph this export verified: the same function
+                measured = graph_channel_ranges(run.fp32_model, sites, calib_images(run), progress=adv)
+            else:
+                measured = {k: torch.from_numpy(v) for k, v in ranges.items()}
+            result = equalize(model, [], alpha, sites, ranges=measured)
         if ranges is None:
             keep(run, "equalization-ranges", key_ranges, {k: v.numpy() for k, v in result.ranges.items()})
-        key = {**key, "sites": key_ranges["sites"], "alpha": alpha}
+        key = {**key, "sites": key_ranges["sites"], "runtime": key_ranges["runtime"], "alpha": alpha}
         # The same function: compare with the unequalized model on held-out images (one batch).
         original = WithActivation(run.ckpt.build_model()).eval()
         equalized = WithActivation(model).eval()
@@ -166,7 +170,9 @@ def _bias_correction(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> Non
 
     sim = sim_ranges(recipe.method, recipe.percentile)
     convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    key_amax = {**key, "simulation": sim}
+    import onnxruntime
+
+    key_amax = {**key, "simulation": sim, "runtime": f"onnxruntime {onnxruntime.__version__}"}
     key_shift = {**key_amax, "bias_correction": recipe.bias_correction_images,
                  "keep_float": sorted(recipe.keep_modules)}
     n = min(recipe.bias_correction_images, len(run.calib))
@@ -189,16 +195,24 @@ def _bias_correction(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> Non
     amax = cached(run, "simulated-ranges", key_amax,
                   lambda a: "its entries are not this model's" if set(a) != names
                   else ("not one range per convolution" if any(v.size != 1 for v in a.values()) else None))
-    total = n + (0 if amax is not None else len(run.calib))
+    if amax is None:  # the equalized model's ranges, measured by ONNX Runtime on its graph
+        from resunetpp.export.equalize import stacked
+        from resunetpp.export.quantsim import graph_sim_ranges
+        from resunetpp.model import WithActivation
+
+        graph = run.export_onnx(WithActivation(model), "export the equalized model to ONNX", {"equalized": key})
+        with run.r.task(f"simulated INT8 ranges ({len(run.calib)} images, ONNX Runtime)", total=len(run.calib)) as adv:
+            measured = graph_sim_ranges(graph, sorted(convs), stacked(calib_images(run), 4), images=len(run.calib),
+                                        progress=adv, **sim)
+        keep(run, "simulated-ranges", key_amax, {k: np.float64(v) for k, v in measured.items()})
+    else:
+        measured = {k: float(v.item()) for k, v in amax.items()}
     state: dict = {}
     with run.r.task(f"correct INT8 biases ({n} images, simulated INT8"
-                    + (", cached ranges)" if amax is not None else f"; ranges over {len(run.calib)} images)"),
-                    total=total) as adv:
+                    + (", cached ranges)" if amax is not None else ")"), total=n) as adv:
         run.bias_correction_record = bias_correct(
             model, calib_images(run), recipe.bias_correction_images, progress=adv, keep_modules=recipe.keep_modules,
-            amax=None if amax is None else {k: float(v.item()) for k, v in amax.items()}, state=state, **sim)
-    if amax is None:
-        keep(run, "simulated-ranges", key_amax, {k: np.float64(v) for k, v in state["amax"].items()})
+            amax=measured, state=state, **sim)
     import json
 
     record = np.frombuffer(json.dumps(run.bias_correction_record).encode(), dtype=np.uint8)

@@ -7,7 +7,6 @@ scopes, writing) are :mod:`resunetpp.export.onnx_graph`.
 
 from __future__ import annotations
 
-import contextlib
 
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,8 @@ from resunetpp.errors import ResUNetError
 if TYPE_CHECKING:
     from resunetpp.export.context import ExportRun
 
+#: Held-out images the FP32 graph is checked on when it is not itself an output of the export.
+INTERMEDIATE_CHECK_IMAGES = 8
 #: Images the FP16 range probe runs (calibration images when given, else verification images).
 RANGE_PROBE_IMAGES = 32
 
@@ -52,8 +53,13 @@ def fp32(run: ExportRun, write: bool) -> None:
     path = run.work / "fp32.onnx"
     onnx.save_model(model, str(path))
     run.onnx_paths["fp32"] = path
+    # not an output (e.g. -p int8): the graph is checked against PyTorch on a few images; the artifacts
+    # built from it are verified on every held-out image against PyTorch itself
+    images = None if write else INTERMEDIATE_CHECK_IMAGES
     with run.staged(path, "onnx", "fp32") as predict:
-        metrics = run.measure("ONNX FP32 (ONNX Runtime)", predict)
+        metrics = run.measure("ONNX FP32 (ONNX Runtime)" if write else
+                              f"the FP32 ONNX the other artifacts are built from ({images} images, ONNX Runtime)",
+                              predict, images=images)
         metrics["dynamic_axes_check"] = _check_dynamic(run, predict)
     gate = gate_for("fp32", metrics)
     if not gate.passed:
@@ -175,8 +181,8 @@ def int8(run: ExportRun, write: bool) -> None:
     run.add("onnx", "int8", final, keep, metrics, gate)
 
 def _fast_ranges(run: ExportRun, source_model, cache) -> None:
-    """The conv-only recipe's ranges from one PyTorch pass with ONNX Runtime's histograms
-    (:mod:`resunetpp.export.fast_calibration`), written as the calibration cache ``quantize_qdq`` reads.
+    """The conv-only recipe's ranges from one ONNX Runtime pass over the source graph with ONNX Runtime's
+    histograms (:mod:`resunetpp.export.fast_calibration`), written as the calibration cache ``quantize_qdq`` reads.
     The histograms of every convolution input (whatever is kept in float) are kept in the cache of
     :mod:`resunetpp.cache`, keyed by what the source model depends on."""
     from resunetpp.export import fast_calibration
@@ -185,8 +191,10 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
     from resunetpp.export.quantize import CALIB_CHUNK, _chunks
     from resunetpp.export.ranges import SMALL_SET_IMAGES
 
+    import onnxruntime
+
     recipe = run.o.qdq
-    model = int8_source_torch(run)
+    int8_source_torch(run)  # sets run.source_cache_key
     tensors = fast_calibration.conv_input_tensors(source_model)
     first: dict[str, str] = {}  # tensor -> the first convolution reading it (names entries by module)
     for module, tensor in tensors.items():
@@ -197,6 +205,7 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
     # the percentile method bins only the upper tail after the first chunk (fast_calibration.OrtAbsHistogram)
     tail = recipe.percentile if recipe.method == "percentile" else None
     key = {**run.source_cache_key, "batch": run.o.batch, "chunk": CALIB_CHUNK, "bins": fast_calibration.ORT_BINS,
+           "runtime": f"onnxruntime {onnxruntime.__version__}",
            **({"image_tails": recipe.percentile} if small else {}),
            **({"tail_share": fast_calibration.TAIL_SHARE} if tail is not None else {})}
     parts = ("hist", "edges", "minmax") + (("tails",) if small else ())
@@ -214,12 +223,12 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
                      "recomputing")
             arrays = None
     if arrays is None:
-        with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, one PyTorch pass)", total=len(run.calib)) as adv, \
-                (ImageTails(model, tensors, recipe.percentile) if small else contextlib.nullcontext()) as image_tails:
+        image_tails = ImageTails(recipe.percentile) if small else None
+        with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, one ONNX Runtime pass)", total=len(run.calib)) as adv:
             calib_batches = batches((x[0] for x in calib_images(run)), run.o.batch or 1, fixed=run.o.batch is not None)
             chunks = [np.concatenate(c) for c in _chunks(calib_batches, CALIB_CHUNK)]
-            histograms = fast_calibration.collect_conv_histograms(model, tensors, chunks, progress=adv,
-                                                                  percentile=tail)
+            histograms = fast_calibration.collect_graph_histograms(source_model, list(first), chunks, progress=adv,
+                                                                   percentile=tail, image_tails=image_tails)
         tails = image_tails.per_image() if small else {}
         keep(run, "conv-input-histograms", key,
              {**{f"{first[t]}/{part}": a for t, (h, e, lo, hi) in histograms.items()

@@ -128,6 +128,36 @@ class _AbsHistogram:
         return mse_range(self.hist.numpy(), edges, self.largest)
 
 
+def graph_sim_ranges(graph, convs: Sequence[str], batches, *, images: int, percentile: float = 99.99,
+                     method: str = "percentile", progress=None) -> dict[str, float]:
+    """The ranges :meth:`QuantSim.observe` / :meth:`QuantSim.freeze` collect at the inputs of the
+    convolutions ``convs`` (module paths), measured by ONNX Runtime on ``graph`` (an ``onnx.ModelProto``
+    exported from the same model; :class:`resunetpp.export.graph_taps.GraphTaps`, about twice as fast
+    as PyTorch on the 2-core box; the same observers, values equal to float32 rounding). ``batches``:
+    ``(N, C, H, W)`` arrays, ``images`` images in all. Returns ``{"<conv>:in": range}``."""
+    from resunetpp.export.fast_calibration import conv_input_tensors
+    from resunetpp.export.graph_taps import GraphTaps
+
+    if method not in SIM_METHODS:
+        raise ResUNetError(f"simulated range method must be one of {', '.join(SIM_METHODS)}, got {method!r}")
+    tensors = conv_input_tensors(graph)
+    missing = [c for c in convs if c not in tensors]
+    if missing:
+        raise ResUNetError(f"convolution {missing[0]!r} is not in the graph")
+    names = list(dict.fromkeys(tensors[c] for c in convs))
+    taps = GraphTaps(graph, names)
+    observers = {t: _AbsHistogram() if method == "mse" else _TopK(percentile, images) for t in names}
+    with torch.no_grad():
+        for x in batches:
+            outs = taps(x)
+            for t in names:
+                observers[t].update(torch.from_numpy(outs.pop(t)))
+            if progress:
+                progress(int(x.shape[0]))
+    values = {t: o.value() for t, o in observers.items()}
+    return {f"{c}:in": values[tensors[c]] for c in convs}
+
+
 class QuantSim:
     """Fake quantization at every convolution of ``model`` outside ``keep_modules``.
 
@@ -213,4 +243,4 @@ class QuantSim:
                 parametrize.remove_parametrizations(conv, "weight", leave_parametrized=False)
 
 
-__all__ = ["QMAX", "QMIN", "SIM_METHODS", "QuantSim", "sim_ranges"]
+__all__ = ["QMAX", "QMIN", "SIM_METHODS", "QuantSim", "graph_sim_ranges", "sim_ranges"]

@@ -1,4 +1,4 @@
-"""One-pass PyTorch calibration (export/fast_calibration.py) against ONNX Runtime's calibrator."""
+"""One-pass calibration on ONNX Runtime (export/fast_calibration.py) against ONNX Runtime's calibrator."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_tail_mode_gives_onnx_runtimes_threshold(percentile: float) -> None:
 
 def test_tail_mode_knows_when_the_threshold_is_below_its_cut() -> None:
     """A first chunk far larger than the rest puts the cut above the pooled percentile: ``exact`` is
-    false, and collect_conv_histograms then collects again without the tail mode."""
+    false, and collect_graph_histograms then collects again without the tail mode."""
     h = fc.OrtAbsHistogram(percentile=99.99)
     rng = np.random.default_rng(0)
     h.update(torch.from_numpy(rng.standard_normal(4000).astype(np.float32) * 100))
@@ -105,8 +105,8 @@ def tiny_onnx(tmp_path_factory):
 
 @pytest.mark.parametrize("method,tail", [("percentile", False), ("percentile", True), ("minmax", False)])
 def test_ranges_match_onnx_runtime(tiny_onnx, tmp_path, method: str, tail: bool) -> None:
-    """Every convolution input's range within one histogram bin (1/2048 of its largest |x|) of ORT's
-    calibrator on the same images -- and most of them equal within float rounding."""
+    """Every convolution input's range equal to ORT's calibrator's on the same images, up to float32
+    rounding (and so within one histogram bin, 1/2048 of its largest |x|)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     model, graph, path, images = tiny_onnx
@@ -115,15 +115,18 @@ def test_ranges_match_onnx_runtime(tiny_onnx, tmp_path, method: str, tail: bool)
     tensors = fc.conv_input_tensors(graph)
     assert len(tensors) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     chunks = [np.concatenate(c) for c in _chunks(images, CALIB_CHUNK)]
-    fast = fc.ranges_from_histograms(fc.collect_conv_histograms(model, tensors, chunks,
-                                                                percentile=99.99 if tail else None), method, 99.99)
+    fast = fc.ranges_from_histograms(fc.collect_graph_histograms(graph, tensors.values(), chunks,
+                                                                 percentile=99.99 if tail else None), method, 99.99)
     assert set(fast.keys()) == set(tensors.values())
-    hists = fc.collect_conv_histograms(model, tensors, chunks)
+    hists = fc.collect_graph_histograms(graph, tensors.values(), chunks)
     bins = {t: float(e[-1]) / fc.ORT_BINS for t, (_h, e, _lo, _hi) in hists.items()}
     diff = {t: abs(_absmax(fast[t]) - _absmax(ort[t])) for t in fast.keys()}
     assert all(diff[t] <= bins[t] * 1.001 + 1e-6 * _absmax(ort[t]) for t in diff), \
         sorted(((t, diff[t] / bins[t]) for t in diff), key=lambda kv: -kv[1])[:3]
     assert sum(diff[t] <= 1e-5 * _absmax(ort[t]) for t in diff) >= 0.8 * len(diff)
+    # the same runtime on the same graph (its calibrator's augmented copy fuses differently): every
+    # range equal to float32 rounding (measured: at most 1.8e-7 relative)
+    assert all(diff[t] <= 1e-6 * _absmax(ort[t]) for t in diff), max(diff[t] / _absmax(ort[t]) for t in diff)
 
 
 def test_qdq_graph_from_fast_ranges_matches(tiny_onnx, tmp_path) -> None:
@@ -137,7 +140,7 @@ def test_qdq_graph_from_fast_ranges_matches(tiny_onnx, tmp_path) -> None:
     calibrate_ranges(path, images, tmp_path / "ort.json", method="percentile")
     chunks = [np.concatenate(c) for c in _chunks(images, CALIB_CHUNK)]
     fc.save_ranges(fc.ranges_from_histograms(
-        fc.collect_conv_histograms(model, fc.conv_input_tensors(graph), chunks), "percentile", 99.99),
+        fc.collect_graph_histograms(graph, fc.conv_input_tensors(graph).values(), chunks), "percentile", 99.99),
         tmp_path / "fast.json")
     a = quantize_qdq(path, tmp_path / "ort.json", tmp_path / "a.onnx", recipe)
     b = quantize_qdq(path, tmp_path / "fast.json", tmp_path / "b.onnx", recipe)
@@ -174,8 +177,8 @@ def test_collect_falls_back_to_full_histograms(tiny_onnx) -> None:
     tensors = fc.conv_input_tensors(graph)
     scaled = [images[0] * 50] + images[1:]
     chunks = [np.concatenate(c) for c in _chunks(scaled, CALIB_CHUNK)]
-    full = fc.collect_conv_histograms(model, tensors, chunks)
-    tail = fc.collect_conv_histograms(model, tensors, chunks, percentile=99.0)
+    full = fc.collect_graph_histograms(graph, tensors.values(), chunks)
+    tail = fc.collect_graph_histograms(graph, tensors.values(), chunks, percentile=99.0)
     assert full.keys() == tail.keys()
     for t in full:
         for a, b in zip(full[t], tail[t]):

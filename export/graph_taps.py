@@ -1,0 +1,67 @@
+"""Intermediate tensors of an ONNX graph, read while ONNX Runtime runs it (the calibration passes).
+
+ONNX Runtime's own calibrators do the same -- they "augment" the graph, adding the tensors they
+observe to its outputs -- but for every tensor of every quantizable op. The calibration steps of the
+INT8 export need only the inputs of the convolutions (the Q/DQ ranges, the equalization's channel
+ranges): :class:`GraphTaps` adds exactly those and runs the graph on the CPU provider. On the 2-core
+box ONNX Runtime runs ResUNet++ FP32 in about 0.22 s a 256x256 image against PyTorch's 0.5 s (NHWC),
+and what it computes is what ``quantize_static``'s own calibrator would have seen::
+
+    images ──> [ONNX Runtime: the exported graph] ──> probabilities
+                       │ conv inputs (added outputs)
+                       └──> {tensor name: (N, C, H, W) array} ──> histograms / channel maxima
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from resunetpp.errors import ResUNetError
+
+
+class GraphTaps:
+    """An ONNX Runtime session of ``model`` (an ``onnx.ModelProto``; not changed) that returns the
+    intermediate ``tensors`` as well. ``taps(x)``: ``{tensor: array}`` for one input batch."""
+
+    def __init__(self, model, tensors: Sequence[str]) -> None:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        self.tensors = list(dict.fromkeys(tensors))
+        produced = {t for node in model.graph.node for t in node.output}
+        missing = [t for t in self.tensors if t not in produced and t not in {i.name for i in model.graph.input}]
+        if missing:
+            raise ResUNetError(f"tensor {missing[0]!r} is not in the graph")
+        tapped = onnx.ModelProto()
+        tapped.CopyFrom(model)
+        outputs = {o.name for o in tapped.graph.output}
+        for t in self.tensors:
+            if t not in outputs:
+                tapped.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+        self.session = ort.InferenceSession(tapped.SerializeToString(), providers=["CPUExecutionProvider"])
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ResUNetError(f"expected a graph with one input, found {len(inputs)}")
+        self.input = inputs[0].name
+        first = inputs[0].shape[0] if inputs[0].shape else None
+        self.batch = first if isinstance(first, int) and first > 0 else None  # a static-batch graph
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """``{tensor: array}`` for the images of ``x``; a static-batch graph runs them ``batch`` at a
+        time (the last piece padded with copies of its last image, whose outputs are dropped) and the
+        pieces are concatenated."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = x.shape[0]
+        if self.batch is None or n == self.batch:
+            return dict(zip(self.tensors, self.session.run(self.tensors, {self.input: x})))
+        if n % self.batch:
+            x = np.concatenate([x, np.repeat(x[-1:], self.batch - n % self.batch, axis=0)])
+        parts = [self.session.run(self.tensors, {self.input: x[i:i + self.batch]})
+                 for i in range(0, x.shape[0], self.batch)]
+        return {t: np.concatenate([p[k] for p in parts])[:n] for k, t in enumerate(self.tensors)}
+
+
+__all__ = ["GraphTaps"]
