@@ -204,11 +204,11 @@ def channel_ranges(model: nn.Module, sites: list[Site], batches: Iterable[np.nda
 def graph_channel_ranges(graph, sites: list[Site], batches: Iterable[np.ndarray], *,
                          progress: Callable[[int], None] | None = None, batch: int = PASS_BATCH) -> dict[str, torch.Tensor]:
     """:func:`channel_ranges` of the model ``graph`` (an ``onnx.ModelProto``) was exported from, measured
-    by ONNX Runtime on the graph (:class:`resunetpp.export.graph_taps.GraphTaps`; about twice as fast as
+    by ONNX Runtime on the graph (:class:`resunetpp.engines.graph_taps.GraphTaps`; about twice as fast as
     PyTorch on the 2-core box, equal to float32 rounding): each site's ``measure`` convolution input
     found by the exporter's node metadata."""
     from resunetpp.export.fast_calibration import conv_input_tensors
-    from resunetpp.export.graph_taps import GraphTaps
+    from resunetpp.engines.graph_taps import GraphTaps
 
     tensors = conv_input_tensors(graph)
     missing = [s.measure for s in sites if s.measure not in tensors]

@@ -6,7 +6,7 @@ about 3 s per 256x256 image on the 2-core box, 16 min for the default 300 calibr
 conv-only recipe reads the ranges of the convolutions' *inputs* only.
 
 :func:`collect_graph_histograms` runs the same graph on ONNX Runtime with only those tensors as
-extra outputs (:class:`resunetpp.export.graph_taps.GraphTaps`) and updates an
+extra outputs (:class:`resunetpp.engines.graph_taps.GraphTaps`) and updates an
 :class:`OrtAbsHistogram` per input: the |x| histogram exactly as ONNX Runtime's symmetric
 percentile collector (``HistogramCollector.collect_absolute_value``) builds it -- 2048 bins from
 the first chunk's smallest to largest |x|, extended with bins of the same width when a later
@@ -159,11 +159,11 @@ def collect_graph_histograms(model, tensors: Iterable[str], chunks: Sequence[np.
     """|x| histograms of ``tensors`` (ONNX tensor names, e.g. the values of :func:`conv_input_tensors`)
     of the graph ``model`` (an ``onnx.ModelProto``) over ``chunks`` (each chunk one ``(N, C, H, W)``
     float32 array: what one ONNX Runtime ``collect_data`` call sees), run by ONNX Runtime with the
-    tensors as extra outputs (:class:`resunetpp.export.graph_taps.GraphTaps`: the values ORT's own
+    tensors as extra outputs (:class:`resunetpp.engines.graph_taps.GraphTaps`: the values ORT's own
     calibrator would see). ``percentile``: the tail mode of :class:`OrtAbsHistogram`; when a threshold
     falls below its cut (never seen on real data) the histograms are collected again without it.
     ``image_tails``: an :class:`resunetpp.export.image_tails.ImageTails` fed every chunk as well."""
-    from resunetpp.export.graph_taps import GraphTaps
+    from resunetpp.engines.graph_taps import GraphTaps
 
     names = list(dict.fromkeys(tensors))
     taps = GraphTaps(model, names)

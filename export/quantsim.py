@@ -132,11 +132,11 @@ def graph_sim_ranges(graph, convs: Sequence[str], batches, *, images: int, perce
                      method: str = "percentile", progress=None) -> dict[str, float]:
     """The ranges :meth:`QuantSim.observe` / :meth:`QuantSim.freeze` collect at the inputs of the
     convolutions ``convs`` (module paths), measured by ONNX Runtime on ``graph`` (an ``onnx.ModelProto``
-    exported from the same model; :class:`resunetpp.export.graph_taps.GraphTaps`, about twice as fast
+    exported from the same model; :class:`resunetpp.engines.graph_taps.GraphTaps`, about twice as fast
     as PyTorch on the 2-core box; the same observers, values equal to float32 rounding). ``batches``:
     ``(N, C, H, W)`` arrays, ``images`` images in all. Returns ``{"<conv>:in": range}``."""
     from resunetpp.export.fast_calibration import conv_input_tensors
-    from resunetpp.export.graph_taps import GraphTaps
+    from resunetpp.engines.graph_taps import GraphTaps
 
     if method not in SIM_METHODS:
         raise ResUNetError(f"simulated range method must be one of {', '.join(SIM_METHODS)}, got {method!r}")

@@ -10,6 +10,9 @@ and what it computes is what ``quantize_static``'s own calibrator would have see
     images ──> [ONNX Runtime: the exported graph] ──> probabilities
                        │ conv inputs (added outputs)
                        └──> {tensor name: (N, C, H, W) array} ──> histograms / channel maxima
+
+It sits with the engines because they are the one layer that opens runtime sessions
+(``tests/test_layering.py``); :mod:`resunetpp.export` calls it for its calibration passes.
 """
 
 from __future__ import annotations
