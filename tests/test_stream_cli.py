@@ -135,10 +135,16 @@ def test_bad_sources_and_outputs_are_one_line(clip, model, tmp_path):
     assert clip.stat().st_size > 0  # never written over
 
 
+def _default_sigint() -> None:
+    # a suite started in the background (`make test &`) runs with SIGINT ignored, which children inherit
+    # and Python then leaves ignored (no KeyboardInterrupt): the child gets the default, as from a terminal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "CI": "true", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "resunetpp", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 60) -> str:
