@@ -51,8 +51,7 @@ class ExportRun:
         self.fp16_result: FP16Result | None = None
         self.qdq_record: dict | None = None
         self.int8_source_model = None
-        self.int8_source_torch = None  # the PyTorch model int8_source_model was exported from
-        self.source_cache_key: dict | None = None  # what int8_source_torch depends on (calibration cache)
+        self.source_cache_key: dict | None = None  # what int8_source_model depends on (calibration cache)
         self.calib_arrays: list | None = None  # the preprocessed calibration images, once decoded
         self.equalization_record: dict | None = None
         self.bias_correction_record: dict | None = None

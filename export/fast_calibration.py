@@ -153,6 +153,16 @@ def conv_input_tensors(onnx_model) -> dict[str, str]:
     return out
 
 
+def conv_inputs(graph, convs: Iterable[str]) -> dict[str, str]:
+    """``{convolution module path: ONNX tensor it reads}`` for ``convs`` in ``graph``
+    (:func:`conv_input_tensors`); a convolution the graph does not have is an error."""
+    tensors = conv_input_tensors(graph)
+    missing = [c for c in convs if c not in tensors]
+    if missing:
+        raise ResUNetError(f"convolution {missing[0]!r} is not in the graph")
+    return {c: tensors[c] for c in convs}
+
+
 def collect_graph_histograms(model, tensors: Iterable[str], chunks: Sequence[np.ndarray], *,
                              progress: Callable[[int], None] | None = None, percentile: float | None = None,
                              image_tails=None) -> dict[str, tuple]:
@@ -223,5 +233,5 @@ def save_ranges(ranges, path) -> None:
     save_tensors_data(ranges, path)
 
 
-__all__ = ["FAST_METHODS", "ORT_BINS", "TAIL_SHARE", "OrtAbsHistogram", "collect_graph_histograms", "conv_input_tensors",
+__all__ = ["FAST_METHODS", "ORT_BINS", "TAIL_SHARE", "OrtAbsHistogram", "collect_graph_histograms", "conv_input_tensors", "conv_inputs",
            "ranges_from_histograms", "save_ranges", "supports"]

@@ -32,13 +32,12 @@ def int8_source(run: ExportRun):
     return run.onnx_paths["int8_source"], run.int8_source_model
 
 
-def int8_source_torch(run: ExportRun):
-    """The PyTorch model :func:`int8_source`'s ONNX was exported from (the same function)."""
+def source_cache_key(run: ExportRun) -> dict:
+    """What :func:`int8_source`'s model depends on, for the calibration cache entries measured on it."""
     int8_source(run)
-    if run.int8_source_torch is None:
-        run.int8_source_torch = run.ckpt.build_model().eval()
+    if run.source_cache_key is None:  # the checkpoint's own graph: neither equalized nor corrected
         run.source_cache_key = cache_base(run)
-    return run.int8_source_torch
+    return run.source_cache_key
 
 
 def source_record(run: ExportRun) -> dict:
@@ -52,15 +51,18 @@ CACHE_RECIPE = 1
 
 def cache_base(run: ExportRun) -> dict:
     """What every calibration cache entry of this export depends on: the checkpoint, the calibration
-    images in their order, the preprocessing, the torch version."""
+    images in their order, the preprocessing, the torch version, and the ONNX Runtime version (every
+    calibration pass runs on it: :class:`resunetpp.engines.graph_taps.GraphTaps`)."""
     import hashlib
 
+    import onnxruntime
     import torch
 
     assert run.calib is not None
     return {"recipe": CACHE_RECIPE, "model": run.ckpt.sha256, "calibration": run.calib.digest,
             "calibration_order": hashlib.sha256("\n".join(run.calib.file_hashes).encode()).hexdigest(),
-            "images": len(run.calib), "preprocessing": run.pre.to_dict(), "torch": torch.__version__}
+            "images": len(run.calib), "preprocessing": run.pre.to_dict(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__}
 
 
 def cached(run: ExportRun, kind: str, key: dict, expect=None) -> dict | None:
@@ -108,13 +110,11 @@ def _prepare(run: ExportRun, recipe: QDQRecipe) -> None:
     key = cache_base(run)
     steps = []
     if recipe.equalize_alpha is not None:
-        import onnxruntime
-
         from resunetpp.export.equalize import default_sites, equalize, graph_channel_ranges
 
         alpha = recipe.equalize_alpha
         sites = default_sites(model)
-        key_ranges = {**key, "sites": [s.name for s in sites], "runtime": f"onnxruntime {onnxruntime.__version__}"}
+        key_ranges = {**key, "sites": [s.name for s in sites]}
         ranges = cached(run, "equalization-ranges", key_ranges, _names_are({s.name for s in sites}))
         how = "cached ranges" if ranges is not None else f"{len(run.calib)} images, ONNX Runtime"
         with run.r.task(f"equalize activation ranges (alpha {alpha:g}, {how})",
@@ -126,7 +126,7 @@ def _prepare(run: ExportRun, recipe: QDQRecipe) -> None:
             result = equalize(model, [], alpha, sites, ranges=measured)
         if ranges is None:
             keep(run, "equalization-ranges", key_ranges, {k: v.numpy() for k, v in result.ranges.items()})
-        key = {**key, "sites": key_ranges["sites"], "runtime": key_ranges["runtime"], "alpha": alpha}
+        key = {**key, "sites": key_ranges["sites"], "alpha": alpha}
         # The same function: compare with the unequalized model on held-out images (one batch).
         original = WithActivation(run.ckpt.build_model()).eval()
         equalized = WithActivation(model).eval()
@@ -151,7 +151,6 @@ def _prepare(run: ExportRun, recipe: QDQRecipe) -> None:
         steps.append("bias-corrected")
     run.source_cache_key = key
     name = " and ".join(steps)
-    run.int8_source_torch = model.eval()
     run.int8_source_model = run.export_onnx(WithActivation(model), f"export the {name} model to ONNX",
                                             {"int8_source": key})
     path = run.work / "fp32_int8_source.onnx"
@@ -170,9 +169,7 @@ def _bias_correction(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> Non
 
     sim = sim_ranges(recipe.method, recipe.percentile)
     convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    import onnxruntime
-
-    key_amax = {**key, "simulation": sim, "runtime": f"onnxruntime {onnxruntime.__version__}"}
+    key_amax = {**key, "simulation": sim}
     key_shift = {**key_amax, "bias_correction": recipe.bias_correction_images,
                  "keep_float": sorted(recipe.keep_modules)}
     n = min(recipe.bias_correction_images, len(run.calib))
@@ -219,5 +216,5 @@ def _bias_correction(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> Non
     keep(run, "bias-shifts", key_shift, {**{k: v.numpy() for k, v in state["shifts"].items()}, "record": record})
 
 
-__all__ = ["CACHE_RECIPE", "EQUALIZATION_CHECK_IMAGES", "cache_base", "calib_images", "int8_source", "int8_source_torch",
+__all__ = ["CACHE_RECIPE", "EQUALIZATION_CHECK_IMAGES", "cache_base", "calib_images", "int8_source", "source_cache_key",
            "source_record"]

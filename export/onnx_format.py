@@ -7,7 +7,6 @@ scopes, writing) are :mod:`resunetpp.export.onnx_graph`.
 
 from __future__ import annotations
 
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from resunetpp.export import onnx_graph
 from resunetpp.export.formats import ExportFormat, register_format
 from resunetpp.export.inputs import batches
-from resunetpp.export.int8_source import int8_source, int8_source_torch, source_record
+from resunetpp.export.int8_source import int8_source, source_cache_key, source_record
 # Also the ONNX graph API callers outside export use (DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact);
 # new code imports them from export.onnx_graph.
 from resunetpp.export.onnx_graph import DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact  # noqa: F401
@@ -191,10 +190,7 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
     from resunetpp.export.quantize import CALIB_CHUNK, _chunks
     from resunetpp.export.ranges import SMALL_SET_IMAGES
 
-    import onnxruntime
-
     recipe = run.o.qdq
-    int8_source_torch(run)  # sets run.source_cache_key
     tensors = fast_calibration.conv_input_tensors(source_model)
     first: dict[str, str] = {}  # tensor -> the first convolution reading it (names entries by module)
     for module, tensor in tensors.items():
@@ -204,8 +200,7 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
     small = recipe.method == "percentile" and len(run.calib) < SMALL_SET_IMAGES
     # the percentile method bins only the upper tail after the first chunk (fast_calibration.OrtAbsHistogram)
     tail = recipe.percentile if recipe.method == "percentile" else None
-    key = {**run.source_cache_key, "batch": run.o.batch, "chunk": CALIB_CHUNK, "bins": fast_calibration.ORT_BINS,
-           "runtime": f"onnxruntime {onnxruntime.__version__}",
+    key = {**source_cache_key(run), "batch": run.o.batch, "chunk": CALIB_CHUNK, "bins": fast_calibration.ORT_BINS,
            **({"image_tails": recipe.percentile} if small else {}),
            **({"tail_share": fast_calibration.TAIL_SHARE} if tail is not None else {})}
     parts = ("hist", "edges", "minmax") + (("tails",) if small else ())

@@ -135,16 +135,13 @@ def graph_sim_ranges(graph, convs: Sequence[str], batches, *, images: int, perce
     exported from the same model; :class:`resunetpp.engines.graph_taps.GraphTaps`, about twice as fast
     as PyTorch on the 2-core box; the same observers, values equal to float32 rounding). ``batches``:
     ``(N, C, H, W)`` arrays, ``images`` images in all. Returns ``{"<conv>:in": range}``."""
-    from resunetpp.export.fast_calibration import conv_input_tensors
     from resunetpp.engines.graph_taps import GraphTaps
+    from resunetpp.export.fast_calibration import conv_inputs
 
     if method not in SIM_METHODS:
         raise ResUNetError(f"simulated range method must be one of {', '.join(SIM_METHODS)}, got {method!r}")
-    tensors = conv_input_tensors(graph)
-    missing = [c for c in convs if c not in tensors]
-    if missing:
-        raise ResUNetError(f"convolution {missing[0]!r} is not in the graph")
-    names = list(dict.fromkeys(tensors[c] for c in convs))
+    tensors = conv_inputs(graph, convs)
+    names = list(dict.fromkeys(tensors.values()))
     taps = GraphTaps(graph, names)
     observers = {t: _AbsHistogram() if method == "mse" else _TopK(percentile, images) for t in names}
     with torch.no_grad():
