@@ -22,7 +22,10 @@ Modules (heavy runtimes are imported inside functions, so importing this package
 * :mod:`resunetpp.export.quantize` -- INT8 Q/DQ ONNX (ONNX Runtime ``quantize_static``) and INT8 OpenVINO IR
   (NNCF), both with exclusion lists so that sensitivity analysis can call them per node group.
 * :mod:`resunetpp.export.int8_source` -- the FP32 model INT8 artifacts are quantized from (equalized,
-  bias-corrected); :mod:`resunetpp.export.equalize`, :mod:`resunetpp.export.bias_correction`, :mod:`resunetpp.export.ranges`.
+  bias-corrected); :mod:`resunetpp.export.equalize`, :mod:`resunetpp.export.bias_correction`, :mod:`resunetpp.export.ranges`;
+  :mod:`resunetpp.export.channel_tails` -- every range of the default recipe from one ONNX Runtime pass over the
+  FP32 graph (equalization maxima, then the equalized tensors' exact percentiles);
+  :mod:`resunetpp.export.fast_calibration` -- ONNX Runtime's histograms for the other methods.
 * :mod:`resunetpp.export.quantsim` -- simulated INT8 (fake quantization) in PyTorch; :mod:`resunetpp.export.qat` fine-tunes
   through it; :mod:`resunetpp.export.sensitivity` -- the per-group INT8 sensitivity search.
 * :mod:`resunetpp.export.verify` -- accuracy of an artifact against the FP32 PyTorch reference and the gates.

@@ -54,6 +54,8 @@ class ExportRun:
         self.source_cache_key: dict | None = None  # what int8_source_model depends on (calibration cache)
         self.calib_arrays: list | None = None  # the preprocessed calibration images, once decoded
         self.equalization_record: dict | None = None
+        #: ({convolution: input range}, {convolution: per-image ranges}) from the one calibration pass
+        self.conv_ranges: tuple[dict, dict] | None = None
         self.bias_correction_record: dict | None = None
         self.calib: cal.ImageSet | None = None  # set by the pipeline once the options are checked
         self.eval: cal.ImageSet | None = None

@@ -265,6 +265,8 @@ class EqualizationResult:
     median_channel_range: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: The measured per-channel ranges of each site (what a cache keeps).
     ranges: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: Per site: the per-channel divisor ``s`` its tensor got.
+    scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def record(self) -> dict:
         return {"method": "cross-layer equalization (SmoothQuant-style, per-channel max ranges)",
@@ -299,9 +301,23 @@ def equalize(model: nn.Module, batches: Iterable[np.ndarray], alpha: float = DEF
         for rescale in site.rescales:
             _apply(modules[rescale.module], rescale, s)
         after = r / s.double()
+        result.scales[site.name] = s
         result.sites.append(site.name)
         result.median_channel_range[site.name] = (_median_share(r), _median_share(after))
     return result
+
+
+def input_scales(model: nn.Module, sites: list[Site], scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{convolution: per-input-channel divisor}``: how equalizing ``sites`` with ``scales``
+    (:attr:`EqualizationResult.scales`) divided each convolution's input, channel by channel (ones where
+    no site touched it). The equalized model's convolution input is the original's divided by it."""
+    out = {name: torch.ones(m.in_channels) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    for site in sites:
+        s = scales[site.name].to(torch.float32)
+        for r in site.readers:
+            if r.module in out:
+                out[r.module][r.start:r.start + s.numel()] *= s
+    return out
 
 
 def default_sites(model: nn.Module) -> list[Site]:

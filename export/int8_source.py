@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from resunetpp.export.quantize import QDQRecipe
 from resunetpp.export.verify import FP32_MAX_ABS_ERROR
 from resunetpp.errors import ResUNetError
@@ -23,13 +25,20 @@ def int8_source(run: ExportRun):
     """The FP32 ONNX (path, model) the INT8 artifacts are quantized from: the export's own, or
     the model with equalized activation ranges (``QDQRecipe.equalize_alpha``, same function:
     checked against the original in PyTorch on held-out images) and biases corrected for
-    INT8's mean shifts (``QDQRecipe.bias_correction_images``, :mod:`resunetpp.export.bias_correction`)."""
-    recipe = run.o.qdq
-    if recipe.equalize_alpha is None and not recipe.bias_correction_images:
-        return run.onnx_paths["fp32"], run.fp32_model
+    INT8's mean shifts (``QDQRecipe.bias_correction_images``, :mod:`resunetpp.export.bias_correction`).
+    With a one-pass recipe (:func:`resunetpp.export.channel_tails.supports`) every range the recipe needs
+    is measured on the way (:func:`conv_ranges`)."""
     if "int8_source" not in run.onnx_paths:
-        _prepare(run, recipe)
+        _prepare(run, run.o.qdq)
     return run.onnx_paths["int8_source"], run.int8_source_model
+
+
+def conv_ranges(run: ExportRun) -> tuple[dict[str, float], dict[str, np.ndarray]] | None:
+    """``({convolution: input range}, {convolution: per-image ranges})`` of the INT8 source model, from
+    the one calibration pass (the second empty unless the calibration set is small), or ``None`` when
+    the recipe's ranges are measured on the source graph itself."""
+    int8_source(run)
+    return run.conv_ranges
 
 
 def source_cache_key(run: ExportRun) -> dict:
@@ -40,13 +49,23 @@ def source_cache_key(run: ExportRun) -> dict:
     return run.source_cache_key
 
 
+def calibration_method(run: ExportRun) -> dict:
+    """How the Q/DQ ranges were calibrated, for the INT8 artifacts' ``calibration.method``."""
+    recipe = run.o.qdq
+    method = {"method": recipe.method, **({"percentile": recipe.percentile} if recipe.method == "percentile" else {})}
+    if conv_ranges(run) is not None:
+        return {"tool": "resunetpp channel tails (one ONNX Runtime pass over the FP32 graph, exact percentile of "
+                        "the equalized tensors)", **method}
+    return {"tool": "onnxruntime", **method}
+
+
 def source_record(run: ExportRun) -> dict:
     """What the INT8 source model went through, for every INT8 artifact's ``quantization``."""
     return {"equalization": run.equalization_record, "bias_correction": run.bias_correction_record}
 
 
 #: Version of what the calibration cache entries of this module hold; bump when a step's result changes.
-CACHE_RECIPE = 1
+CACHE_RECIPE = 2
 
 
 def cache_base(run: ExportRun) -> dict:
@@ -100,49 +119,21 @@ def _names_are(names: set[str]):
 
 
 def _prepare(run: ExportRun, recipe: QDQRecipe) -> None:
-    import numpy as np
     import onnx
-    import torch
 
+    from resunetpp.export import channel_tails
     from resunetpp.model import WithActivation
 
+    one_pass = channel_tails.supports(recipe.method, recipe.conv_only, recipe.quantize_outputs)
     model = run.ckpt.build_model()
     key = cache_base(run)
     steps = []
+    if one_pass:
+        key = _one_pass(run, recipe, model, key)
+    elif recipe.equalize_alpha is not None:
+        key = _equalize_measured(run, recipe, model, key)
     if recipe.equalize_alpha is not None:
-        from resunetpp.export.equalize import default_sites, equalize, graph_channel_ranges
-
-        alpha = recipe.equalize_alpha
-        sites = default_sites(model)
-        key_ranges = {**key, "sites": [s.name for s in sites]}
-        ranges = cached(run, "equalization-ranges", key_ranges, _names_are({s.name for s in sites}))
-        how = "cached ranges" if ranges is not None else f"{len(run.calib)} images, ONNX Runtime"
-        with run.r.task(f"equalize activation ranges (alpha {alpha:g}, {how})",
-                        total=None if ranges is not None else len(run.calib)) as adv:
-            if ranges is None:  # measured on the FP32 graph this export verified: the same function
-                measured = graph_channel_ranges(run.fp32_model, sites, calib_images(run), progress=adv)
-            else:
-                measured = {k: torch.from_numpy(v) for k, v in ranges.items()}
-            result = equalize(model, [], alpha, sites, ranges=measured)
-        if ranges is None:
-            keep(run, "equalization-ranges", key_ranges, {k: v.numpy() for k, v in result.ranges.items()})
-        key = {**key, "sites": key_ranges["sites"], "alpha": alpha}
-        # The same function: compare with the unequalized model on held-out images (one batch).
-        original = WithActivation(run.ckpt.build_model()).eval()
-        equalized = WithActivation(model).eval()
-        check = run.vset.inputs[:EQUALIZATION_CHECK_IMAGES]
-        with run.r.task(f"check the equalized model against the original ({len(check)} held-out images)"), \
-                torch.no_grad():
-            groups: dict = {}
-            for x in check:
-                groups.setdefault(x.shape, []).append(x)
-            err = max(float((equalized(t) - original(t)).abs().max())
-                      for t in (torch.as_tensor(np.stack(g)) for g in groups.values()))
-        if not err <= FP32_MAX_ABS_ERROR:
-            raise ResUNetError(f"equalization changed the FP32 model (largest probability difference {err:.3g} > "
-                               f"{FP32_MAX_ABS_ERROR:g}); export with --no-equalize")
-        run.equalization_record = {**result.record(), "fp32_max_abs_difference": err,
-                                   "checked_on_images": min(EQUALIZATION_CHECK_IMAGES, len(run.vset.inputs))}
+        _check_equalized(run, model)
         steps.append("equalized")
     if recipe.bias_correction_images:
         _bias_correction(run, recipe, model, key)
@@ -150,12 +141,130 @@ def _prepare(run: ExportRun, recipe: QDQRecipe) -> None:
                "percentile": recipe.percentile, "keep_float": sorted(recipe.keep_modules)}
         steps.append("bias-corrected")
     run.source_cache_key = key
+    if not steps:  # the checkpoint's own graph
+        run.onnx_paths["int8_source"], run.int8_source_model = run.onnx_paths["fp32"], run.fp32_model
+        return
     name = " and ".join(steps)
     run.int8_source_model = run.export_onnx(WithActivation(model), f"export the {name} model to ONNX",
                                             {"int8_source": key})
     path = run.work / "fp32_int8_source.onnx"
     onnx.save_model(run.int8_source_model, str(path))
     run.onnx_paths["int8_source"] = path
+
+
+def _one_pass(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> dict:
+    """Every range of a one-pass recipe from one ONNX Runtime pass over the verified FP32 graph
+    (:mod:`resunetpp.export.channel_tails`), or the cache: each equalization site's channel maxima, then
+    -- ``model`` equalized in place with them -- each convolution input's range in the equalized model
+    (``run.conv_ranges``: the bias correction's simulated ranges and the Q/DQ ranges alike). Returns the
+    cache key of what follows."""
+    import torch
+
+    from resunetpp.export.channel_tails import graph_channel_tails
+    from resunetpp.export.equalize import default_sites, equalize, input_scales, stacked
+    from resunetpp.export.fast_calibration import conv_inputs
+    from resunetpp.export.ranges import SMALL_SET_IMAGES
+
+    alpha = recipe.equalize_alpha
+    sites = default_sites(model) if alpha is not None else []
+    convs = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    percentile = 100.0 if recipe.method == "minmax" else recipe.percentile
+    # below SMALL_SET_IMAGES images each range is widened to the largest per-image percentile
+    # (export.ranges.small_set_range): those per-image percentiles are collected in the same pass
+    small = recipe.method == "percentile" and len(run.calib) < SMALL_SET_IMAGES
+    key = {**key, "sites": [s.name for s in sites], "alpha": alpha}
+    key_ranges = {**key, "ranges": "channel tails", "percentile": percentile, "per_image": small}
+    names = ({f"site/{s.name}" for s in sites} | {f"conv/{c}" for c in convs}
+             | ({f"image/{c}" for c in convs} if small else set()))
+    arrays = cached(run, "one-pass-ranges", key_ranges, _names_are(names))
+    if arrays is not None:
+        bad = [s.name for s in sites if arrays[f"site/{s.name}"].shape != (s.channels,)]
+        bad += [c for c in convs if arrays[f"conv/{c}"].size != 1]
+        if bad:
+            run.warn(f"ignoring a one-pass-ranges cache entry ({bad[0]}: wrong shape); recomputing")
+            arrays = None
+    if arrays is not None:
+        with run.r.task("equalization and INT8 ranges (cached)"):
+            if sites:
+                result = equalize(model, [], alpha, sites,
+                                  ranges={s.name: torch.from_numpy(arrays[f"site/{s.name}"]) for s in sites})
+            run.conv_ranges = ({c: float(arrays[f"conv/{c}"]) for c in convs},
+                               {c: arrays[f"image/{c}"].astype(np.float64) for c in convs} if small else {})
+        from_cache = True
+    else:
+        tensors = conv_inputs(run.fp32_model, convs)
+        what = "equalization, simulated and Q/DQ ranges" if sites else "Q/DQ ranges"
+        with run.r.task(f"calibrate: one ONNX Runtime pass over {len(run.calib)} images ({what})",
+                        total=len(run.calib)) as adv:
+            tails = graph_channel_tails(run.fp32_model, list(tensors.values()), stacked(calib_images(run), 8),
+                                        images=len(run.calib), percentile=percentile, per_image=small, progress=adv)
+        with run.r.task("equalize and derive the INT8 ranges"):
+            if sites:
+                result = equalize(model, [], alpha, sites, ranges={
+                    s.name: tails[tensors[s.measure]].channel_max()[:s.channels] for s in sites})
+                scales = input_scales(model, sites, result.scales)
+            else:
+                scales = {c: None for c in convs}
+            ranges = {c: tails[tensors[c]].percentile(scales[c]) for c in convs}
+            images = {c: tails[tensors[c]].per_image(scales[c]) for c in convs} if small else {}
+        run.conv_ranges = (ranges, images)
+        keep(run, "one-pass-ranges", key_ranges,
+             {**({f"site/{s.name}": result.ranges[s.name].numpy() for s in sites}),
+              **{f"conv/{c}": np.float64(v) for c, v in ranges.items()},
+              **{f"image/{c}": v for c, v in images.items()}})
+        from_cache = False
+    if sites:
+        run.equalization_record = {**result.record(), "ranges": "one ONNX Runtime pass over the FP32 graph",
+                                   "from_cache": from_cache}
+    return {**key, "ranges": key_ranges["ranges"]}
+
+
+def _equalize_measured(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> dict:
+    """Equalize ``model`` in place from its sites' channel maxima, measured by ONNX Runtime on the FP32
+    graph or taken from the cache (recipes whose ranges are measured on the source graph afterwards)."""
+    import torch
+
+    from resunetpp.export.equalize import default_sites, equalize, graph_channel_ranges
+
+    alpha = recipe.equalize_alpha
+    sites = default_sites(model)
+    key_ranges = {**key, "sites": [s.name for s in sites]}
+    ranges = cached(run, "equalization-ranges", key_ranges, _names_are({s.name for s in sites}))
+    how = "cached ranges" if ranges is not None else f"{len(run.calib)} images, ONNX Runtime"
+    with run.r.task(f"equalize activation ranges (alpha {alpha:g}, {how})",
+                    total=None if ranges is not None else len(run.calib)) as adv:
+        if ranges is None:  # measured on the FP32 graph this export verified: the same function
+            measured = graph_channel_ranges(run.fp32_model, sites, calib_images(run), progress=adv)
+        else:
+            measured = {k: torch.from_numpy(v) for k, v in ranges.items()}
+        result = equalize(model, [], alpha, sites, ranges=measured)
+    if ranges is None:
+        keep(run, "equalization-ranges", key_ranges, {k: v.numpy() for k, v in result.ranges.items()})
+    run.equalization_record = result.record()
+    return {**key, "sites": key_ranges["sites"], "alpha": alpha}
+
+
+def _check_equalized(run: ExportRun, model) -> None:
+    """The equalized ``model`` against the original on held-out images (one batch): the same function."""
+    import torch
+
+    from resunetpp.model import WithActivation
+
+    original = WithActivation(run.ckpt.build_model()).eval()
+    equalized = WithActivation(model).eval()
+    check = run.vset.inputs[:EQUALIZATION_CHECK_IMAGES]
+    with run.r.task(f"check the equalized model against the original ({len(check)} held-out images)"), \
+            torch.no_grad():
+        groups: dict = {}
+        for x in check:
+            groups.setdefault(x.shape, []).append(x)
+        err = max(float((equalized(t) - original(t)).abs().max())
+                  for t in (torch.as_tensor(np.stack(g)) for g in groups.values()))
+    if not err <= FP32_MAX_ABS_ERROR:
+        raise ResUNetError(f"equalization changed the FP32 model (largest probability difference {err:.3g} > "
+                           f"{FP32_MAX_ABS_ERROR:g}); export with --no-equalize")
+    run.equalization_record = {**run.equalization_record, "fp32_max_abs_difference": err,
+                               "checked_on_images": min(EQUALIZATION_CHECK_IMAGES, len(run.vset.inputs))}
 
 
 def _bias_correction(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> None:
@@ -188,25 +297,12 @@ def _bias_correction(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> Non
             run.bias_correction_record = {**record, "from_cache": True}
             return
         run.warn("ignoring a bias-shifts cache entry (its record is unreadable); recomputing")
-    names = {f"{c}:in" for c in convs}
-    amax = cached(run, "simulated-ranges", key_amax,
-                  lambda a: "its entries are not this model's" if set(a) != names
-                  else ("not one range per convolution" if any(v.size != 1 for v in a.values()) else None))
-    if amax is None:  # the equalized model's ranges, measured by ONNX Runtime on its graph
-        from resunetpp.export.equalize import stacked
-        from resunetpp.export.quantsim import graph_sim_ranges
-        from resunetpp.model import WithActivation
-
-        graph = run.export_onnx(WithActivation(model), "export the equalized model to ONNX", {"equalized": key})
-        with run.r.task(f"simulated INT8 ranges ({len(run.calib)} images, ONNX Runtime)", total=len(run.calib)) as adv:
-            measured = graph_sim_ranges(graph, sorted(convs), stacked(calib_images(run), 4), images=len(run.calib),
-                                        progress=adv, **sim)
-        keep(run, "simulated-ranges", key_amax, {k: np.float64(v) for k, v in measured.items()})
+    if run.conv_ranges is not None:  # from the one pass (channel_tails): the Q/DQ ranges themselves
+        measured, how = {f"{c}:in": v for c, v in run.conv_ranges[0].items()}, " at the calibrated ranges)"
     else:
-        measured = {k: float(v.item()) for k, v in amax.items()}
+        measured, how = _sim_ranges(run, model, convs, key_amax, sim, key)
     state: dict = {}
-    with run.r.task(f"correct INT8 biases ({n} images, simulated INT8"
-                    + (", cached ranges)" if amax is not None else ")"), total=n) as adv:
+    with run.r.task(f"correct INT8 biases ({n} images, simulated INT8{how}", total=n) as adv:
         run.bias_correction_record = bias_correct(
             model, calib_images(run), recipe.bias_correction_images, progress=adv, keep_modules=recipe.keep_modules,
             amax=measured, state=state, **sim)
@@ -216,5 +312,26 @@ def _bias_correction(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> Non
     keep(run, "bias-shifts", key_shift, {**{k: v.numpy() for k, v in state["shifts"].items()}, "record": record})
 
 
-__all__ = ["CACHE_RECIPE", "EQUALIZATION_CHECK_IMAGES", "cache_base", "calib_images", "int8_source", "source_cache_key",
-           "source_record"]
+def _sim_ranges(run: ExportRun, model, convs: set[str], key_amax: dict, sim: dict, key: dict) -> tuple[dict, str]:
+    """The equalized ``model``'s simulated ranges at every convolution input, measured by ONNX Runtime on
+    its graph or from the cache (recipes without the one pass); and how, for the task's label."""
+    names = {f"{c}:in" for c in convs}
+    amax = cached(run, "simulated-ranges", key_amax,
+                  lambda a: "its entries are not this model's" if set(a) != names
+                  else ("not one range per convolution" if any(v.size != 1 for v in a.values()) else None))
+    if amax is not None:
+        return {k: float(v.item()) for k, v in amax.items()}, ", cached ranges)"
+    from resunetpp.export.equalize import stacked
+    from resunetpp.export.quantsim import graph_sim_ranges
+    from resunetpp.model import WithActivation
+
+    graph = run.export_onnx(WithActivation(model), "export the equalized model to ONNX", {"equalized": key})
+    with run.r.task(f"simulated INT8 ranges ({len(run.calib)} images, ONNX Runtime)", total=len(run.calib)) as adv:
+        measured = graph_sim_ranges(graph, sorted(convs), stacked(calib_images(run), 4), images=len(run.calib),
+                                    progress=adv, **sim)
+    keep(run, "simulated-ranges", key_amax, {k: np.float64(v) for k, v in measured.items()})
+    return measured, ")"
+
+
+__all__ = ["CACHE_RECIPE", "EQUALIZATION_CHECK_IMAGES", "cache_base", "calib_images", "calibration_method", "conv_ranges", "int8_source",
+           "source_cache_key", "source_record"]

@@ -14,7 +14,7 @@ import numpy as np
 from resunetpp.export import onnx_graph
 from resunetpp.export.formats import ExportFormat, register_format
 from resunetpp.export.inputs import batches
-from resunetpp.export.int8_source import int8_source, source_cache_key, source_record
+from resunetpp.export.int8_source import calibration_method, conv_ranges, int8_source, source_cache_key, source_record
 # Also the ONNX graph API callers outside export use (DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact);
 # new code imports them from export.onnx_graph.
 from resunetpp.export.onnx_graph import DEFAULT_OPSET, ShapeSpec, export_onnx, write_onnx_artifact  # noqa: F401
@@ -153,7 +153,9 @@ def int8(run: ExportRun, write: bool) -> None:
     recipe = run.o.qdq
     source, source_model = int8_source(run)
     cache = run.work / f"ranges_{recipe.method}.json"
-    if fast_calibration.supports(recipe.method, recipe.conv_only, recipe.quantize_outputs):
+    if conv_ranges(run) is not None:
+        _pass_ranges(run, source_model, cache)
+    elif fast_calibration.supports(recipe.method, recipe.conv_only, recipe.quantize_outputs):
         _fast_ranges(run, source_model, cache)
     else:
         calib_batches = batches(run.calib.inputs(run.pre), run.o.batch or 1, fixed=run.o.batch is not None)
@@ -173,11 +175,49 @@ def int8(run: ExportRun, write: bool) -> None:
     if keep:
         model = onnx.load(str(result.path))
         rec = run.record("onnx", "int8", final, {**metrics, "gate": gate.as_dict(run.o.allow_accuracy_drop)},
-                         calibration=run.calibration_record({"tool": "onnxruntime", "method": recipe.method}),
+                         calibration=run.calibration_record(calibration_method(run)),
                          quantization=run.qdq_record, onnx=_onnx_info(run, model),
                          verification={**run.vset.record(), "runtime": "onnxruntime CPUExecutionProvider"})
         write_onnx_artifact(model, final, rec)
     run.add("onnx", "int8", final, keep, metrics, gate)
+
+def _pass_ranges(run: ExportRun, source_model, cache) -> None:
+    """The one calibration pass's ranges (:func:`resunetpp.export.int8_source.conv_ranges`) keyed by the
+    tensors the source graph's convolutions read, written as the calibration cache ``quantize_qdq`` reads."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+    from resunetpp.export import fast_calibration
+
+    recipe = run.o.qdq
+    ranges, images = conv_ranges(run)
+    data, per_image = {}, {}
+    for module, tensor in fast_calibration.conv_input_tensors(source_model).items():
+        if module not in ranges:
+            raise ResUNetError(f"no calibrated range for convolution {module!r} of the INT8 source graph")
+        if tensor not in data:  # convolutions reading one tensor got the same range
+            a = np.float32(ranges[module])
+            data[tensor] = TensorData(lowest=-a, highest=a)
+            if images:
+                per_image[tensor] = images[module]
+    method = CalibrationMethod.MinMax if recipe.method == "minmax" else CalibrationMethod.Percentile
+    _save_ranges(run, TensorsData(method, data), per_image, cache)
+
+
+def _save_ranges(run: ExportRun, ranges, per_image: dict, cache) -> None:
+    """Write ``ranges``, each widened by the small-set rule when ``per_image`` holds the per-image
+    percentiles (fewer than :data:`resunetpp.export.ranges.SMALL_SET_IMAGES` calibration images)."""
+    from resunetpp.export import fast_calibration
+    from resunetpp.export.image_tails import widen_ranges
+    from resunetpp.export.ranges import SMALL_SET_IMAGES
+
+    if per_image:
+        recipe = run.o.qdq
+        ranges, widened = widen_ranges(ranges, per_image, len(run.calib))
+        run.r.info(f"{len(run.calib)} calibration images (< {SMALL_SET_IMAGES}): {len(widened)} of "
+                   f"{len(ranges.data)} ranges widened to the largest per-image {recipe.percentile:g}th percentile")
+    fast_calibration.save_ranges(ranges, cache)
+
 
 def _fast_ranges(run: ExportRun, source_model, cache) -> None:
     """The conv-only recipe's ranges from one ONNX Runtime pass over the source graph with ONNX Runtime's
@@ -185,7 +225,7 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
     The histograms of every convolution input (whatever is kept in float) are kept in the cache of
     :mod:`resunetpp.cache`, keyed by what the source model depends on."""
     from resunetpp.export import fast_calibration
-    from resunetpp.export.image_tails import ImageTails, widen_ranges
+    from resunetpp.export.image_tails import ImageTails
     from resunetpp.export.int8_source import cached, calib_images, keep
     from resunetpp.export.quantize import CALIB_CHUNK, _chunks
     from resunetpp.export.ranges import SMALL_SET_IMAGES
@@ -232,11 +272,7 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
     with run.r.task(f"Q/DQ ranges from the histograms ({recipe.method}"
                     + (", cached histograms)" if arrays is not None else ")")):
         ranges = fast_calibration.ranges_from_histograms(histograms, recipe.method, recipe.percentile)
-    if small:
-        ranges, widened = widen_ranges(ranges, tails, len(run.calib))
-        run.r.info(f"{len(run.calib)} calibration images (< {SMALL_SET_IMAGES}): {len(widened)} of "
-                   f"{len(histograms)} ranges widened to the largest per-image {recipe.percentile:g}th percentile")
-    fast_calibration.save_ranges(ranges, cache)
+    _save_ranges(run, ranges, tails, cache)
 
 
 def ensure_source(run: ExportRun, source: str) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from resunetpp.export import onnx_format
 from resunetpp.export.formats import ExportFormat, register_format
-from resunetpp.export.int8_source import int8_source, source_record
+from resunetpp.export.int8_source import calibration_method, int8_source, source_record
 from resunetpp.artifact import write_sidecar
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def _from_qdq(run: ExportRun):
         onnx.save_model(graph, str(path))
         ov_model = convert_onnx(path)
     fq = sum(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ordered_ops())
-    calib = run.calibration_record({"tool": "onnxruntime", "method": run.o.qdq.method})
+    calib = run.calibration_record(calibration_method(run))
     return ov_model, {"calibration": calib,
                       "quantization": {**run.qdq_record, "openvino": "converted from the INT8 Q/DQ ONNX",
                                        "fake_quantize_ops": fq,

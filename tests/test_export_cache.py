@@ -170,10 +170,10 @@ class _Tasks:
 
 @pytest.mark.slow
 def test_second_export_skips_calibration_and_keep_float_change_reuses_ranges(tmp_path, _private_cache):
-    """Second export, same inputs: every calibration pass and the reference come from the cache, and
-    the Q/DQ ONNX is the same file. Another keep-float list: the simulated ranges of the bias
-    correction are reused, and a corrupt entry (the equalization ranges) is ignored with a warning
-    and recomputed. (Three tiny exports: about a minute on 2 busy cores.)"""
+    """Second export, same inputs: the calibration pass and the reference come from the cache, and
+    the Q/DQ ONNX is the same file. Another keep-float list: the pass's ranges are reused (the bias
+    correction runs again at them), and a corrupt entry (the pass's ranges) is ignored with a warning
+    and recomputed. (Four tiny exports: about a minute on 2 busy cores.)"""
     import onnx
     from onnx import numpy_helper
 
@@ -196,16 +196,21 @@ def test_second_export_skips_calibration_and_keep_float_change_reuses_ranges(tmp
 
     cold, first = export("a")
     assert not any("cached" in t for t in cold.tasks)
+    assert sum("calibrate: one ONNX Runtime pass" in t for t in cold.tasks) == 1, cold.tasks  # one pass only
     warm, second = export("b")
     cached = [t for t in warm.tasks if "cached" in t]
-    for step in ("reference", "equalize", "biases", "histograms", "ONNX"):
+    for step in ("reference", "equalization and INT8 ranges", "biases", "ONNX"):
         assert any(step in t for t in cached), (step, warm.tasks)
-    assert not any("calibrate" in t or "load calibration images" in t for t in warm.tasks), warm.tasks
+    assert not any(t.startswith(("calibrate", "load calibration images")) for t in warm.tasks), warm.tasks
     assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
 
-    for e in _private_cache.glob("equalization-ranges-*.npz"):  # a corrupt entry: ignored, recomputed
+    other, _ = export("c", keep=("head", "stem.body.0"))  # keep-float only: the ranges reused, the biases not
+    assert any("equalization and INT8 ranges (cached)" in t for t in other.tasks), other.tasks
+    assert any("biases" in t and "calibrated ranges" in t for t in other.tasks), other.tasks
+    assert not any(t.startswith("calibrate") for t in other.tasks), other.tasks
+
+    for e in _private_cache.glob("one-pass-ranges-*.npz"):  # a corrupt entry: ignored, recomputed
         e.write_bytes(b"garbage")
-    other, _ = export("c", keep=("head", "stem.body.0"))
-    assert any("equalization-ranges" in w and "recomputing" in w for w in other.warnings), other.warnings
-    assert any("equalize" in t and "images, ONNX Runtime" in t for t in other.tasks), other.tasks
-    assert any("biases" in t and "cached ranges" in t for t in other.tasks), other.tasks  # keep-float only
+    again, _ = export("d")
+    assert any("one-pass-ranges" in w and "recomputing" in w for w in again.warnings), again.warnings
+    assert any("calibrate: one ONNX Runtime pass" in t for t in again.tasks), again.tasks

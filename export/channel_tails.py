@@ -1,0 +1,193 @@
+"""Every activation range the INT8 recipe needs, from one pass over the FP32 graph.
+
+The recipe needs three sets of ranges: each equalization site's per-channel maxima on the FP32 model
+(:mod:`resunetpp.export.equalize`), then the ``percentile`` of |x| at every convolution input of the
+*equalized* model (the bias correction's simulated ranges and the Q/DQ ranges). Equalization divides
+channel ``c`` of each rescaled tensor by ``s_c > 0`` and changes nothing else, so the equalized
+tensor's percentile is the percentile of ``|x_c| / s_c`` over the FP32 tensor's values -- with
+``s`` known only after the pass, from its own maxima.
+
+:class:`ChannelTails` keeps, for each channel of one tensor, its ``K`` largest |x| over the pass,
+``K`` the number of values the percentile reaches into the whole tensor (``ceil(tail * n)``, ``n``
+every value of every channel of every image). Whatever the scales, the tensor's ``K`` largest
+rescaled values are among the channels' ``K`` largest (a rescaled channel keeps its order), so
+:meth:`ChannelTails.percentile` is exact for any ``s``: the same number a pass over the equalized
+graph gives, up to float32 rounding of the division::
+
+    FP32 graph ──> conv input (N, C, H, W) ──> |x| ≥ floor_c ? ──> per channel: K largest
+                                                                   │   max  -> equalization scales s
+                                                                   └── K-th largest of |x_c| / s_c
+                                                                           -> simulated + Q/DQ range
+
+Each channel's ``floor_c`` is a value it already has ``K`` values at or above (its ``K``-th largest
+so far), so only values that can still enter are gathered: after the first batch, a small share.
+For calibration sets below :data:`resunetpp.export.ranges.SMALL_SET_IMAGES` images the per-image
+percentiles are kept the same way (each image's ``ceil(tail * C*H*W)`` largest per channel).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from resunetpp.errors import ResUNetError
+
+
+def tail_count(percentile: float, values: int) -> int:
+    """How many of ``values`` values lie at or above their ``percentile`` (numpy's 'higher' method:
+    the ``ceil(tail * n)``-th largest; ``0.01 * 10000`` is 100, not 100.0000001)."""
+    return max(1, math.ceil(round((1.0 - percentile / 100.0) * values, 6)))
+
+
+class ChannelTails:
+    """Each channel's largest |x| of one ``(N, C, H, W)`` tensor over ``images`` images, enough for the
+    exact ``percentile`` of the tensor with its channels rescaled by any positive scales.
+
+    ``update(x)`` takes one batch (it may take the absolute value in place: pass a tensor the caller
+    no longer needs); ``per_image=True`` keeps each image's own tail as well (:meth:`per_image`).
+    """
+
+    def __init__(self, percentile: float, images: int, per_image: bool = False) -> None:
+        if not 0 < percentile <= 100:
+            raise ResUNetError(f"percentile must be in (0, 100], got {percentile}")
+        if images < 1:
+            raise ResUNetError(f"images must be >= 1, got {images}")
+        self.q = percentile
+        self.images = images
+        self.keep_per_image = per_image
+        self.k = 0  # values kept per channel: the tail of the whole tensor over every image
+        self.seen = 0  # values seen (every channel)
+        self.buffer: torch.Tensor | None = None  # (C, capacity): kept values, -1 where none
+        self.count: torch.Tensor | None = None  # (C,) kept values per channel
+        self.floor: torch.Tensor | None = None  # (C,) every value >= floor is kept; -1: everything
+        self.image_tops: list[torch.Tensor] = []  # per batch: (N, C, k_image) largest per channel
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ResUNetError(f"expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        n, c, h, w = x.shape
+        per_image = c * h * w
+        if self.buffer is None:
+            self.k = tail_count(self.q, per_image * self.images)
+            self.buffer = torch.full((c, 2 * self.k), -1.0)
+            self.count = torch.zeros(c, dtype=torch.long)
+            self.floor = torch.full((c,), -1.0)
+        elif c != self.buffer.shape[0]:
+            raise ResUNetError(f"tensor had {self.buffer.shape[0]} channels, now {c}")
+        self.seen += x.numel()
+        # |x| channel-major in one pass: (C, N*H*W)
+        a = torch.empty((c, n, h, w), dtype=torch.float32)
+        torch.abs(x.detach().float().transpose(0, 1), out=a)
+        a = a.view(c, -1)
+        if self.keep_per_image:
+            flat = a.view(c, n, h * w).transpose(0, 1)
+            k_image = min(tail_count(self.q, per_image), h * w)
+            self.image_tops.append(torch.topk(flat, k_image, dim=2).values)
+        if bool((self.floor < 0).any()):  # a channel without K values yet: merge the batch whole
+            self._merge(a)
+            return
+        idx = (a > self.floor.view(c, 1)).view(-1).nonzero().squeeze(1)  # channel-major order
+        if idx.numel() == 0:
+            return
+        values = a.view(-1)[idx]
+        ch = idx // a.shape[1]
+        per_channel = torch.bincount(ch, minlength=c)
+        if int((self.count + per_channel).max()) > self.buffer.shape[1]:  # full: keep each channel's K largest
+            start = torch.cumsum(per_channel, 0) - per_channel
+            dense = torch.full((c, int(per_channel.max())), -1.0)
+            dense[ch, torch.arange(ch.numel()) - start[ch]] = values
+            self._merge(dense)
+            return
+        start = torch.cumsum(per_channel, 0) - per_channel
+        self.buffer[ch, self.count[ch] + (torch.arange(ch.numel()) - start[ch])] = values
+        self.count += per_channel
+
+    def _merge(self, new: torch.Tensor) -> None:
+        """Keep each channel's K largest of its kept values and ``new`` ``(C, m)`` (-1: no value);
+        ``floor`` becomes that K-th largest (-1 while a channel has fewer than K)."""
+        both = torch.cat([self.buffer[:, :int(self.count.max())], new], dim=1)
+        top = torch.topk(both, min(self.k, both.shape[1]), dim=1, sorted=False).values
+        self.count = (top >= 0).sum(dim=1)
+        self.buffer = torch.full((top.shape[0], 2 * self.k), -1.0)
+        self.buffer[:, :top.shape[1]] = top
+        # the kept values are each channel's first ``count`` slots: sort the invalid (-1) ones last
+        if bool((self.count < top.shape[1]).any()):
+            self.buffer[:, :top.shape[1]] = torch.sort(top, dim=1, descending=True).values
+        floor = top.amin(dim=1)
+        self.floor = torch.where(self.count >= self.k, floor, torch.full_like(floor, -1.0))
+
+    def _check(self) -> None:
+        if self.buffer is None:
+            raise ResUNetError("no calibration data reached this tensor")
+        if tail_count(self.q, self.seen) > self.k:
+            raise ResUNetError(f"the tensor's size changed between calibration images: kept {self.k} values a "
+                               f"channel, the percentile needs {tail_count(self.q, self.seen)}")
+
+    def channel_max(self) -> torch.Tensor:
+        """Each channel's largest |x|."""
+        self._check()
+        return self.buffer[:, :max(1, int(self.count.max()))].amax(dim=1).clamp_min(0.0)
+
+    def percentile(self, scale: torch.Tensor | None = None) -> float:
+        """The ``percentile`` of |x| over every channel, channel ``c`` divided by ``scale[c]`` first."""
+        self._check()
+        kept = self.buffer[:, :int(self.count.max())].double()
+        if scale is not None:
+            kept = kept / self._scale(scale).view(-1, 1)
+        values = kept[self.buffer[:, :kept.shape[1]] >= 0]
+        k = tail_count(self.q, self.seen)
+        return float(torch.topk(values, k).values[-1])
+
+    def per_image(self, scale: torch.Tensor | None = None) -> np.ndarray:
+        """Each image's own ``percentile`` of |x| (channels divided by ``scale`` first), in the order seen."""
+        if not self.keep_per_image:
+            raise ResUNetError("per-image tails were not kept")
+        self._check()
+        tops = torch.cat(self.image_tops).double()  # (N, C, k_image)
+        if scale is not None:
+            tops = tops / self._scale(scale).view(1, -1, 1)
+        k = tail_count(self.q, self.seen // max(1, tops.shape[0]))
+        return torch.topk(tops.flatten(1), k, dim=1).values[:, -1].numpy()
+
+    def _scale(self, scale: torch.Tensor) -> torch.Tensor:
+        scale = torch.as_tensor(scale, dtype=torch.float64).flatten()
+        if scale.numel() != self.buffer.shape[0] or not bool((scale > 0).all()):
+            raise ResUNetError(f"expected {self.buffer.shape[0]} positive channel scales, got {scale.numel()}")
+        return scale
+
+
+#: Methods whose ranges come from the channel tails: the percentile, and ``minmax`` (its 100th; the
+#: conv-only recipe is symmetric, so the signed min/max give the same range). ``mse`` and ``entropy``
+#: need the whole distribution of the equalized tensor: they are measured on its graph instead.
+METHODS = ("percentile", "minmax")
+
+
+def supports(method: str, conv_only: bool, quantize_outputs: bool) -> bool:
+    """Whether a recipe's ranges all come from one pass: convolution inputs only, a :data:`METHODS` method."""
+    return method in METHODS and conv_only and not quantize_outputs
+
+
+def graph_channel_tails(graph, tensors: Sequence[str], batches: Iterable[np.ndarray], *, images: int,
+                        percentile: float, per_image: bool = False,
+                        progress: Callable[[int], None] | None = None) -> dict[str, ChannelTails]:
+    """:class:`ChannelTails` of ``tensors`` (ONNX tensor names) of ``graph`` (an ``onnx.ModelProto``) over
+    ``batches`` (``(N, C, H, W)`` arrays, ``images`` images in all), run by ONNX Runtime with the tensors
+    as extra outputs (:class:`resunetpp.engines.graph_taps.GraphTaps`)."""
+    from resunetpp.engines.graph_taps import GraphTaps
+
+    names = list(dict.fromkeys(tensors))
+    taps = GraphTaps(graph, names)
+    tails = {t: ChannelTails(percentile, images, per_image) for t in names}
+    for x in batches:
+        outs = taps(x)
+        for t in names:
+            tails[t].update(torch.from_numpy(outs.pop(t)))
+        if progress:
+            progress(int(x.shape[0]))
+    return tails
+
+
+__all__ = ["METHODS", "ChannelTails", "graph_channel_tails", "supports", "tail_count"]

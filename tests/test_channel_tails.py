@@ -1,0 +1,136 @@
+"""Every range of the INT8 recipe from one pass (export/channel_tails.py): exact percentiles of the
+equalized tensors from the FP32 graph's per-channel tails, checked against numpy and against a pass
+over the equalized graph itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from resunetpp.errors import ResUNetError
+from resunetpp.export.channel_tails import ChannelTails, graph_channel_tails, supports, tail_count
+
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
+
+def _stream(seed: int, batches: int = 10, shape=(3, 5, 7, 6)) -> list[np.ndarray]:
+    """Batches whose channels differ in scale and tail (one heavy-tailed channel), with exact zeros and
+    ties (values on a 1/8 grid), signed."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(batches):
+        x = rng.standard_normal(shape) * np.array([0.5, 1.0, 3.0, 0.2, 1.5]).reshape(1, -1, 1, 1)
+        x[:, 1] = rng.standard_t(2, size=x[:, 1].shape)  # heavy tail
+        x[:, 3] = np.maximum(x[:, 3], 0.0)  # half zeros (a ReLU output)
+        out.append((np.round(x * 8) / 8).astype(np.float32))
+    return out
+
+
+def _numpy_percentile(batches, percentile: float, scale=None) -> float:
+    a = np.abs(np.concatenate(batches)).astype(np.float64)
+    if scale is not None:
+        a = a / np.asarray(scale, dtype=np.float64).reshape(1, -1, 1, 1)
+    flat = np.sort(a.ravel())[::-1]
+    return float(flat[tail_count(percentile, flat.size) - 1])
+
+
+@pytest.mark.parametrize("percentile", [90.0, 99.0, 99.9, 100.0])
+def test_percentile_is_exact_for_any_channel_scales(percentile: float) -> None:
+    """The tensor's percentile with its channels divided by any positive scales -- known only after the
+    pass -- equals numpy's over the whole stream ('higher' method); the channel maxima too. 90: a
+    channel's tail is longer than several batches (merged whole); 99-100: the floors filter."""
+    batches = _stream(0)
+    tails = ChannelTails(percentile, images=sum(b.shape[0] for b in batches))
+    for b in batches:
+        tails.update(torch.from_numpy(b.copy()))
+    rng = np.random.default_rng(1)
+    for scale in (None, np.ones(5), rng.uniform(0.1, 10.0, 5), np.array([100.0, 0.01, 1.0, 0.5, 2.0])):
+        got = tails.percentile(None if scale is None else torch.from_numpy(scale))
+        assert got == pytest.approx(_numpy_percentile(batches, percentile, scale), rel=1e-12), scale
+    np.testing.assert_array_equal(tails.channel_max().numpy(),
+                                  np.abs(np.concatenate(batches)).max(axis=(0, 2, 3)))
+
+
+def test_per_image_percentiles_are_each_images_own() -> None:
+    batches = _stream(2, batches=4)
+    tails = ChannelTails(99.0, images=12, per_image=True)
+    for b in batches:
+        tails.update(torch.from_numpy(b.copy()))
+    scale = np.array([2.0, 0.3, 1.0, 5.0, 0.7])
+    images = [x[None] for b in batches for x in b]
+    np.testing.assert_allclose(tails.per_image(torch.from_numpy(scale)),
+                               [_numpy_percentile([x], 99.0, scale) for x in images], rtol=1e-12)
+    np.testing.assert_allclose(tails.per_image(), [_numpy_percentile([x], 99.0) for x in images], rtol=1e-12)
+
+
+def test_refuses_what_it_cannot_answer_exactly() -> None:
+    tails = ChannelTails(99.0, images=2)
+    with pytest.raises(ResUNetError, match="no calibration data"):
+        tails.percentile()
+    tails.update(torch.zeros(1, 2, 4, 4))
+    tails.update(torch.ones(1, 2, 8, 8))  # larger than the first image: the tail it kept is too short
+    with pytest.raises(ResUNetError, match="size changed"):
+        tails.percentile()
+    tails = ChannelTails(99.0, images=1)
+    tails.update(torch.ones(1, 2, 4, 4))
+    with pytest.raises(ResUNetError, match="channels"):
+        tails.update(torch.ones(1, 3, 4, 4))
+    with pytest.raises(ResUNetError, match="positive channel scales"):
+        tails.percentile(torch.tensor([1.0, 0.0]))
+    with pytest.raises(ResUNetError, match="per-image"):
+        tails.per_image()
+    with pytest.raises(ResUNetError, match="percentile"):
+        ChannelTails(0.0, images=1)
+
+
+def test_supports_only_one_pass_recipes() -> None:
+    assert supports("percentile", True, False) and supports("minmax", True, False)
+    assert not supports("mse", True, False) and not supports("entropy", True, False)
+    assert not supports("percentile", False, False) and not supports("percentile", True, True)
+
+
+@pytest.mark.parametrize("alpha", [0.8, None])
+def test_one_pass_ranges_equal_a_pass_over_the_equalized_graph(alpha) -> None:
+    """The export's one pass: channel maxima and tails on the FP32 graph, the model equalized with those
+    maxima, each convolution input's percentile divided by its equalization scales -- equal, to float32
+    rounding, to the exact percentile measured on the equalized model's own graph (what the bias
+    correction simulated before); the maxima equal to the equalization's own measurement."""
+    from resunetpp.export.equalize import (default_sites, equalize, graph_channel_ranges, input_scales,
+                                           stacked)
+    from resunetpp.export.fast_calibration import conv_inputs
+    from resunetpp.export.onnx_graph import ShapeSpec, export_onnx
+    from resunetpp.export.quantsim import graph_sim_ranges
+    from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
+
+    torch.manual_seed(0)
+    model = ResUNetPlusPlus(ModelConfig(filters=(8, 8, 16, 16), bridge=16)).eval()
+    with torch.no_grad():  # BatchNorm statistics that make the channels unlike each other
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.2, 4.0)
+                m.weight.uniform_(0.2, 3.0)
+    spec = ShapeSpec(3, 1, (32, 32))
+    fp32 = export_onnx(WithActivation(model), spec)
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((1, 3, 32, 32)).astype(np.float32) for _ in range(12)]
+    convs = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    tensors = conv_inputs(fp32, convs)
+    tails = graph_channel_tails(fp32, list(tensors.values()), stacked(images, 8), images=12, percentile=99.9)
+    sites = default_sites(model) if alpha is not None else []
+    scales = {c: None for c in convs}
+    if sites:
+        maxima = {s.name: tails[tensors[s.measure]].channel_max()[:s.channels] for s in sites}
+        measured = graph_channel_ranges(fp32, sites, images)
+        for s in sites:
+            torch.testing.assert_close(maxima[s.name], measured[s.name], rtol=0, atol=0)
+        result = equalize(model, [], alpha, sites, ranges=maxima)
+        scales = input_scales(model, sites, result.scales)
+        assert any(bool((v != 1).any()) for v in scales.values())
+    one_pass = {f"{c}:in": tails[tensors[c]].percentile(scales[c]) for c in convs}
+    equalized = export_onnx(WithActivation(model), spec)
+    direct = graph_sim_ranges(equalized, convs, stacked(images, 8), images=12, percentile=99.9)
+    assert one_pass.keys() == direct.keys()
+    for k, v in direct.items():
+        assert one_pass[k] == pytest.approx(v, rel=2e-5, abs=1e-6), k
