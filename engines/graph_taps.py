@@ -17,7 +17,7 @@ It sits with the engines because they are the one layer that opens runtime sessi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -65,6 +65,20 @@ class GraphTaps:
         parts = [self.session.run(self.tensors, {self.input: x[i:i + self.batch]})
                  for i in range(0, x.shape[0], self.batch)]
         return {t: np.concatenate([p[k] for p in parts])[:n] for k, t in enumerate(self.tensors)}
+
+    def observe(self, batches: Iterable[np.ndarray], update: Callable[[str, object], None],
+                progress: Callable[[int], None] | None = None) -> None:
+        """The calibration passes' loop: each batch through the graph, then ``update(tensor, value)`` for
+        every tapped tensor (``value`` a torch tensor sharing ONNX Runtime's fresh output array: the
+        caller may change it in place) and ``progress(images in the batch)``."""
+        import torch
+
+        for x in batches:
+            outs = self(x)
+            for t in self.tensors:
+                update(t, torch.from_numpy(outs.pop(t)))
+            if progress:
+                progress(int(x.shape[0]))
 
 
 __all__ = ["GraphTaps"]

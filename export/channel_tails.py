@@ -178,15 +178,9 @@ def graph_channel_tails(graph, tensors: Sequence[str], batches: Iterable[np.ndar
     as extra outputs (:class:`resunetpp.engines.graph_taps.GraphTaps`)."""
     from resunetpp.engines.graph_taps import GraphTaps
 
-    names = list(dict.fromkeys(tensors))
-    taps = GraphTaps(graph, names)
-    tails = {t: ChannelTails(percentile, images, per_image) for t in names}
-    for x in batches:
-        outs = taps(x)
-        for t in names:
-            tails[t].update(torch.from_numpy(outs.pop(t)))
-        if progress:
-            progress(int(x.shape[0]))
+    taps = GraphTaps(graph, tensors)
+    tails = {t: ChannelTails(percentile, images, per_image) for t in taps.tensors}
+    taps.observe(batches, lambda t, x: tails[t].update(x), progress)
     return tails
 
 

@@ -211,16 +211,17 @@ def graph_channel_ranges(graph, sites: list[Site], batches: Iterable[np.ndarray]
     from resunetpp.export.fast_calibration import conv_inputs
 
     tensors = conv_inputs(graph, [s.measure for s in sites])
-    taps = GraphTaps(graph, list(tensors.values()))
+    readers: dict[str, list[Site]] = {}
+    for s in sites:
+        readers.setdefault(tensors[s.measure], []).append(s)
     ranges: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for x in stacked(batches, batch):
-            outs = taps(x)
-            for s in sites:
-                r = torch.from_numpy(outs[tensors[s.measure]])[:, :s.channels].abs().amax(dim=(0, 2, 3)).float()
-                ranges[s.name] = torch.maximum(ranges[s.name], r) if s.name in ranges else r
-            if progress:
-                progress(int(x.shape[0]))
+
+    def update(tensor: str, x: torch.Tensor) -> None:
+        for s in readers[tensor]:
+            r = x[:, :s.channels].abs().amax(dim=(0, 2, 3)).float()
+            ranges[s.name] = torch.maximum(ranges[s.name], r) if s.name in ranges else r
+
+    GraphTaps(graph, list(readers)).observe(stacked(batches, batch), update, progress)
     return ranges
 
 

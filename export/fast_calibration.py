@@ -175,18 +175,16 @@ def collect_graph_histograms(model, tensors: Iterable[str], chunks: Sequence[np.
     ``image_tails``: an :class:`resunetpp.export.image_tails.ImageTails` fed every chunk as well."""
     from resunetpp.engines.graph_taps import GraphTaps
 
-    names = list(dict.fromkeys(tensors))
-    taps = GraphTaps(model, names)
+    taps = GraphTaps(model, tensors)
+    names = taps.tensors
     hists = {t: OrtAbsHistogram(percentile=percentile) for t in names}
-    for chunk in chunks:
-        outs = taps(chunk)
-        for t in names:
-            x = torch.from_numpy(outs.pop(t))
-            hists[t].update(x)
-            if image_tails is not None:
-                image_tails.record(t, x)
-        if progress:
-            progress(int(chunk.shape[0]))
+
+    def update(tensor: str, x: torch.Tensor) -> None:
+        hists[tensor].update(x)
+        if image_tails is not None:
+            image_tails.record(tensor, x)
+
+    taps.observe(chunks, update, progress)
     if percentile is not None and not all(h.exact for h in hists.values()):
         return collect_graph_histograms(model, names, chunks)
     return {t: h.as_tuple() for t, h in hists.items()}

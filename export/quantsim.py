@@ -141,16 +141,9 @@ def graph_sim_ranges(graph, convs: Sequence[str], batches, *, images: int, perce
     if method not in SIM_METHODS:
         raise ResUNetError(f"simulated range method must be one of {', '.join(SIM_METHODS)}, got {method!r}")
     tensors = conv_inputs(graph, convs)
-    names = list(dict.fromkeys(tensors.values()))
-    taps = GraphTaps(graph, names)
-    observers = {t: _AbsHistogram() if method == "mse" else _TopK(percentile, images) for t in names}
-    with torch.no_grad():
-        for x in batches:
-            outs = taps(x)
-            for t in names:
-                observers[t].update(torch.from_numpy(outs.pop(t)))
-            if progress:
-                progress(int(x.shape[0]))
+    taps = GraphTaps(graph, list(tensors.values()))
+    observers = {t: _AbsHistogram() if method == "mse" else _TopK(percentile, images) for t in taps.tensors}
+    taps.observe(batches, lambda t, x: observers[t].update(x), progress)
     values = {t: o.value() for t, o in observers.items()}
     return {f"{c}:in": values[tensors[c]] for c in convs}
 

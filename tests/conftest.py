@@ -151,6 +151,30 @@ def fitted_checkpoint(data: Path, path: Path, *, steps: int = 15, size: int = 32
     return save_checkpoint(Checkpoint(config, model.eval().state_dict(), pre, [class_name], {"test": True}), path)
 
 
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    """A tiny ResUNet++ whose BatchNorm statistics make the channels unlike each other, its FP32 ONNX
+    graph (model, path) and 10 random 32x32 images: what the calibration passes are tested on."""
+    import onnx
+
+    from resunetpp.export.onnx_graph import ShapeSpec, export_onnx
+    from resunetpp.model import WithActivation
+
+    torch.manual_seed(0)
+    model = ResUNetPlusPlus(ModelConfig(filters=(8, 8, 16, 16), bridge=16)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    graph = export_onnx(WithActivation(model), ShapeSpec(3, 1, (32, 32)))
+    path = tmp_path_factory.mktemp("fastcal") / "fp32.onnx"
+    onnx.save_model(graph, str(path))
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((1, 3, 32, 32)).astype(np.float32) for _ in range(10)]
+    return model, graph, path, images
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path: Path) -> Path:
     return tiny_checkpoint(tmp_path / "tiny.safetensors")

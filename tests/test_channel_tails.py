@@ -91,33 +91,26 @@ def test_supports_only_one_pass_recipes() -> None:
 
 
 @pytest.mark.parametrize("alpha", [0.8, None])
-def test_one_pass_ranges_equal_a_pass_over_the_equalized_graph(alpha) -> None:
+def test_one_pass_ranges_equal_a_pass_over_the_equalized_graph(tiny_onnx, alpha) -> None:
     """The export's one pass: channel maxima and tails on the FP32 graph, the model equalized with those
     maxima, each convolution input's percentile divided by its equalization scales -- equal, to float32
     rounding, to the exact percentile measured on the equalized model's own graph (what the bias
     correction simulated before); the maxima equal to the equalization's own measurement."""
+    import copy
+
     from resunetpp.export.equalize import (default_sites, equalize, graph_channel_ranges, input_scales,
                                            stacked)
     from resunetpp.export.fast_calibration import conv_inputs
     from resunetpp.export.onnx_graph import ShapeSpec, export_onnx
     from resunetpp.export.quantsim import graph_sim_ranges
-    from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
+    from resunetpp.model import WithActivation
 
-    torch.manual_seed(0)
-    model = ResUNetPlusPlus(ModelConfig(filters=(8, 8, 16, 16), bridge=16)).eval()
-    with torch.no_grad():  # BatchNorm statistics that make the channels unlike each other
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.2, 4.0)
-                m.weight.uniform_(0.2, 3.0)
-    spec = ShapeSpec(3, 1, (32, 32))
-    fp32 = export_onnx(WithActivation(model), spec)
-    rng = np.random.default_rng(0)
-    images = [rng.standard_normal((1, 3, 32, 32)).astype(np.float32) for _ in range(12)]
-    convs = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    model, fp32, _path, images = tiny_onnx
+    model = copy.deepcopy(model)
+    n = len(images)
+    convs = sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
     tensors = conv_inputs(fp32, convs)
-    tails = graph_channel_tails(fp32, list(tensors.values()), stacked(images, 8), images=12, percentile=99.9)
+    tails = graph_channel_tails(fp32, list(tensors.values()), stacked(images, 8), images=n, percentile=99.9)
     sites = default_sites(model) if alpha is not None else []
     scales = {c: None for c in convs}
     if sites:
@@ -129,8 +122,8 @@ def test_one_pass_ranges_equal_a_pass_over_the_equalized_graph(alpha) -> None:
         scales = input_scales(model, sites, result.scales)
         assert any(bool((v != 1).any()) for v in scales.values())
     one_pass = {f"{c}:in": tails[tensors[c]].percentile(scales[c]) for c in convs}
-    equalized = export_onnx(WithActivation(model), spec)
-    direct = graph_sim_ranges(equalized, convs, stacked(images, 8), images=12, percentile=99.9)
+    equalized = export_onnx(WithActivation(model), ShapeSpec(3, 1, (32, 32)))
+    direct = graph_sim_ranges(equalized, convs, stacked(images, 8), images=n, percentile=99.9)
     assert one_pass.keys() == direct.keys()
     for k, v in direct.items():
         assert one_pass[k] == pytest.approx(v, rel=2e-5, abs=1e-6), k

@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from resunetpp.export import fast_calibration as fc
-from resunetpp.export.onnx_graph import ShapeSpec, export_onnx
 from resunetpp.export.quantize import CALIB_CHUNK, QDQRecipe, _chunks, calibrate_ranges, quantize_qdq
-from resunetpp.model import ModelConfig, ResUNetPlusPlus, WithActivation
 
 pytestmark = pytest.mark.usefixtures("torch_threads")
 
@@ -82,25 +80,6 @@ def test_tail_mode_knows_when_the_threshold_is_below_its_cut() -> None:
     for _ in range(50):  # 1e6 values more: the pooled top 0.01% (100 values) reaches below the cut (40 above it)
         h.update(torch.from_numpy(rng.standard_normal(20000).astype(np.float32)))
     assert not h.exact
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory):
-    import onnx
-
-    torch.manual_seed(0)
-    model = ResUNetPlusPlus(ModelConfig(filters=(8, 8, 16, 16), bridge=16)).eval()
-    with torch.no_grad():  # BatchNorm statistics that make the activations unlike each other
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    graph = export_onnx(WithActivation(model), ShapeSpec(3, 1, (32, 32)))
-    path = tmp_path_factory.mktemp("fastcal") / "fp32.onnx"
-    onnx.save_model(graph, str(path))
-    rng = np.random.default_rng(0)
-    images = [rng.standard_normal((1, 3, 32, 32)).astype(np.float32) for _ in range(10)]
-    return model, graph, path, images
 
 
 @pytest.mark.parametrize("method,tail", [("percentile", False), ("percentile", True), ("minmax", False)])
