@@ -130,3 +130,26 @@ def test_simulation_widens_small_sets_as_the_export_does(tmp_path):
     for k, a in pooled.amax.items():
         assert widened.amax[k] == pytest.approx(max(a, max(stats.p9999[k])), rel=1e-6)
     assert any(widened.amax[k] > pooled.amax[k] for k in pooled.amax)
+
+
+@pytest.mark.slow
+def test_calib_sets_exports_real_artifacts_for_each_set(tmp_path):
+    """One real default export per calibration set (the export's own sample, another seed, the darkest
+    images, ...): both INT8 artifacts verified on the same held-out images, each set its own images."""
+    data = make_dataset(tmp_path / "d", 10, 32, splits={"train": list(range(7)), "val": [7, 8, 9]})
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    out = tmp_path / "sets.json"
+    res = CliRunner().invoke(ss.app, ["calib-sets", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(out),
+                                      "--work", str(tmp_path / "w"), "--calib-count", "4", "--eval-count", "3"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    labels = [r["condition"] for r in report["sets"]]
+    assert labels[0].startswith("the export's own sample") and any(lab.startswith("seed 1") for lab in labels)
+    assert any(lab.startswith("darkest") for lab in labels)
+    assert len({r["calibration"]["sha256"] for r in report["sets"]}) == len(labels)  # each set its own images
+    for row in report["sets"]:
+        assert {a["artifact"] for a in row["artifacts"]} == {"onnx int8", "openvino int8"}
+        for a in row["artifacts"]:
+            assert 0.0 <= a["dice_vs_reference_min"] <= a["dice_vs_reference_mean"] <= 1.0
+            assert isinstance(a["gate_passed"], bool) and a["worst_images"]
+    assert (tmp_path / "w" / "set0" / "model_int8_qdq.onnx").is_file()
