@@ -124,7 +124,10 @@ def _prepare(run: ExportRun, recipe: QDQRecipe) -> None:
     from resunetpp.export import channel_tails
     from resunetpp.model import WithActivation
 
-    one_pass = channel_tails.supports(recipe.method, recipe.conv_only, recipe.quantize_outputs)
+    # the channel tails keep what the percentile of a known number of equally sized images needs: images
+    # of any size (preprocessing mode "pad") are measured on the equalized graph instead
+    one_pass = (channel_tails.supports(recipe.method, recipe.conv_only, recipe.quantize_outputs)
+                and run.pre.mode == "resize")
     model = run.ckpt.build_model()
     key = cache_base(run)
     steps = []
@@ -179,7 +182,8 @@ def _one_pass(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> dict:
     arrays = cached(run, "one-pass-ranges", key_ranges, _names_are(names))
     if arrays is not None:
         bad = [s.name for s in sites if arrays[f"site/{s.name}"].shape != (s.channels,)]
-        bad += [c for c in convs if arrays[f"conv/{c}"].size != 1]
+        bad += [c for c in convs if arrays[f"conv/{c}"].size != 1
+                or (small and arrays[f"image/{c}"].shape != (len(run.calib),))]
         if bad:
             run.warn(f"ignoring a one-pass-ranges cache entry ({bad[0]}: wrong shape); recomputing")
             arrays = None

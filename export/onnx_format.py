@@ -261,7 +261,9 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
         image_tails = ImageTails(recipe.percentile) if small else None
         with run.r.task(f"calibrate Q/DQ ranges ({recipe.method}, one ONNX Runtime pass)", total=len(run.calib)) as adv:
             calib_batches = batches((x[0] for x in calib_images(run)), run.o.batch or 1, fixed=run.o.batch is not None)
-            chunks = [np.concatenate(c) for c in _chunks(calib_batches, CALIB_CHUNK)]
+            # one histogram update per chunk, as ORT's collect_data sees it; images of other sizes
+            # (preprocessing mode "pad") cannot share an array: each run of one size is its own update
+            chunks = [np.concatenate(run_) for c in _chunks(calib_batches, CALIB_CHUNK) for run_ in _same_size(c)]
             histograms = fast_calibration.collect_graph_histograms(source_model, list(first), chunks, progress=adv,
                                                                    percentile=tail, image_tails=image_tails)
         tails = image_tails.per_image() if small else {}
@@ -273,6 +275,17 @@ def _fast_ranges(run: ExportRun, source_model, cache) -> None:
                     + (", cached histograms)" if arrays is not None else ")")):
         ranges = fast_calibration.ranges_from_histograms(histograms, recipe.method, recipe.percentile)
     _save_ranges(run, ranges, tails, cache)
+
+
+def _same_size(arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Consecutive runs of ``arrays`` whose shapes agree past the batch axis."""
+    runs: list[list[np.ndarray]] = []
+    for a in arrays:
+        if runs and runs[-1][0].shape[1:] == a.shape[1:]:
+            runs[-1].append(a)
+        else:
+            runs.append([a])
+    return runs
 
 
 def ensure_source(run: ExportRun, source: str) -> None:

@@ -214,3 +214,35 @@ def test_second_export_skips_calibration_and_keep_float_change_reuses_ranges(tmp
     again, _ = export("d")
     assert any("one-pass-ranges" in w and "recomputing" in w for w in again.warnings), again.warnings
     assert any("calibrate: one ONNX Runtime pass" in t for t in again.tasks), again.tasks
+
+
+@pytest.mark.slow
+def test_images_of_any_size_are_calibrated_on_the_equalized_graph(tmp_path):
+    """Preprocessing mode "pad" runs each image at its own size: the one pass (which needs equally sized
+    images) is not used; the equalization maxima, simulated ranges and histograms are measured pass by
+    pass, and the INT8 export completes."""
+    from PIL import Image
+
+    from conftest import make_dataset
+    from resunetpp.checkpoint import Checkpoint, save_checkpoint
+    from resunetpp.export.options import ExportOptions
+    from resunetpp.export.pipeline import run_export
+    from resunetpp.export.quantize import QDQRecipe
+    from resunetpp.preprocess import Preprocessing
+
+    data = make_dataset(tmp_path / "data", 10, 32, splits={"train": list(range(7)), "val": [7, 8, 9]})
+    for i in (1, 4):  # two calibration images of another size
+        for sub in ("images", "masks"):
+            p = data / sub / f"img{i:03d}.png"
+            Image.open(p).resize((48, 40)).save(p)
+    torch.manual_seed(0)
+    model = ResUNetPlusPlus(CONFIG).eval()
+    ckpt = save_checkpoint(Checkpoint(CONFIG, model.state_dict(), Preprocessing(mode="pad"), ["polyp"], {}),
+                           tmp_path / "pad.safetensors")
+    rep = _Tasks()
+    opts = ExportOptions(checkpoint=ckpt, out=tmp_path / "out", formats=("onnx",), precisions=("int8",),
+                         calib=data, eval=data, allow_accuracy_drop=True, qdq=QDQRecipe(bias_correction_images=4))
+    run_export(opts, rep)
+    assert not any(t.startswith("calibrate: one") for t in rep.tasks), rep.tasks
+    assert any("simulated INT8 ranges" in t for t in rep.tasks) and any("calibrate Q/DQ" in t for t in rep.tasks)
+    assert (tmp_path / "out" / "model_int8_qdq.onnx").is_file()
