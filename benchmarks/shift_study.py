@@ -438,8 +438,16 @@ def calib_sets_cmd(
     pre = load_checkpoint(checkpoint).preprocessing
     own = _load(data, None, calib_count, pre, role="calibration")
     result: dict = {"checkpoint": str(checkpoint), "evaluation_images": eval_count, "sets": []}
+    if out.is_file():  # resume: a set already measured on the same images is not exported again
+        before = json.loads(out.read_text())
+        if before.get("checkpoint") == str(checkpoint) and before.get("evaluation_images") == eval_count:
+            result = before
+    done = {(r["condition"], r["calibration"]["sha256"]) for r in result["sets"]}
     for i, (label, cset) in enumerate([(f"the export's own sample (seed 0), {len(own)} images", own),
                                        *calibration_variants(data, calib_count, pre)]):
+        if (label, cset.digest) in done:
+            print(f"{label:60s} already in {out}", flush=True)
+            continue
         split = work / f"set{i}.txt"
         split.parent.mkdir(parents=True, exist_ok=True)
         split.write_text("\n".join(cset.stems) + "\n")

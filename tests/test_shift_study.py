@@ -139,8 +139,9 @@ def test_calib_sets_exports_real_artifacts_for_each_set(tmp_path):
     data = make_dataset(tmp_path / "d", 10, 32, splits={"train": list(range(7)), "val": [7, 8, 9]})
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
     out = tmp_path / "sets.json"
-    res = CliRunner().invoke(ss.app, ["calib-sets", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(out),
-                                      "--work", str(tmp_path / "w"), "--calib-count", "4", "--eval-count", "3"])
+    args = ["calib-sets", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(out),
+            "--work", str(tmp_path / "w"), "--calib-count", "4", "--eval-count", "3"]
+    res = CliRunner().invoke(ss.app, args)
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     labels = [r["condition"] for r in report["sets"]]
@@ -154,4 +155,11 @@ def test_calib_sets_exports_real_artifacts_for_each_set(tmp_path):
         for a in row["artifacts"]:
             assert 0.0 <= a["dice_vs_reference_min"] <= a["dice_vs_reference_mean"] <= 1.0
             assert isinstance(a["gate_passed"], bool) and a["worst_images"]
-    assert (tmp_path / "w" / "set0" / "model_int8_qdq.onnx").is_file()
+    first = tmp_path / "w" / "set0" / "model_int8_qdq.onnx"
+    assert first.is_file()
+    # run again: every set is already measured on the same images, nothing is exported again
+    stamp = first.stat().st_mtime_ns
+    again = CliRunner().invoke(ss.app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("already in") == len(report["sets"]), again.output
+    assert json.loads(out.read_text()) == report and first.stat().st_mtime_ns == stamp
