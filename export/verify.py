@@ -261,6 +261,22 @@ def gate_for(precision: str, metrics: dict, max_disagreement: float | None = Non
     return gate
 
 
+def _worst_image(metrics: dict, key: str, value: float) -> str:
+    """``", NAME: ..."``: the image whose ``key`` (``dice_vs_reference`` or ``disagreement_image_share``)
+    is the gate's worst ``value``, with both of its measures -- a Dice that explodes on a small mask reads
+    differently next to the share of the image that changed. Empty unless the metrics' first worst-image
+    row is that image (same value)."""
+    rows = metrics.get("worst_images" if key == "dice_vs_reference" else "most_disagreeing_images") or []
+    r = rows[0] if rows and isinstance(rows[0], dict) else {}
+    try:
+        if abs(float(r[key]) - value) > 1e-9:
+            return ""
+        return (f", {r['image']}: Dice {float(r['dice_vs_reference']):.4f}, "
+                f"{100 * float(r['disagreement_image_share']):.2f}% of its pixels differ")
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
 def _gate(precision: str, metrics: dict, max_disagreement: float | None = None) -> Gate:
     limit = INT8_MAX_DISAGREEMENT if max_disagreement is None else max_disagreement
     if not 0.0 <= limit <= 1.0:
@@ -282,14 +298,15 @@ def _gate(precision: str, metrics: dict, max_disagreement: float | None = None) 
         below = sum(d < INT8_MIN_IMAGE_DICE for d in metrics.get("dice_vs_reference_per_image", [w]))
         return Gate("int8-dice", "dice_vs_reference_min", INT8_MIN_IMAGE_DICE, w, False,
                     f"mean Dice vs the FP32 reference mask {v:.4f} but {below} image{'s' if below > 1 else ''} "
-                    f"below {INT8_MIN_IMAGE_DICE:g} (worst {w:.4f}) on {n} images")
+                    f"below {INT8_MIN_IMAGE_DICE:g} (worst {w:.4f}{_worst_image(metrics, 'dice_vs_reference', w)}) "
+                    f"on {n} images")
     worst = metrics.get("disagreement_image_share_max")
     if precision == "int8" and ok and worst is not None and worst > limit:
         over = sum(d > limit for d in metrics.get("disagreement_image_share_per_image", [worst]))
         return Gate("int8-disagreement", "disagreement_image_share_max", limit, worst, False,
                     f"mean Dice vs the FP32 reference mask {v:.4f} but {over} image{'s' if over > 1 else ''} "
-                    f"whose masks differ on more than {100 * limit:g}% of the pixels (worst {100 * worst:.2f}%) "
-                    f"on {n} images")
+                    f"whose masks differ on more than {100 * limit:g}% of the pixels (worst {100 * worst:.2f}%"
+                    f"{_worst_image(metrics, 'disagreement_image_share', worst)}) on {n} images")
     drop = metrics.get("dice_vs_gt_drop")
     if precision == "int8" and ok and drop is not None and drop > INT8_MAX_GT_DROP:
         return Gate("int8-gt", "dice_vs_gt_drop", INT8_MAX_GT_DROP, drop, False,

@@ -111,6 +111,9 @@ def test_int8_gate_refuses_a_large_disagreement_even_with_good_dice():
     gate = gate_for("int8", bad)
     assert not gate.passed and gate.name == "int8-disagreement" and gate.value == 0.03
     assert "2 images" in gate.reason and "worst 3.00%" in gate.reason
+    named = {**bad, "most_disagreeing_images": [{"image": "big", "dice_vs_reference": 0.95,
+                                                 "disagreement_image_share": 0.03, "disagreement_union_share": 0.1}]}
+    assert "(worst 3.00%, big: Dice 0.9500, 3.00% of its pixels differ)" in gate_for("int8", named).reason
     assert gate_for("int8", bad, max_disagreement=0.05).passed  # the option
     assert gate_for("int8", bad, max_disagreement=0.05).as_dict()["limits"]["disagreement_image_share_max"] == 0.05
     # the existing Dice floor still applies, and comes first

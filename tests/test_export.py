@@ -616,6 +616,11 @@ def test_compare_to_reference_and_gates():
     gate = gate_for("int8", mixed)
     assert not gate.passed and gate.value == 0.5
     assert "but 2 images below 0.9 (worst 0.5000) on 40 images" in gate.reason
+    # with the metrics' per-image rows, the reason names the worst image and the share of it that changed
+    rows = {"worst_images": [{"image": "im7", "dice_vs_reference": 0.5, "disagreement_image_share": 0.0037,
+                              "disagreement_union_share": 0.33}]}
+    gate = gate_for("int8", {**mixed, **rows})
+    assert "(worst 0.5000, im7: Dice 0.5000, 0.37% of its pixels differ) on 40 images" in gate.reason
     # close to the reference but worse against ground truth than FP32 by more than 0.01: refused
     worse = {**same, "dice_vs_reference_mean": 0.99, "dice_vs_reference_min": 0.95,
              "dice_vs_gt_mean": 0.87, "reference_dice_vs_gt_mean": 0.885, "dice_vs_gt_drop": 0.015}
