@@ -125,6 +125,11 @@ def export_command(
         rich_help_panel="Accuracy gate", min=0.0, max=100.0, metavar="PERCENT",
         help="INT8 gate: the largest share of any held-out image's pixels (percent) on which the INT8 "
              "and FP32 masks may differ (default 2: resunetpp.export.verify.INT8_MAX_DISAGREEMENT).")] = None,
+    int8_min_image_dice: Annotated[float | None, typer.Option(
+        rich_help_panel="Accuracy gate", min=0.0, max=1.0, metavar="DICE",
+        help="INT8 gate: no held-out image's Dice vs the FP32 mask below this (default 0.9: "
+             "resunetpp.export.verify.INT8_MIN_IMAGE_DICE). Dice explodes on small polyps; the other "
+             "limits still apply.")] = None,
     calib_method: Annotated[ExportCalibMethod, typer.Option(
         rich_help_panel="INT8 recipe", metavar="METHOD",
         help=f"INT8 Q/DQ ONNX activation ranges: {', '.join(CALIBRATION_METHODS)}.")] = ExportCalibMethod.percentile,
@@ -207,6 +212,7 @@ def export_command(
             batch=_export_batch(batch), image_size=_export_size(image_size), dynamic_size=dynamic_size,
             opset=opset, simplify=simplify, allow_accuracy_drop=allow_accuracy_drop,
             int8_max_disagreement=None if int8_max_disagreement is None else int8_max_disagreement / 100.0,
+            int8_min_image_dice=int8_min_image_dice,
             qdq=QDQRecipe(method=calib_method.value, per_channel=per_channel, keep_modules=keep, conv_only=conv_only,
                           quantize_outputs=int8_outputs, equalize_alpha=_equalize_alpha(equalize, equalize_alpha),
                           **_bias_correction(bias_correction)),

@@ -114,7 +114,7 @@ class ExportRun:
 
     def judge(self, fmt: str, precision: str, metrics: dict) -> tuple[Gate, bool]:
         """The gate's outcome and whether the artifact is written."""
-        gate = gate_for(precision, metrics, self.o.int8_max_disagreement)
+        gate = gate_for(precision, metrics, self.o.int8_max_disagreement, self.o.int8_min_image_dice)
         keep = gate.passed or self.o.allow_accuracy_drop
         if not gate.passed:
             (self.warn if keep else self.r.warn)(f"{fmt} {precision}: {gate.reason}"

@@ -47,6 +47,10 @@ class ExportOptions:
     #: INT8 gate: the largest share (0-1) of any held-out image's pixels on which the INT8 and FP32
     #: masks may differ; ``None``: :data:`resunetpp.export.verify.INT8_MAX_DISAGREEMENT`.
     int8_max_disagreement: float | None = None
+    #: INT8 gate: no held-out image's Dice vs the FP32 mask below this (0-1); ``None``:
+    #: :data:`resunetpp.export.verify.INT8_MIN_IMAGE_DICE`. Dice explodes on small masks: a deployment
+    #: that judges by the share of the image (``int8_max_disagreement``) may lower it.
+    int8_min_image_dice: float | None = None
     qdq: QDQRecipe = QDQRecipe()
     nncf: NNCFRecipe = NNCFRecipe()
     fp16: FP16Recipe = FP16Recipe()
@@ -68,6 +72,9 @@ class ExportOptions:
         d = self.int8_max_disagreement
         if d is not None and not (isinstance(d, int | float) and 0.0 <= d <= 1.0):
             raise ResUNetError(f"the INT8 disagreement limit must be a share of the image in [0, 1], got {d!r}")
+        f = self.int8_min_image_dice
+        if f is not None and not (isinstance(f, int | float) and 0.0 <= f <= 1.0):
+            raise ResUNetError(f"the INT8 per-image Dice floor must be in [0, 1], got {f!r}")
         if self.openvino_int8 not in OPENVINO_INT8_SOURCES:
             raise ResUNetError(f"OpenVINO INT8 source must be one of {', '.join(OPENVINO_INT8_SOURCES)}, "
                                f"got {self.openvino_int8!r}")

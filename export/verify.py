@@ -243,21 +243,25 @@ class Gate:
         return d
 
 
-def int8_limits(max_disagreement: float | None = None) -> dict:
+def int8_limits(max_disagreement: float | None = None, min_image_dice: float | None = None) -> dict:
     """The INT8 gate's limits, as recorded with its verdict."""
-    return {"dice_vs_reference_mean": INT8_MIN_DICE, "dice_vs_reference_min": INT8_MIN_IMAGE_DICE,
+    return {"dice_vs_reference_mean": INT8_MIN_DICE,
+            "dice_vs_reference_min": INT8_MIN_IMAGE_DICE if min_image_dice is None else min_image_dice,
             "disagreement_image_share_max": INT8_MAX_DISAGREEMENT if max_disagreement is None else max_disagreement,
             "dice_vs_gt_drop": INT8_MAX_GT_DROP}
 
 
-def gate_for(precision: str, metrics: dict, max_disagreement: float | None = None) -> Gate:
+def gate_for(precision: str, metrics: dict, max_disagreement: float | None = None,
+             min_image_dice: float | None = None) -> Gate:
     """Apply the gate of ``precision`` (fp32 / fp16 / int8) to ``metrics`` from :func:`compare_outputs`.
 
     ``max_disagreement``: the INT8 limit on any image's ``disagreement_image_share`` (default
-    :data:`INT8_MAX_DISAGREEMENT`); metrics without the field (older reports) skip that check."""
-    gate = _gate(precision, metrics, max_disagreement)
+    :data:`INT8_MAX_DISAGREEMENT`); metrics without the field (older reports) skip that check.
+    ``min_image_dice``: the INT8 floor on any image's Dice vs the reference (default
+    :data:`INT8_MIN_IMAGE_DICE`; ``export --int8-min-image-dice``)."""
+    gate = _gate(precision, metrics, max_disagreement, min_image_dice)
     if precision == "int8":
-        return dataclasses.replace(gate, limits=int8_limits(max_disagreement))
+        return dataclasses.replace(gate, limits=int8_limits(max_disagreement, min_image_dice))
     return gate
 
 
@@ -277,10 +281,14 @@ def _worst_image(metrics: dict, key: str, value: float) -> str:
         return ""
 
 
-def _gate(precision: str, metrics: dict, max_disagreement: float | None = None) -> Gate:
+def _gate(precision: str, metrics: dict, max_disagreement: float | None = None,
+          min_image_dice: float | None = None) -> Gate:
     limit = INT8_MAX_DISAGREEMENT if max_disagreement is None else max_disagreement
     if not 0.0 <= limit <= 1.0:
         raise ValueError(f"the INT8 disagreement limit must be a share of the image in [0, 1], got {limit}")
+    floor = INT8_MIN_IMAGE_DICE if min_image_dice is None else min_image_dice
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"the INT8 per-image Dice floor must be in [0, 1], got {floor}")
     n = metrics["images"]
     if metrics["nonfinite_images"]:
         return Gate(f"{precision}-finite", "nonfinite_images", 0, metrics["nonfinite_images"], False,
@@ -293,12 +301,12 @@ def _gate(precision: str, metrics: dict, max_disagreement: float | None = None) 
     threshold = FP16_MIN_DICE if precision == "fp16" else INT8_MIN_DICE
     v = metrics["dice_vs_reference_mean"]
     ok = v >= threshold
-    if precision == "int8" and ok and metrics["dice_vs_reference_min"] < INT8_MIN_IMAGE_DICE:
+    if precision == "int8" and ok and metrics["dice_vs_reference_min"] < floor:
         w = metrics["dice_vs_reference_min"]
-        below = sum(d < INT8_MIN_IMAGE_DICE for d in metrics.get("dice_vs_reference_per_image", [w]))
-        return Gate("int8-dice", "dice_vs_reference_min", INT8_MIN_IMAGE_DICE, w, False,
+        below = sum(d < floor for d in metrics.get("dice_vs_reference_per_image", [w]))
+        return Gate("int8-dice", "dice_vs_reference_min", floor, w, False,
                     f"mean Dice vs the FP32 reference mask {v:.4f} but {below} image{'s' if below > 1 else ''} "
-                    f"below {INT8_MIN_IMAGE_DICE:g} (worst {w:.4f}{_worst_image(metrics, 'dice_vs_reference', w)}) "
+                    f"below {floor:g} (worst {w:.4f}{_worst_image(metrics, 'dice_vs_reference', w)}) "
                     f"on {n} images")
     worst = metrics.get("disagreement_image_share_max")
     if precision == "int8" and ok and worst is not None and worst > limit:

@@ -127,6 +127,20 @@ def test_int8_gate_refuses_a_large_disagreement_even_with_good_dice():
         gate_for("int8", ok, max_disagreement=2.0)
 
 
+def test_int8_per_image_dice_floor_is_an_option_and_the_other_limits_stay():
+    # a small polyp at Dice 0.87 whose masks differ on 0.37% of the image: refused by the default floor
+    small = _metrics([0.99, 0.87], [0.001, 0.0037])
+    assert gate_for("int8", small).name == "int8-dice" and not gate_for("int8", small).passed
+    lowered = gate_for("int8", small, min_image_dice=0.85)
+    assert lowered.passed and lowered.limits["dice_vs_reference_min"] == 0.85
+    assert "below 0.95" in gate_for("int8", _metrics([0.99, 0.94], [0.001, 0.001]), min_image_dice=0.95).reason
+    # lowering the floor does not lift the disagreement limit
+    jitter = _metrics([0.99, 0.87], [0.001, 0.03])
+    assert gate_for("int8", jitter, min_image_dice=0.5).name == "int8-disagreement"
+    with pytest.raises(ValueError, match="floor"):
+        gate_for("int8", small, min_image_dice=1.5)
+
+
 def test_export_options_check_the_limit():
     from pathlib import Path
 
@@ -134,6 +148,9 @@ def test_export_options_check_the_limit():
     for bad in (-0.1, 1.5, float("nan"), "1"):
         with pytest.raises(ResUNetError, match="disagreement"):
             ExportOptions(Path("m"), Path("o"), int8_max_disagreement=bad)
+        with pytest.raises(ResUNetError, match="Dice floor"):
+            ExportOptions(Path("m"), Path("o"), int8_min_image_dice=bad)
+    assert ExportOptions(Path("m"), Path("o"), int8_min_image_dice=0.8).int8_min_image_dice == 0.8
 
 
 def _record(accuracy):

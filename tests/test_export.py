@@ -349,13 +349,20 @@ def test_no_equalize_quantizes_the_model_as_it_is(workspace, tmp_path):
 def test_bias_correction_is_applied_and_recorded(workspace, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "-f", "onnx", "-p", "int8",
-                                 "--calib", str(workspace["data"]), "--bias-correction", "4"])
+                                 "--calib", str(workspace["data"]), "--bias-correction", "4",
+                                 "--int8-min-image-dice", "0.8", "--int8-max-disagreement", "3"])
     assert result.exit_code == 0, result.output
-    q = read_record(out / "model_int8_qdq.onnx")["artifact"]["quantization"]
+    record = read_record(out / "model_int8_qdq.onnx")["artifact"]
+    q = record["quantization"]
     assert q["recipe"]["bias_correction_images"] == 4 and q["bias_correction"]["images"] == 4
     assert q["bias_correction"]["convolutions"] > 20 and q["equalization"]["sites"] == 33
+    # the gate limits given on the command line are the ones applied and recorded
+    limits = record["accuracy"]["gate"]["limits"]
+    assert limits["dice_vs_reference_min"] == 0.8 and limits["disagreement_image_share_max"] == pytest.approx(0.03)
     bad = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "--bias-correction", "-1"])
     assert bad.exit_code == 2 and "--bias-correction" in bad.output
+    bad = runner.invoke(app, ["export", str(workspace["ckpt"]), "--out", str(out), "--int8-min-image-dice", "1.5"])
+    assert bad.exit_code == 2 and "--int8-min-image-dice" in bad.output
 
 
 def test_int8_without_held_out_images_is_refused(workspace, tmp_path):
