@@ -141,6 +141,32 @@ def agreement_row(condition: str, int8_probs: Sequence[np.ndarray], fp32_probs: 
                if per_image else {})}
 
 
+#: Changes no reader would see, applied to the (shifted) image: how far FP32's own mask moves under them is
+#: the noise floor an INT8 disagreement on that image is read against.
+IMPERCEPTIBLE: tuple[tuple[str, float], ...] = (("jpeg", 95), ("brightness", 2), ("brightness", -2))
+#: FP32 probabilities within this distance of 0.5 count as "FP32 unsure" for a differing pixel.
+UNSURE = 0.3
+
+
+def fp32_noise(val: "Val", image: np.ndarray, index: int, int8_prob: np.ndarray, fp32_prob: np.ndarray) -> dict:
+    """For one (shifted) decoded ``image`` (validation image ``index``): FP32's mask against FP32's mask
+    after each :data:`IMPERCEPTIBLE` change (Dice, share of the image that differs), and the share of the
+    pixels where INT8 and FP32 differ at which FP32's probability is within :data:`UNSURE` of 0.5."""
+    from resunetpp.export.verify import compare_outputs
+
+    out: dict = {}
+    for name, strength in IMPERCEPTIBLE:
+        p = predict_torch(val.fp32, [val.pre.apply(SHIFT_FUNCTIONS[name](image, strength))])[0]
+        m = compare_outputs([p], [fp32_prob], pre=val.pre, sizes=[val.sizes[index]])
+        out[shift_label(name, strength)] = {"dice_vs_reference": m["dice_vs_reference_mean"],
+                                            "disagreement_image_share": m["disagreement_image_share_mean"]}
+    differ = (int8_prob > 0.5) != (fp32_prob > 0.5)
+    unsure = np.abs(fp32_prob - 0.5) < UNSURE
+    return {"fp32_vs_itself": out,
+            "differing_pixels_fp32_unsure": float(unsure[differ].mean()) if differ.any() else None,
+            "fp32_unsure_image_share": float(unsure.mean())}
+
+
 def worst_case(rows: Sequence[dict]) -> dict:
     """The rows with the lowest per-image Dice and with the largest disagreement share."""
     by_dice = min(rows, key=lambda r: (r["dice_min"], r["condition"]))
@@ -153,9 +179,14 @@ def worst_case(rows: Sequence[dict]) -> dict:
 
 
 def line(r: dict) -> str:
-    return (f"{r['condition']:36s} Dice mean {r['dice_mean']:.4f} min {r['dice_min']:.4f} <0.90: {r['below_0.90']:2d}  "
+    text = (f"{r['condition']:36s} Dice mean {r['dice_mean']:.4f} min {r['dice_min']:.4f} <0.90: {r['below_0.90']:2d}  "
             f"differing pixels mean {100 * r['disagreement_image_share_mean']:.3f}% "
             f"max {100 * r['disagreement_image_share_max']:.3f}% ({r['most_disagreeing_image']['image'][:8]})")
+    noise = r["worst_image"].get("fp32_noise")
+    if noise:
+        low = min(v["dice_vs_reference"] for v in noise["fp32_vs_itself"].values())
+        text += f"; FP32 vs itself on {r['worst_image']['image'][:8]}: Dice >= {low:.4f}"
+    return text
 
 
 # ---- models -----------------------------------------------------------------------------------------
@@ -378,8 +409,13 @@ def shifts(
     for c in conditions:
         label = "none" if c is None else shift_label(*c)
         inputs = val.inputs(c)
-        r = val.row(label, int8(inputs), val.reference(label, inputs))
+        q, ref = int8(inputs), val.reference(label, inputs)
+        r = val.row(label, q, ref)
         r["shift"] = None if c is None else {"name": c[0], "strength": c[1]}
+        for key in ("worst_image", "most_disagreeing_image"):  # each worst image against FP32's own noise
+            i = val.names.index(r[key]["image"])
+            image = val.images[i] if c is None else SHIFT_FUNCTIONS[c[0]](val.images[i], c[1])
+            r[key]["fp32_noise"] = fp32_noise(val, image, i, q[i], ref[i])
         result["shifts"].append(r)
         print(line(r), f"{time.time() - t0:.0f}s", flush=True)
         _write(out, result)

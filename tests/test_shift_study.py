@@ -89,6 +89,13 @@ def test_shift_study_report_has_every_field(tmp_path):
     assert report["worst_shift"]["by_dice_min"]["condition"] in {"none", "brightness +40", "jpeg 20"}
     assert "worst_calibration_set" in report
     assert list((tmp_path / "cache").glob("fp32_*.npy"))  # reference outputs cached
+    for row in report["shifts"]:  # each worst image comes with FP32's own noise on it
+        for key in ("worst_image", "most_disagreeing_image"):
+            noise = row[key]["fp32_noise"]
+            assert set(noise["fp32_vs_itself"]) == {ss.shift_label(*c) for c in ss.IMPERCEPTIBLE}
+            for v in noise["fp32_vs_itself"].values():
+                assert 0.0 <= v["dice_vs_reference"] <= 1.0 and 0.0 <= v["disagreement_image_share"] <= 1.0
+            assert 0.0 <= noise["fp32_unsure_image_share"] <= 1.0
     bad = CliRunner().invoke(ss.app, ["shifts", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(out),
                                       "--shift", "sepia=1", "--no-calib-variants"])
     assert bad.exit_code != 0 and "sepia" in bad.output
@@ -163,3 +170,22 @@ def test_calib_sets_exports_real_artifacts_for_each_set(tmp_path):
     assert again.exit_code == 0, again.output
     assert again.output.count("already in") == len(report["sets"]), again.output
     assert json.loads(out.read_text()) == report and first.stat().st_mtime_ns == stamp
+
+
+def test_fp32_noise_says_where_fp32_was_unsure(tmp_path):
+    from resunetpp.checkpoint import load_checkpoint
+
+    data = make_dataset(tmp_path / "d", 10, 32, splits={"train": list(range(7)), "val": [7, 8, 9]})
+    val = ss.Val(data, load_checkpoint(tiny_checkpoint(tmp_path / "tiny.safetensors")), None)
+    h, w = val.inputs(None)[0].shape[1:]
+    fp32 = np.full((1, h, w), 0.95, np.float32)
+    fp32[:, :4] = 0.45  # an unsure band
+    unsure_flip = fp32.copy()
+    unsure_flip[:, :4] = 0.55  # INT8 flips only the unsure band
+    sure_flip = fp32.copy()
+    sure_flip[:, -4:] = 0.05  # INT8 flips pixels FP32 was sure of
+    noise = ss.fp32_noise(val, val.images[0], 0, unsure_flip, fp32)
+    assert noise["differing_pixels_fp32_unsure"] == 1.0
+    assert noise["fp32_unsure_image_share"] == pytest.approx(4 / h)
+    assert ss.fp32_noise(val, val.images[0], 0, sure_flip, fp32)["differing_pixels_fp32_unsure"] == 0.0
+    assert ss.fp32_noise(val, val.images[0], 0, fp32, fp32)["differing_pixels_fp32_unsure"] is None
