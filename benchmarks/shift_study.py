@@ -575,5 +575,36 @@ def calib_count_cmd(
                 _write(out, result)
 
 
+@app.command("calib-folder")
+def calib_folder_cmd(
+    data: DataOpt, out: Annotated[Path, typer.Option(help="New folder of PNG images (must not exist).")],
+    shift: Annotated[str, typer.Option(help="NAME=STRENGTH applied to every --every-th image.")],
+    calib_count: int = 300,
+    every: Annotated[int, typer.Option(min=1, help="Shift images 1, 1+N, 1+2N, ... of the sample (1: all).")] = 2,
+) -> None:
+    """A calibration folder for ``export --calib``: the export's own sample of the training images, every
+    ``--every``-th of them shifted (``NAME_shifted.png``) -- calibrating on frames like the deployment's."""
+    from PIL import Image
+
+    from resunetpp.imageio import read_image
+
+    name, _, strength = shift.partition("=")
+    if name not in SHIFT_FUNCTIONS or not strength:
+        raise typer.BadParameter(f"--shift {shift!r}: want NAME=STRENGTH, NAME one of {', '.join(SHIFT_FUNCTIONS)}")
+    if out.exists():
+        raise typer.BadParameter(f"{out} exists; give a new folder")
+    sample = _load(data, None, calib_count, None, role="calibration")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True)
+    for i, (stem, path) in enumerate(zip(sample.stems, sample.paths)):
+        image = read_image(path, 3)
+        shifted = i % every == every - 1
+        if shifted:
+            image = SHIFT_FUNCTIONS[name](image, float(strength))
+        Image.fromarray(image).save(tmp / f"{stem}{'_shifted' if shifted else ''}.png")
+    tmp.rename(out)
+    print(f"{out}: {len(sample)} images, {len(range(every - 1, len(sample), every))} shifted ({shift})")
+
+
 if __name__ == "__main__":
     app()

@@ -189,3 +189,27 @@ def test_fp32_noise_says_where_fp32_was_unsure(tmp_path):
     assert noise["fp32_unsure_image_share"] == pytest.approx(4 / h)
     assert ss.fp32_noise(val, val.images[0], 0, sure_flip, fp32)["differing_pixels_fp32_unsure"] == 0.0
     assert ss.fp32_noise(val, val.images[0], 0, fp32, fp32)["differing_pixels_fp32_unsure"] is None
+
+
+def test_calib_folder_shifts_every_second_image_of_the_export_sample(tmp_path):
+    from resunetpp.export import calibration as cal
+    from resunetpp.imageio import read_image
+
+    data = make_dataset(tmp_path / "d", 10, 32, splits={"train": list(range(7)), "val": [7, 8, 9]})
+    out = tmp_path / "calib"
+    res = CliRunner().invoke(ss.app, ["calib-folder", "--data", str(data), "--out", str(out), "--shift", "brightness=-40",
+                                      "--calib-count", "5"])
+    assert res.exit_code == 0, res.output
+    sample = cal.select_images(data, None, 5, role="calibration", default_split="train")
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 5 and sum(f.endswith("_shifted.png") for f in files) == 2
+    for i, (stem, path) in enumerate(zip(sample.stems, sample.paths)):
+        shifted = i % 2 == 1
+        written = read_image(out / f"{stem}{'_shifted' if shifted else ''}.png", 3)
+        original = read_image(path, 3)
+        assert written.shape == original.shape
+        assert np.array_equal(written, ss.brightness(original, -40) if shifted else original)
+    again = CliRunner().invoke(ss.app, ["calib-folder", "--data", str(data), "--out", str(out), "--shift", "blur=4"])
+    assert again.exit_code != 0 and "exists" in again.output
+    bad = CliRunner().invoke(ss.app, ["calib-folder", "--data", str(data), "--out", str(tmp_path / "x"), "--shift", "sepia"])
+    assert bad.exit_code != 0 and not (tmp_path / "x").exists()
