@@ -593,17 +593,26 @@ def calib_folder_cmd(
         raise typer.BadParameter(f"--shift {shift!r}: want NAME=STRENGTH, NAME one of {', '.join(SHIFT_FUNCTIONS)}")
     if out.exists():
         raise typer.BadParameter(f"{out} exists; give a new folder")
+    import shutil
+    import tempfile
+
     sample = _load(data, None, calib_count, None, role="calibration")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True)
-    for i, (stem, path) in enumerate(zip(sample.stems, sample.paths)):
-        image = read_image(path, 3)
-        shifted = i % every == every - 1
-        if shifted:
-            image = SHIFT_FUNCTIONS[name](image, float(strength))
-        Image.fromarray(image).save(tmp / f"{stem}{'_shifted' if shifted else ''}.png")
-    tmp.rename(out)
-    print(f"{out}: {len(sample)} images, {len(range(every - 1, len(sample), every))} shifted ({shift})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # never a folder of the user's
+    shifted_count = 0
+    try:
+        for i, (stem, path) in enumerate(zip(sample.stems, sample.paths)):
+            image = read_image(path, 3)
+            shifted = i % every == every - 1
+            if shifted:
+                image = SHIFT_FUNCTIONS[name](image, float(strength))
+                shifted_count += 1
+            Image.fromarray(image).save(tmp / f"{stem}{'_shifted' if shifted else ''}.png")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written
+        raise
+    print(f"{out}: {len(sample)} images, {shifted_count} shifted ({shift})")
 
 
 if __name__ == "__main__":
