@@ -599,6 +599,7 @@ def calib_folder_cmd(
     sample = _load(data, None, calib_count, None, role="calibration")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # never a folder of the user's
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     shifted_count = 0
     try:
         for i, (stem, path) in enumerate(zip(sample.stems, sample.paths)):
