@@ -36,6 +36,24 @@ import torch
 from resunetpp.errors import ResUNetError
 
 
+class Scratch:
+    """Working tensors reused from call to call, one per name, grown when a larger one is asked for.
+
+    A fresh 100 MB tensor for every batch costs the kernel a zeroed page every 4 KiB -- more time than
+    the arithmetic on it; the :class:`ChannelTails` of one pass share one of these."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` and ``dtype`` (its values whatever was left in it)."""
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            buf = self.buffers[name] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(*shape)
+
+
 def tail_count(percentile: float, values: int) -> int:
     """How many of ``values`` values lie at or above their ``percentile`` (numpy's 'higher' method:
     the ``ceil(tail * n)``-th largest; ``0.01 * 10000`` is 100, not 100.0000001)."""
@@ -46,11 +64,12 @@ class ChannelTails:
     """Each channel's largest |x| of one ``(N, C, H, W)`` tensor over ``images`` images, enough for the
     exact ``percentile`` of the tensor with its channels rescaled by any positive scales.
 
-    ``update(x)`` takes one batch (it may take the absolute value in place: pass a tensor the caller
-    no longer needs); ``per_image=True`` keeps each image's own tail as well (:meth:`per_image`).
+    ``update(x)`` takes one batch; ``per_image=True`` keeps each image's own tail as well
+    (:meth:`per_image`). ``scratch``: working memory shared with other instances updated one at a time.
     """
 
-    def __init__(self, percentile: float, images: int, per_image: bool = False) -> None:
+    def __init__(self, percentile: float, images: int, per_image: bool = False,
+                 scratch: Scratch | None = None) -> None:
         if not 0 < percentile <= 100:
             raise ResUNetError(f"percentile must be in (0, 100], got {percentile}")
         if images < 1:
@@ -64,6 +83,7 @@ class ChannelTails:
         self.count: torch.Tensor | None = None  # (C,) kept values per channel
         self.floor: torch.Tensor | None = None  # (C,) every value >= floor is kept; -1: everything
         self.image_tops: list[torch.Tensor] = []  # per batch: (N, C, k_image) largest per channel
+        self.scratch = scratch if scratch is not None else Scratch()
 
     def update(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
@@ -78,8 +98,8 @@ class ChannelTails:
         elif c != self.buffer.shape[0]:
             raise ResUNetError(f"tensor had {self.buffer.shape[0]} channels, now {c}")
         self.seen += x.numel()
-        # |x| channel-major in one pass: (C, N*H*W)
-        a = torch.empty((c, n, h, w), dtype=torch.float32)
+        # |x| channel-major, (C, N*H*W), into a buffer reused from batch to batch (no fresh pages)
+        a = self.scratch.get("abs", (c, n, h, w), torch.float32)
         torch.abs(x.detach().float().transpose(0, 1), out=a)
         a = a.view(c, -1)
         if self.keep_per_image:
@@ -89,7 +109,9 @@ class ChannelTails:
         if bool((self.floor < 0).any()):  # a channel without K values yet: merge the batch whole
             self._merge(a)
             return
-        idx = (a > self.floor.view(c, 1)).view(-1).nonzero().squeeze(1)  # channel-major order
+        mask = self.scratch.get("mask", a.shape, torch.bool)
+        torch.gt(a, self.floor.view(c, 1), out=mask)
+        idx = mask.view(-1).nonzero().squeeze(1)  # channel-major order
         if idx.numel() == 0:
             return
         values = a.view(-1)[idx]
@@ -179,9 +201,10 @@ def graph_channel_tails(graph, tensors: Sequence[str], batches: Iterable[np.ndar
     from resunetpp.engines.graph_taps import GraphTaps
 
     taps = GraphTaps(graph, tensors)
-    tails = {t: ChannelTails(percentile, images, per_image) for t in taps.tensors}
+    scratch = Scratch()
+    tails = {t: ChannelTails(percentile, images, per_image, scratch) for t in taps.tensors}
     taps.observe(batches, lambda t, x: tails[t].update(x), progress)
     return tails
 
 
-__all__ = ["METHODS", "ChannelTails", "graph_channel_tails", "supports", "tail_count"]
+__all__ = ["METHODS", "ChannelTails", "Scratch", "graph_channel_tails", "supports", "tail_count"]

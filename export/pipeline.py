@@ -31,7 +31,7 @@ from resunetpp.export.formats import PRECISIONS, artifact_name, export_formats, 
 from resunetpp.export.inputs import image_sets, verification_set
 from resunetpp.export.options import OPENVINO_INT8_SOURCES, ExportOptions, TensorRTOptions
 from resunetpp.export.outdir import LOCK_NAME, remove_empty_folders, remove_stale_work
-from resunetpp.export.report import NullReporter, Reporter
+from resunetpp.export.report import NullReporter, Reporter, TimedReporter
 from resunetpp.export.results import AccuracyGateError, ArtifactResult, ExportReport
 from resunetpp.atomic import clean_stale_temporaries, make_output_folder, write_json_atomic
 from resunetpp.errors import ResUNetError
@@ -85,7 +85,7 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
     Returns the report; call :meth:`ExportReport.raise_for_gate` to turn refused artifacts into an
     error (the CLI does, after printing the summary).
     """
-    reporter = reporter or NullReporter()
+    reporter = TimedReporter(reporter or NullReporter())
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise ResUNetError(f"{out}: --out exists and is not a folder")
@@ -109,6 +109,7 @@ def run_export(options: ExportOptions, reporter: Reporter | None = None) -> Expo
         run.report.verification = run.vset.record()
         _execute(run, targets)
         run.report.verification = run.vset.record()  # now with the INT8 reference, when there is one
+        run.report.timing = {"total_s": round(reporter.elapsed(), 2), "steps": reporter.steps}
         write_json_atomic(out / REPORT_NAME, run.report.as_dict())
         return run.report
     finally:

@@ -45,6 +45,35 @@ class NullReporter:
         self.notes.append(message)
 
 
+class TimedReporter:
+    """Passes everything to ``inner`` and records each task's wall time: :attr:`steps` is a list of
+    ``{"step": description, "seconds": s}`` in the order the tasks ended (a task inside another one is
+    counted in both), so an export's report says where its time went."""
+
+    def __init__(self, inner: Reporter, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.inner, self.clock = inner, clock
+        self.start = clock()
+        self.steps: list[dict] = []
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
+        start = self.clock()
+        try:
+            with self.inner.task(description, total) as advance:
+                yield advance
+        finally:
+            self.steps.append({"step": description, "seconds": round(self.clock() - start, 2)})
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def warn(self, message: str) -> None:
+        self.inner.warn(message)
+
+    def info(self, message: str) -> None:
+        self.inner.info(message)
+
+
 def format_seconds(seconds: float) -> str:
     """``1:05`` / ``1:02:03``: a duration for a progress line."""
     s = max(0, int(round(seconds)))
@@ -158,3 +187,8 @@ def print_summary(report: ExportReport, console: Console) -> None:
         console.print(f"[dim]skipped {fmt} {', '.join(precisions)}: {reason}[/dim]", highlight=False)
     for line in report.trtexec:
         console.print(f"[dim]{line}[/dim]", highlight=False, soft_wrap=True)
+    if report.timing:
+        slow = sorted(report.timing["steps"], key=lambda s: -s["seconds"])[:3]
+        console.print(f"[dim]took {format_seconds(report.timing['total_s'])}; longest steps: "
+                      + ", ".join(f"{s['step']} {format_seconds(s['seconds'])}" for s in slow)
+                      + " (every step's time: timing in export_report.json)[/dim]", highlight=False)

@@ -36,6 +36,8 @@ class ExportReport:
     trtexec: list[str] = field(default_factory=list)
     verification: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    #: wall time of the whole export and of each step (``{"total_s": s, "steps": [{"step", "seconds"}]}``)
+    timing: dict | None = None
 
     @property
     def refused(self) -> list[ArtifactResult]:
@@ -51,7 +53,8 @@ class ExportReport:
     def as_dict(self) -> dict:
         return {"out": str(self.out), "artifacts": [a.as_dict() for a in self.artifacts],
                 "skipped": [{"format": f, "precision": p, "reason": r} for f, p, r in self.skipped],
-                "trtexec": self.trtexec, "verification": self.verification, "warnings": self.warnings}
+                "trtexec": self.trtexec, "verification": self.verification, "warnings": self.warnings,
+                "timing": self.timing}
 
 
 class AccuracyGateError(ResUNetError):

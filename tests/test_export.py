@@ -172,6 +172,11 @@ def test_default_export_writes_every_artifact_this_machine_can_build(exported):
         assert "skipped tensorrt" in exported["result"].output and "not importable" in exported["result"].output
         assert "trtexec --onnx=model_fp16.onnx" in exported["result"].output
     assert "Dice vs" in exported["result"].output  # the summary table
+    timing = report["timing"]  # where the export's time went, step by step
+    steps = {s["step"]: s["seconds"] for s in timing["steps"]}
+    assert any(k.startswith("verify ") for k in steps) and any(k.startswith("calibrate") for k in steps), steps
+    assert all(0 <= v <= timing["total_s"] for v in steps.values())
+    assert "longest steps" in exported["result"].output
 
 
 @pytest.mark.parametrize("target", ["onnx/fp32", "openvino/fp32"])

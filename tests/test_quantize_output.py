@@ -7,7 +7,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from resunetpp.export.quantize import DEFAULT_INT8_KEEP_MODULES
-from resunetpp.export.report import Eta, RichReporter, format_seconds
+from resunetpp.export.report import Eta, NullReporter, RichReporter, TimedReporter, format_seconds
 from resunetpp.export.sensitivity import (MIN_TRUSTED_EVAL_IMAGES, Goal, GroupSensitivity, SearchStep,
                                           SensitivityReport, recommendation_warning, render)
 
@@ -69,3 +69,24 @@ def test_export_progress_shows_time_remaining():
 
     reporter = RichReporter(Console(file=open("/dev/null", "w")))
     assert any(isinstance(c, TimeRemainingColumn) for c in reporter.progress.columns)
+
+
+def test_timed_reporter_records_each_step_even_when_it_fails():
+    now = [0.0]
+    inner = NullReporter()
+    timed = TimedReporter(inner, clock=lambda: now[0])
+    with timed.task("outer", total=2) as advance:
+        advance(1)
+        now[0] += 1.5
+        with timed.task("inner"):
+            now[0] += 2.0
+    try:
+        with timed.task("broken"):
+            now[0] += 0.25
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    timed.warn("careful")
+    assert timed.steps == [{"step": "inner", "seconds": 2.0}, {"step": "outer", "seconds": 3.5},
+                           {"step": "broken", "seconds": 0.25}]
+    assert timed.elapsed() == 3.75 and inner.warnings == ["careful"]
