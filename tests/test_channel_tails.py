@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from resunetpp.errors import ResUNetError
-from resunetpp.export.channel_tails import ChannelTails, graph_channel_tails, supports, tail_count
+from resunetpp.export.channel_tails import ChannelTails, TailTooShort, graph_channel_tails, supports, tail_count
 
 pytestmark = pytest.mark.usefixtures("torch_threads")
 
@@ -50,6 +50,36 @@ def test_percentile_is_exact_for_any_channel_scales(percentile: float) -> None:
         assert got == pytest.approx(_numpy_percentile(batches, percentile, scale), rel=1e-12), scale
     np.testing.assert_array_equal(tails.channel_max().numpy(),
                                   np.abs(np.concatenate(batches)).max(axis=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("percentile", [99.0, 99.9])
+def test_a_headroom_is_exact_when_it_says_so_and_refuses_otherwise(percentile: float) -> None:
+    """Each channel keeping only ``headroom`` times its even share of the tail: wherever :meth:`exact`
+    holds the percentile equals numpy's; where it does not, :meth:`percentile` refuses rather than
+    answer. A scale that shrinks the heavy-tailed channel spreads the tail (exact); one that blows it
+    up puts the whole tail in it (refused). With the headroom at the channel count it is always exact."""
+    batches = _stream(3, batches=12)
+    n = sum(b.shape[0] for b in batches)
+    short, full = ChannelTails(percentile, images=n, headroom=1.5), ChannelTails(percentile, images=n, headroom=5)
+    for b in batches:
+        short.update(torch.from_numpy(b.copy()))
+        full.update(torch.from_numpy(b.copy()))
+    assert short.keep < short.k and full.keep == full.k
+    spread = torch.tensor([0.5, 6.0, 3.0, 0.2, 1.5], dtype=torch.float64)  # the channels' own spread
+    piled = torch.tensor([100.0, 0.01, 100.0, 100.0, 100.0], dtype=torch.float64)
+    verdicts = {}
+    for name, scale in (("none", None), ("spread", spread), ("piled", piled)):
+        want = _numpy_percentile(batches, percentile, None if scale is None else scale.numpy())
+        assert full.exact(scale) and full.percentile(scale) == pytest.approx(want, rel=1e-12)
+        verdicts[name] = short.exact(scale)
+        if verdicts[name]:
+            assert short.percentile(scale) == pytest.approx(want, rel=1e-12), name
+        else:
+            with pytest.raises(TailTooShort):
+                short.percentile(scale)
+    assert verdicts["spread"] and not verdicts["piled"], verdicts
+    with pytest.raises(ResUNetError, match="headroom"):
+        ChannelTails(99.0, images=1, headroom=0.5)
 
 
 def test_per_image_percentiles_are_each_images_own() -> None:

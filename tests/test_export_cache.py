@@ -217,6 +217,39 @@ def test_second_export_skips_calibration_and_keep_float_change_reuses_ranges(tmp
 
 
 @pytest.mark.slow
+def test_a_tail_too_short_for_its_scales_is_measured_again(tmp_path, monkeypatch):
+    """With a headroom so small that some tensors' rescaled tails do not fit, the export measures those
+    tensors again with every channel's whole tail: the Q/DQ ONNX is the same file as with no headroom."""
+    import onnx
+    from onnx import numpy_helper
+
+    from conftest import make_dataset, tiny_checkpoint
+    from resunetpp.export import int8_source
+    from resunetpp.export.options import ExportOptions
+    from resunetpp.export.pipeline import run_export
+    from resunetpp.export.quantize import QDQRecipe
+
+    data = make_dataset(tmp_path / "data", 10, 32, splits={"train": list(range(7)), "val": [7, 8, 9]})
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+
+    def export(out: str, headroom):
+        monkeypatch.setattr(int8_source, "TAIL_HEADROOM", headroom)
+        rep = _Tasks()
+        opts = ExportOptions(checkpoint=ckpt, out=tmp_path / out, formats=("onnx",), precisions=("int8",),
+                             calib=data, eval=data, allow_accuracy_drop=True, cache=False,
+                             qdq=QDQRecipe(keep_modules=("head",), bias_correction_images=4))
+        run_export(opts, rep)
+        graph = onnx.load(str(tmp_path / out / "model_int8_qdq.onnx")).graph
+        return rep, {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    short, got = export("short", 1.0)
+    assert any(t.startswith("calibrate again") for t in short.tasks), short.tasks
+    whole, want = export("whole", None)
+    assert not any(t.startswith("calibrate again") for t in whole.tasks), whole.tasks
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
 def test_images_of_any_size_are_calibrated_on_the_equalized_graph(tmp_path):
     """Preprocessing mode "pad" runs each image at its own size: the one pass (which needs equally sized
     images) is not used; the equalization maxima, simulated ranges and histograms are measured pass by

@@ -39,3 +39,12 @@ def test_every_batch_sees_its_own_values_and_the_callers_batches_are_untouched()
         np.testing.assert_array_equal(got, orig)
     for got, orig in zip(seen["neg"], originals):
         np.testing.assert_array_equal(got, -orig)
+
+
+def test_a_pruned_graph_runs_only_what_the_tapped_tensors_need():
+    x = np.random.default_rng(1).standard_normal((3, 2, 4, 4)).astype(np.float32)
+    pruned = GraphTaps(_graph(), ["neg"], prune=True)
+    assert [o.name for o in pruned.session.get_outputs()] == ["neg"]  # the Relu and the output "y" are gone
+    np.testing.assert_array_equal(pruned(x)["neg"], -x)
+    whole = GraphTaps(_graph(), ["neg"])
+    assert {o.name for o in whole.session.get_outputs()} == {"y", "neg"}
