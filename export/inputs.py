@@ -31,10 +31,12 @@ class VerificationSet:
     reference: list[np.ndarray] = field(default_factory=list)
     int8_reference: list[np.ndarray] | None = None  # ExportOptions.reference's outputs, when given
     int8_reference_record: dict | None = None
+    #: what ``reference`` is: PyTorch's outputs unless the FP32 graph gave them (ExportRun.graph_reference)
+    reference_record: dict = field(default_factory=lambda: {"reference": "PyTorch FP32 (channels-last)"})
 
     def record(self) -> dict:
         rec = {"source": self.source, "from": self.origin, "images": len(self.inputs),
-               "with_masks": any(m is not None for m in self.masks)}
+               "with_masks": any(m is not None for m in self.masks), **self.reference_record}
         if self.int8_reference_record:
             rec["int8_reference"] = self.int8_reference_record
         return rec

@@ -172,6 +172,7 @@ def test_default_export_writes_every_artifact_this_machine_can_build(exported):
         assert "skipped tensorrt" in exported["result"].output and "not importable" in exported["result"].output
         assert "trtexec --onnx=model_fp16.onnx" in exported["result"].output
     assert "Dice vs" in exported["result"].output  # the summary table
+    assert report["verification"]["reference"] == "PyTorch FP32 (channels-last)"  # the FP32 ONNX is verified on it
     timing = report["timing"]  # where the export's time went, step by step
     steps = {s["step"]: s["seconds"] for s in timing["steps"]}
     assert any(k.startswith("verify ") for k in steps) and any(k.startswith("calibrate") for k in steps), steps
@@ -297,6 +298,11 @@ def test_int8_gate_refuses_all_black_calibration(workspace, tmp_path):
     (art,) = report["artifacts"]
     assert art["written"] is False and art["gate"]["passed"] is False
     assert art["accuracy"]["dice_vs_reference_mean"] < INT8_MIN_DICE  # the gate really measured a failure
+    # no FP32 ONNX asked for: the FP32 graph, checked against PyTorch on 8 images, gave the reference
+    v = report["verification"]
+    assert v["reference"] == "the FP32 ONNX graph on ONNX Runtime", v
+    assert v["checked_against_pytorch"] == min(8, v["images"]), v
+    assert len(v["graph_sha256"]) == 64
 
 
 def test_allow_accuracy_drop_writes_the_failing_artifact_and_records_it(workspace, tmp_path):

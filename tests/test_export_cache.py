@@ -199,7 +199,7 @@ def test_second_export_skips_calibration_and_keep_float_change_reuses_ranges(tmp
     assert sum("calibrate: one ONNX Runtime pass" in t for t in cold.tasks) == 1, cold.tasks  # one pass only
     warm, second = export("b")
     cached = [t for t in warm.tasks if "cached" in t]
-    for step in ("reference", "equalization and INT8 ranges", "biases", "ONNX"):
+    for step in ("PyTorch FP32 reference", "the FP32 ONNX graph", "equalization and INT8 ranges", "biases", "ONNX"):
         assert any(step in t for t in cached), (step, warm.tasks)
     assert not any(t.startswith(("calibrate", "load calibration images")) for t in warm.tasks), warm.tasks
     assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
