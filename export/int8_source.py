@@ -148,11 +148,44 @@ def _prepare(run: ExportRun, recipe: QDQRecipe) -> None:
         run.onnx_paths["int8_source"], run.int8_source_model = run.onnx_paths["fp32"], run.fp32_model
         return
     name = " and ".join(steps)
-    run.int8_source_model = run.export_onnx(WithActivation(model), f"export the {name} model to ONNX",
-                                            {"int8_source": key})
+    run.int8_source_model = _patched_graph(run, model, name) or run.export_onnx(
+        WithActivation(model), f"export the {name} model to ONNX", {"int8_source": key})
     path = run.work / "fp32_int8_source.onnx"
     onnx.save_model(run.int8_source_model, str(path))
     run.onnx_paths["int8_source"] = path
+
+
+#: Held-out images the FP32 graph with the equalized, corrected weights is checked on against PyTorch.
+PATCH_CHECK_IMAGES = 2
+
+
+def _patched_graph(run: ExportRun, model, name: str):
+    """The verified FP32 graph with ``model``'s weights (:func:`resunetpp.export.onnx_graph.with_parameters`:
+    the structure is the same, only weights changed), checked against PyTorch on a few held-out
+    images; ``None`` when the weights do not map onto the graph or the check fails (the caller exports
+    ``model`` instead)."""
+    import numpy as np
+    import torch
+
+    from resunetpp.artifact import OUTPUT_NAME
+    from resunetpp.engines.graph_taps import GraphTaps
+    from resunetpp.export.onnx_graph import with_parameters
+    from resunetpp.export.verify import FP32_MAX_ABS_ERROR
+    from resunetpp.model import WithActivation
+
+    with run.r.task(f"the {name} weights into the FP32 graph (checked on {PATCH_CHECK_IMAGES} images)"):
+        graph = with_parameters(run.fp32_model, run.ckpt.build_model(), model)
+        if graph is None:
+            return None
+        first = run.vset.inputs[0]
+        x = np.stack([i for i in run.vset.inputs[:PATCH_CHECK_IMAGES] if i.shape == first.shape]).astype(np.float32)
+        got = GraphTaps(graph, [OUTPUT_NAME])(x)[OUTPUT_NAME]
+        with torch.no_grad():
+            want = WithActivation(model).eval()(torch.from_numpy(x)).numpy()
+        if got.shape != want.shape or float(np.abs(got - want).max()) > FP32_MAX_ABS_ERROR:
+            run.warn(f"the {name} weights did not reproduce PyTorch in the FP32 graph; exporting the model again")
+            return None
+    return graph
 
 
 #: :class:`resunetpp.export.channel_tails.ChannelTails`' headroom in the one pass: each channel keeps 32

@@ -283,3 +283,67 @@ def write_onnx_artifact(model, path: str | Path, record: dict) -> Path:
         onnx.save_model(model, str(tmp))
         write_sidecar(path, record)
     return path
+
+
+def with_parameters(graph, source, target, prefix: str = "model."):
+    """``graph``, exported from the module ``source``, with the parameters of ``target`` -- a module of
+    the same architecture whose weights differ (equalized, bias-corrected) -- or ``None``.
+
+    Every initializer named after a parameter or buffer of ``source`` (``prefix`` + its name) must equal
+    it, or, for a convolution followed by a BatchNorm the exporter folded into it, equal the folded value
+    (to float32 rounding); it then takes ``target``'s value, folded the same way. Any other initializer
+    stays. ``None`` when an initializer matches neither or the two modules' parameters differ in name
+    or shape: the caller exports ``target`` instead. About a second against ten for the exporter; the
+    caller still checks the graph against ``target`` (an initializer the exporter derived from weights
+    under another name would otherwise go unnoticed)::
+
+        conv (W, b) -> BatchNorm (g, beta, mean, var)   ==  conv (W * s, (b - mean) * s + beta),
+                                                            s = g / sqrt(var + eps)
+    """
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    src = {k: v.detach().numpy() for k, v in source.state_dict().items()}
+    dst = {k: v.detach().numpy() for k, v in target.state_dict().items()}
+    if src.keys() != dst.keys() or any(src[k].shape != dst[k].shape for k in src):
+        return None
+    modules = dict(source.named_modules())
+    folded: dict[str, str] = {}  # convolution -> the BatchNorm right after it in a Sequential
+    for name, module in modules.items():
+        if isinstance(module, torch.nn.Sequential):
+            children = list(module.named_children())
+            for (a, first), (b, second) in zip(children, children[1:]):
+                if isinstance(first, torch.nn.Conv2d) and isinstance(second, torch.nn.BatchNorm2d):
+                    folded[f"{name}.{a}" if name else a] = f"{name}.{b}" if name else b
+
+    def fold(params: dict, conv: str, kind: str):
+        bn = folded[conv]
+        eps = np.asarray(modules[bn].eps, dtype=params[f"{bn}.running_var"].dtype)
+        scale = params[f"{bn}.weight"] / np.sqrt(params[f"{bn}.running_var"] + eps)
+        if kind == "weight":
+            return params[f"{conv}.weight"] * scale.reshape(-1, *([1] * (params[f"{conv}.weight"].ndim - 1)))
+        bias = params.get(f"{conv}.bias", np.zeros_like(scale))
+        return (bias - params[f"{bn}.running_mean"]) * scale + params[f"{bn}.bias"]
+
+    patched = onnx.ModelProto()
+    patched.CopyFrom(graph)
+    for init in patched.graph.initializer:
+        if not init.name.startswith(prefix):
+            continue
+        name = init.name[len(prefix):]
+        value = numpy_helper.to_array(init)
+        if name in src and src[name].shape == value.shape and np.array_equal(src[name].astype(value.dtype), value):
+            new = dst[name]
+        else:
+            conv, _, kind = name.rpartition(".")
+            if conv not in folded or kind not in ("weight", "bias"):
+                return None
+            want = fold(src, conv, kind)
+            if want.shape != value.shape or not np.allclose(want, value, rtol=1e-5,
+                                                            atol=1e-6 * float(np.abs(value).max(initial=1.0))):
+                return None
+            new = fold(dst, conv, kind)
+        init.CopyFrom(numpy_helper.from_array(np.asarray(new, dtype=value.dtype), init.name))
+    return patched
