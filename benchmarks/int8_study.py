@@ -202,7 +202,6 @@ def artifacts(
     import torch
 
     from resunetpp.export.calibration import select_images
-    from resunetpp.export.openvino_format import VERIFY_PRECISION_HINT
     from resunetpp.export.verify import artifact_predict
     from resunetpp.checkpoint import load_checkpoint
 
@@ -211,10 +210,9 @@ def artifacts(
     ims = select_images(data, split, None, role="evaluation", default_split="val")
     x = [a[None] for a in ims.inputs(ckpt.preprocessing)]
     ref = Study.logits(ckpt.build_model().eval(), x)
-    for f in files:  # as the export verifies them: ONNX Runtime's CPU provider, OpenVINO's CPU with the f32 hint
-        onnx = f.suffix == ".onnx"
-        backend, options = ("onnxruntime", {}) if onnx else ("openvino", {"precision": VERIFY_PRECISION_HINT})
-        with artifact_predict(f, backend, **options) as run:
+    for f in files:  # as the export verifies them: ONNX Runtime's CPU provider, OpenVINO's CPU with the hint
+        onnx = f.suffix == ".onnx"  # the IR's record names (the engine's default)
+        with artifact_predict(f, "onnxruntime" if onnx else "openvino") as run:
             probs = [run(a) for a in x]
         lg = [np.log(np.clip(p, 1e-7, 1 - 1e-7) / np.clip(1 - p, 1e-7, 1)) for p in probs]
         s = score(lg, ref)

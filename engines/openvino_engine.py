@@ -252,6 +252,8 @@ class OpenVINOEngine(Engine):
         precision = options.get("precision")
         if precision is None and super().precision == "fp32":
             precision = "f32"
+        elif precision is None:  # run the IR the way the export verified it (not the CPU's default: bf16 on bf16 CPUs)
+            precision = ((record.get("artifact") or {}).get("openvino") or {}).get("verified_with_precision_hint")
         if precision is not None and str(precision).lower() not in PRECISIONS:
             raise EngineError(f"engine: openvino | precision {precision!r} | expected f32, bf16 or f16")
         self._precision_hint = PRECISIONS[str(precision).lower()] if precision is not None else None

@@ -86,14 +86,14 @@ class ExportRun:
         return artifact_record(self.ckpt, self.pre, fmt=fmt, precision=precision, file=path,
                                shape=self.spec.record(), calibration=calib, accuracy=accuracy, **extra)
 
-    def staged(self, path: Path, fmt: str, precision: str,
+    def staged(self, path: Path, fmt: str, precision: str, options: dict | None = None,
                **extra: object) -> contextlib.AbstractContextManager[PredictFn]:
         """``predict`` of an artifact not yet written (no sidecar): opened as an engine of the backend
-        that verifies ``fmt`` (with its verification options), on the record the artifact will have,
-        less its accuracy; a context manager."""
+        that verifies ``fmt`` (with its verification options, ``options`` over them), on the record the
+        artifact will have, less its accuracy; a context manager."""
         f = get_format(fmt)
         record = self.record(fmt, precision, path, None, **extra)
-        return artifact_predict(path, f.backend, record, **f.verify_options)
+        return artifact_predict(path, f.backend, record, **{**f.verify_options, **(options or {})})
 
     def measure(self, label: str, predict: Callable[[np.ndarray], np.ndarray], precision: str = "fp32",
                 images: int | None = None) -> dict:

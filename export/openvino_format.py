@@ -34,7 +34,22 @@ from resunetpp.artifact import write_sidecar
 if TYPE_CHECKING:
     from resunetpp.export.context import ExportRun
 
+#: The FP32 IR is verified, and run by the engine, with this hint (FP32 is FP32: never bf16).
 VERIFY_PRECISION_HINT = "f32"
+
+
+def verify_hint(precision: str) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` an IR of ``precision`` is verified with, and which the engine
+    then runs it with (its record names it): f32 for FP32 and FP16 (FP16 weights, f32 arithmetic: the
+    FP16 artifact's tolerance; bf16 arithmetic is the ``bf16`` hint's row on an FP32 IR), and for INT8
+    the CPU plugin's default on this machine -- bf16 on CPUs with AVX-512 BF16 or AMX, f32 elsewhere:
+    the INT8 IR's float layers at the speed a deployment gets by default, certified by its gate."""
+    if precision != "int8":
+        return VERIFY_PRECISION_HINT
+    from resunetpp.engines.openvino_engine import cpu_properties
+
+    default = str((cpu_properties() or {}).get("default_inference_precision") or "f32").lower()
+    return {"bf16": "bf16", "f16": "f16"}.get(default, "f32")
 
 
 def convert_onnx(onnx_path: str | Path):
@@ -80,14 +95,14 @@ def save_ir(ov_model, xml_path: str | Path, *, compress_to_fp16: bool) -> Path:
     return Path(xml_path)
 
 
-def cpu_description() -> dict:
-    """The CPU the IR was verified on and the plugin's default inference precision there."""
-    import openvino as ov
+def cpu_description(hint: str) -> dict:
+    """The CPU the IR was verified on, the plugin's default inference precision there and the hint
+    the IR was verified with (``hint``; the engine runs it with that one)."""
+    from resunetpp.engines.openvino_engine import cpu_properties
 
-    core = ov.Core()
-    return {"device": core.get_property("CPU", "FULL_DEVICE_NAME"),
-            "default_inference_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
-            "verified_with_precision_hint": VERIFY_PRECISION_HINT}
+    props = cpu_properties() or {}
+    return {"device": props.get("device"), "default_inference_precision": props.get("default_inference_precision"),
+            "verified_with_precision_hint": hint}
 
 
 # ---- the export steps ----------------------------------------------------------------------------------
@@ -106,16 +121,17 @@ def _ir(run: ExportRun, precision: str) -> None:
         ov_model = convert_onnx(int8_source(run)[0] if precision == "int8" else run.onnx_paths["fp32"])
         if precision == "int8":
             ov_model, extra = _nncf(run, ov_model)
+    hint = verify_hint(precision)
     with staged_ir(final) as stage:
         save_ir(ov_model, stage.xml, compress_to_fp16=precision == "fp16")
-        with run.staged(stage.xml, "openvino", precision) as predict:
-            metrics = run.measure(f"OpenVINO {precision.upper()} IR (CPU, f32 hint)", predict, precision)
+        with run.staged(stage.xml, "openvino", precision, options={"precision": hint}) as predict:
+            metrics = run.measure(f"OpenVINO {precision.upper()} IR (CPU, {hint} hint)", predict, precision)
         gate, keep = run.judge("openvino", precision, metrics)
         if keep:
             rec = run.record("openvino", precision, final, {**metrics, "gate": gate.as_dict(run.o.allow_accuracy_drop)},
                              openvino={"weights": "fp16" if precision == "fp16" else ("int8" if precision == "int8"
                                                                                      else "fp32"),
-                                       "bin": final.with_suffix(".bin").name, **cpu_description()},
+                                       "bin": final.with_suffix(".bin").name, **cpu_description(hint)},
                              verification={**run.vset.record(), "runtime": "OpenVINO CPU plugin"}, **extra)
             write_sidecar(final, rec)
         else:

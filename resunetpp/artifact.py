@@ -126,6 +126,14 @@ def record_problem(record: object) -> RecordFieldError | None:
                 return RecordFieldError("artifact.input_shape", problem)
         if "precision" in art and not isinstance(art["precision"], str):
             return RecordFieldError("artifact.precision", f"must be a string, got {art['precision']!r}")
+        ov = art.get("openvino")
+        if ov is not None:
+            if not isinstance(ov, Mapping):
+                return RecordFieldError("artifact.openvino", f"must be a mapping, got {type(ov).__name__}")
+            hint = ov.get("verified_with_precision_hint")
+            if hint is not None and hint not in VERIFIED_HINTS:
+                return RecordFieldError("artifact.openvino.verified_with_precision_hint",
+                                        f"must be one of {', '.join(VERIFIED_HINTS)}, got {hint!r}")
         if art.get("accuracy") is not None:
             problem = accuracy_problem(art["accuracy"])
             if problem is not None:
@@ -215,6 +223,10 @@ def _input_shape_problem(shape: object, channels: int) -> str | None:
         if static(side) and input_size_problem(side):
             return f"height and width {input_size_problem(side)}"
     return None
+
+
+#: OpenVINO ``INFERENCE_PRECISION_HINT`` values an IR's record may say it was verified with.
+VERIFIED_HINTS = ("f32", "bf16", "f16")
 
 
 def check_record(record: object, where: str | Path) -> dict:

@@ -422,6 +422,33 @@ def test_openvino_precision_hint_reaches_the_convolution_kernels(binary: dict) -
         assert convs and all(k.endswith("_bf16") for k in convs), convs
 
 
+def test_openvino_runs_an_ir_with_the_hint_it_was_verified_with(binary: dict) -> None:
+    """A reduced-precision IR runs with the hint its record says the export verified it with (not the
+    CPU's default, which is bf16 on bf16 CPUs); no hint recorded: the CPU's default; an option wins;
+    a hint the record cannot hold is refused naming the field."""
+    require("openvino", binary)
+    import copy
+
+    from resunetpp.artifact import read_record
+
+    base = read_record(binary["openvino"])
+    base["artifact"]["precision"] = "fp16"
+
+    def hint(verified, **options):
+        rec = copy.deepcopy(base)
+        rec["artifact"]["openvino"] = {} if verified is None else {"verified_with_precision_hint": verified}
+        with engines.open(binary["openvino"], record=rec, **options) as engine:
+            return engine.describe()["precision_hint"]
+
+    assert hint("f32") == "f32" and hint("bf16") == "bf16"
+    from resunetpp.engines.openvino_engine import cpu_properties
+
+    assert hint(None) == cpu_properties()["default_inference_precision"]
+    assert hint("f32", precision="bf16") == "bf16"
+    with pytest.raises(InputFileError, match="artifact.openvino.verified_with_precision_hint"):
+        hint("fast")
+
+
 # ---- backend selection and metadata -----------------------------------------------------------------------
 def test_open_picks_the_backend_from_the_suffix(binary: dict, tmp_path: Path) -> None:
     assert engines.backend_for("m.safetensors") == engines.backend_for("m.pt") == engines.backend_for("m.pth") == "torch"
