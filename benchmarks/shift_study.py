@@ -365,6 +365,30 @@ def _write(out: Path, result: dict) -> None:
     tmp.replace(out)
 
 
+def _resume(out: Path, rows: str, fields: dict[str, type], nested: dict[str, dict[str, type]] | None = None) -> dict:
+    """The results ``out`` an earlier run wrote, checked before anything is taken from it: a JSON object
+    whose ``rows`` is a list of objects, each with ``fields`` of those types (and ``nested``: field ->
+    its own fields). Anything else is one line naming the file and the problem (exit 2), never a
+    traceback halfway through a study."""
+    try:
+        data = json.loads(out.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise typer.BadParameter(f"{out}: not a results file of this study to resume ({type(e).__name__}: {e})")
+    if not isinstance(data, dict) or not isinstance(data.get(rows), list):
+        raise typer.BadParameter(f"{out}: not a results file of this study to resume (no list {rows!r})")
+    for i, row in enumerate(data[rows]):
+        checks = [(row, fields, f"{rows}[{i}]")]
+        checks += [(row.get(k) if isinstance(row, dict) else None, f, f"{rows}[{i}].{k}")
+                   for k, f in (nested or {}).items()]
+        for obj, want, where in checks:
+            if not isinstance(obj, dict):
+                raise typer.BadParameter(f"{out}: {where} is not an object")
+            for k, t in want.items():
+                if not isinstance(obj.get(k), t) or isinstance(obj.get(k), bool) and t is not bool:
+                    raise typer.BadParameter(f"{out}: {where}.{k} must be {t.__name__}, got {obj.get(k)!r}")
+    return data
+
+
 # ---- subcommands ------------------------------------------------------------------------------------
 @app.command()
 @_no_grad
@@ -475,7 +499,8 @@ def calib_sets_cmd(
     own = _load(data, None, calib_count, pre, role="calibration")
     result: dict = {"checkpoint": str(checkpoint), "evaluation_images": eval_count, "sets": []}
     if out.is_file():  # resume: a set already measured on the same images is not exported again
-        before = json.loads(out.read_text())
+        before = _resume(out, "sets", {"condition": str, "artifacts": list},
+                         {"calibration": {"sha256": str, "count": int}})
         if before.get("checkpoint") == str(checkpoint) and before.get("evaluation_images") == eval_count:
             result = before
     done = {(r["condition"], r["calibration"]["sha256"]) for r in result["sets"]}
@@ -535,7 +560,7 @@ def calib_count_cmd(
     result: dict = {"checkpoint": str(checkpoint), "images": len(val.names), "int8": "simulation of the default recipe",
                     "runs": []}
     if out.is_file():  # resume
-        result = json.loads(out.read_text())
+        result = _resume(out, "runs", {"calibration_images": int, "estimator": str})
     done = {(r["calibration_images"], r["estimator"]) for r in result["runs"]}
     names = estimator or ["percentile"]
     for name in names:

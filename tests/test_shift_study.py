@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -170,6 +171,31 @@ def test_calib_sets_exports_real_artifacts_for_each_set(tmp_path):
     assert again.exit_code == 0, again.output
     assert again.output.count("already in") == len(report["sets"]), again.output
     assert json.loads(out.read_text()) == report and first.stat().st_mtime_ns == stamp
+
+
+def test_resume_refuses_a_results_file_it_cannot_trust(tmp_path):
+    """calib-sets / calib-count resume from their own JSON: every field they read is checked first, and a
+    file that is not theirs is one line naming it and the field, not a KeyError halfway through."""
+    import typer
+
+    out = tmp_path / "runs.json"
+    fields = {"calibration_images": int, "estimator": str}
+    good = {"runs": [{"calibration_images": 64, "estimator": "percentile", "extra": 1}]}
+    out.write_text(json.dumps(good))
+    assert ss._resume(out, "runs", fields) == good
+    for text, problem in [("{", "JSONDecodeError"), ('{"runs": 3}', "no list 'runs'"),
+                          ('{"runs": [7]}', "runs[0] is not an object"),
+                          ('{"runs": [{"calibration_images": "64", "estimator": "p"}]}',
+                           "runs[0].calibration_images must be int, got '64'"),
+                          ('{"runs": [{"calibration_images": true, "estimator": "p"}]}', "must be int, got True"),
+                          ('{"runs": [{"calibration_images": 64}]}', "runs[0].estimator must be str, got None")]:
+        out.write_text(text)
+        with pytest.raises(typer.BadParameter, match=re.escape(problem)) as err:
+            ss._resume(out, "runs", fields)
+        assert str(out) in str(err.value) and "\n" not in str(err.value)
+    out.write_text('{"sets": [{"condition": "seed 1", "artifacts": [], "calibration": {"sha256": "ab"}}]}')
+    with pytest.raises(typer.BadParameter, match=re.escape("sets[0].calibration.count must be int")):
+        ss._resume(out, "sets", {"condition": str, "artifacts": list}, {"calibration": {"sha256": str, "count": int}})
 
 
 def test_fp32_noise_says_where_fp32_was_unsure(tmp_path):
