@@ -145,6 +145,18 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def ignore_further_interrupts() -> None:
+    """Ctrl-C / SIGTERM ignored from here on, in the main thread: called once an interrupt has been
+    cleaned up, so that a second one while the command prints its line and exits cannot end it by
+    the signal instead of with exit status 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def write_json_report(path, data: dict, what: str = "report") -> None:
     """``--json PATH``: ``data`` written atomically, or one line naming the file (a ResUNetError)."""
     from resunetpp.atomic import write_json_atomic

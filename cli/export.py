@@ -9,7 +9,7 @@ import typer
 
 from resunetpp.cli.common import app, choice_enum, comma_list, fail, fail_os
 from resunetpp.errors import ResUNetError
-from resunetpp.cli.common import sigterm_as_interrupt
+from resunetpp.cli.common import ignore_further_interrupts, sigterm_as_interrupt
 from resunetpp.export.formats import PRECISIONS, declared_names
 from resunetpp.export.options import OPENVINO_INT8_SOURCES
 from resunetpp.export.quantize import CALIBRATION_METHODS, INT8_OPS, NNCF_PRESETS
@@ -234,6 +234,7 @@ def export_command(
     except OSError as e:  # a runtime's own writer (disk full: OSError 28) -- one line, not a traceback
         fail_os(e, out)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: temporary files are gone, finished artifacts kept
+        ignore_further_interrupts()
         typer.echo("interrupted; artifacts finished before the interrupt are kept, nothing half-written",
                    err=True)
         raise typer.Exit(130) from None
