@@ -173,18 +173,19 @@ class ChannelTails:
     def percentile(self, scale: torch.Tensor | None = None) -> float:
         """The ``percentile`` of |x| over every channel, channel ``c`` divided by ``scale[c]`` first;
         :class:`TailTooShort` when a channel may have dropped a value it needs (:meth:`exact`)."""
-        value, exact = self._percentile(scale)
-        if not exact:
+        value = self.exact_percentile(scale)
+        if value is None:
             raise TailTooShort(f"a channel holds more than {self.headroom:g} times its share of the rescaled tail")
         return value
 
     def exact(self, scale: torch.Tensor | None = None) -> bool:
-        """Whether :meth:`percentile` with ``scale`` is exact: every value a channel dropped is at most its
-        floor, so when each floor, rescaled, is at or below the kept values' percentile, no dropped value
-        lies above it and the kept values' percentile is the tensor's."""
-        return self._percentile(scale)[1]
+        """Whether :meth:`percentile` with ``scale`` is exact (:meth:`exact_percentile`)."""
+        return self.exact_percentile(scale) is not None
 
-    def _percentile(self, scale: torch.Tensor | None) -> tuple[float, bool]:
+    def exact_percentile(self, scale: torch.Tensor | None = None) -> float | None:
+        """:meth:`percentile`, or ``None`` when it may not be exact: every value a channel dropped is at
+        most its floor, so when each floor, rescaled, is at or below the kept values' percentile, no
+        dropped value lies above it and the kept values' percentile is the tensor's."""
         self._check()
         kept = self.buffer[:, :int(self.count.max())].double()
         floor = self.floor.double()
@@ -195,7 +196,7 @@ class ChannelTails:
         k = tail_count(self.q, self.seen)
         value = float(torch.topk(values, k).values[-1])
         dropped = self.floor >= 0  # channels that reached ``keep`` values: they may have dropped some
-        return value, not bool(dropped.any()) or float(floor[dropped].max()) <= value
+        return value if not bool(dropped.any()) or float(floor[dropped].max()) <= value else None
 
     def per_image(self, scale: torch.Tensor | None = None) -> np.ndarray:
         """Each image's own ``percentile`` of |x| (channels divided by ``scale`` first), in the order seen."""

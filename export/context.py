@@ -103,14 +103,19 @@ class ExportRun:
         reference = v.int8_reference if precision == "int8" and v.int8_reference is not None else v.reference
         n = len(v.inputs) if images is None else min(images, len(v.inputs))
         with self.r.task(f"verify {label}", total=n) as advance:
-            def counted(x: np.ndarray) -> np.ndarray:
-                out = predict(x)
-                advance(len(x))
-                return out
-
-            outputs = predict_batched(counted, v.inputs[:n], VERIFY_BATCH, self.o.batch)
+            outputs = self._predict_all(predict, v.inputs[:n], advance)
         return compare_outputs(outputs, reference[:n], masks=v.masks[:n], pre=self.pre, sizes=v.sizes[:n],
                                names=v.names[:n], num_classes=self.ckpt.config.num_classes)
+
+    def _predict_all(self, predict: Callable[[np.ndarray], np.ndarray], inputs: list[np.ndarray],
+                     advance: Callable[[int], None]) -> list[np.ndarray]:
+        """``predict`` over ``inputs`` in this export's verification batches, ``advance`` after each."""
+        def counted(x: np.ndarray) -> np.ndarray:
+            out = predict(x)
+            advance(len(x))
+            return out
+
+        return predict_batched(counted, inputs, VERIFY_BATCH, self.o.batch)
 
     def judge(self, fmt: str, precision: str, metrics: dict) -> tuple[Gate, bool]:
         """The gate's outcome and whether the artifact is written."""
@@ -156,14 +161,8 @@ class ExportRun:
         key = {"graph": graph_sha256, "inputs": _digest(v.inputs), "onnxruntime": ort.__version__}
         label = "FP32 reference: the FP32 ONNX graph (ONNX Runtime)"
 
-        def compute(advance) -> list[np.ndarray]:
-            def counted(x: np.ndarray) -> np.ndarray:
-                out = predict(x)
-                advance(len(x))
-                return out
-            return predict_batched(counted, v.inputs, VERIFY_BATCH, self.o.batch)
-
-        v.reference[:] = self._cached_outputs("graph-reference-outputs", key, v.inputs, label, compute)
+        v.reference[:] = self._cached_outputs("graph-reference-outputs", key, v.inputs, label,
+                                              lambda advance: self._predict_all(predict, v.inputs, advance))
         v.reference_record = {"reference": "the FP32 ONNX graph on ONNX Runtime", "graph_sha256": graph_sha256,
                               "checked_against_pytorch": checked}
 

@@ -250,8 +250,9 @@ def _one_pass(run: ExportRun, recipe: QDQRecipe, model, key: dict) -> dict:
                 scales = input_scales(model, sites, result.scales)
             else:
                 scales = {c: None for c in convs}
-            short = [c for c in convs if not tails[tensors[c]].exact(scales[c])]
-            ranges = {c: tails[tensors[c]].percentile(scales[c]) for c in convs if c not in short}
+            found = {c: tails[tensors[c]].exact_percentile(scales[c]) for c in convs}
+            short = [c for c, v in found.items() if v is None]
+            ranges = {c: v for c, v in found.items() if v is not None}
             images = {c: tails[tensors[c]].per_image(scales[c]) for c in convs} if small else {}
         if short:  # a tail concentrated in a few channels: those tensors again, every channel's whole tail
             again = sorted({tensors[c] for c in short})
