@@ -60,6 +60,15 @@ def tail_count(percentile: float, values: int) -> int:
     return max(1, math.ceil(round((1.0 - percentile / 100.0) * values, 6)))
 
 
+#: Values per block of :meth:`ChannelTails.update`'s prefilter (a block's maximum decides whether its
+#: values are searched; 256x256 feature maps: a quarter row).
+BLOCK = 64
+#: The first batch's threshold is taken from every ``FIRST_STRIDE``-th value (at most), from at least
+#: ``FIRST_MIN_SAMPLE`` values above it a channel.
+FIRST_STRIDE = 16
+FIRST_MIN_SAMPLE = 64
+
+
 class TailTooShort(ResUNetError):
     """A channel dropped values the rescaled percentile may need (:attr:`ChannelTails.headroom`)."""
 
@@ -123,26 +132,77 @@ class ChannelTails:
             flat = a.view(c, n, h * w).transpose(0, 1)
             k_image = min(tail_count(self.q, per_image), h * w)
             self.image_tops.append(torch.topk(flat, k_image, dim=2).values)
-        if bool((self.floor < 0).any()):  # a channel without K values yet: merge the batch whole
-            self._merge(a)
+        if bool((self.floor < 0).any()):  # a channel without K values yet
+            if not (bool((self.count == 0).all()) and self._first(a)):
+                self._merge(a)  # merge the batch whole
             return
+        values, ch = self._above(a)
+        if values.numel() == 0:
+            return
+        self._gather(values, ch)
+
+    def _above(self, a: torch.Tensor, floor: torch.Tensor | None = None,
+               strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values of ``a`` ``(C, M)`` above each channel's ``floor`` (``strict=False``: at or above), and
+        their channels, channel-major as ``a`` holds them. Where ``M`` splits into :data:`BLOCK` values,
+        each block's maximum is taken first and only the blocks above the floor are searched: after the
+        first batches a few per cent of them (exactly the same values, fewer passes over all of them)."""
+        c, m = a.shape
+        floor = (self.floor if floor is None else floor).view(c, 1)
+        compare = torch.gt if strict else torch.ge
+        if m % BLOCK == 0 and m > BLOCK:
+            blocks = m // BLOCK
+            top = self.scratch.get("block_max", (c, blocks), torch.float32)
+            torch.amax(a.view(c, blocks, BLOCK), dim=2, out=top)
+            which = compare(top, floor).view(-1).nonzero().squeeze(1)  # channel-major block numbers
+            if which.numel() < c * blocks // 2:
+                chosen = torch.index_select(a.view(-1, BLOCK), 0, which)
+                block_channel = which // blocks
+                inside = compare(chosen, floor.view(-1)[block_channel].view(-1, 1)).view(-1).nonzero().squeeze(1)
+                return chosen.view(-1)[inside], block_channel[inside // BLOCK]
         mask = self.scratch.get("mask", a.shape, torch.bool)
-        torch.gt(a, self.floor.view(c, 1), out=mask)
+        compare(a, floor, out=mask)
         idx = mask.view(-1).nonzero().squeeze(1)  # channel-major order
-        if idx.numel() == 0:
-            return
-        values = a.view(-1)[idx]
-        ch = idx // a.shape[1]
+        return a.view(-1)[idx], idx // m
+
+    def _gather(self, values: torch.Tensor, ch: torch.Tensor) -> None:
+        """Add ``values`` (channel ``ch`` each, grouped by channel in increasing order) to the kept ones,
+        merging when a channel's buffer would overflow."""
+        c = self.buffer.shape[0]
         per_channel = torch.bincount(ch, minlength=c)
+        start = torch.cumsum(per_channel, 0) - per_channel
         if int((self.count + per_channel).max()) > self.buffer.shape[1]:  # full: keep each channel's K largest
-            start = torch.cumsum(per_channel, 0) - per_channel
             dense = torch.full((c, int(per_channel.max())), -1.0)
             dense[ch, torch.arange(ch.numel()) - start[ch]] = values
             self._merge(dense)
             return
-        start = torch.cumsum(per_channel, 0) - per_channel
         self.buffer[ch, self.count[ch] + (torch.arange(ch.numel()) - start[ch])] = values
         self.count += per_channel
+
+    def _first(self, a: torch.Tensor) -> bool:
+        """The first batch of a long tail (``a``: ``(C, M)``, nothing kept yet) without sorting all of it:
+        a threshold per channel from every ``stride``-th value, low enough to leave about twice ``keep``
+        values above it; when every channel has at least ``keep`` values at or above its threshold, its
+        ``keep`` largest are among them and only those are merged -- the same values a whole merge keeps.
+        ``False`` (nothing done) when the batch is too short for it or a threshold came out too high."""
+        c, m = a.shape
+        stride = min(FIRST_STRIDE, (2 * self.keep) // FIRST_MIN_SAMPLE)
+        if stride < 2 or m < 4 * self.keep:
+            return False
+        sample = a[:, ::stride]
+        k = min(sample.shape[1], math.ceil(2 * self.keep / stride))
+        threshold = torch.topk(sample, k, dim=1, sorted=False).values.amin(dim=1)
+        if not bool((threshold > 0).all()):  # mostly zeros (a ReLU): nothing to save
+            return False
+        values, ch = self._above(a, threshold, strict=False)
+        per_channel = torch.bincount(ch, minlength=c)
+        if int(per_channel.min()) < self.keep:
+            return False
+        start = torch.cumsum(per_channel, 0) - per_channel
+        dense = torch.full((c, int(per_channel.max())), -1.0)
+        dense[ch, torch.arange(ch.numel()) - start[ch]] = values
+        self._merge(dense)
+        return True
 
     def _merge(self, new: torch.Tensor) -> None:
         """Keep each channel's ``keep`` largest of its kept values and ``new`` ``(C, m)`` (-1: no value);

@@ -82,6 +82,79 @@ def test_a_headroom_is_exact_when_it_says_so_and_refuses_otherwise(percentile: f
         ChannelTails(99.0, images=1, headroom=0.5)
 
 
+def _spy(monkeypatch, name: str) -> list:
+    """Record what ``ChannelTails.<name>`` returns, call by call."""
+    import resunetpp.export.channel_tails as module
+
+    calls: list = []
+    original = getattr(module.ChannelTails, name)
+
+    def spied(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(result)
+        return result
+
+    monkeypatch.setattr(module.ChannelTails, name, spied)
+    return calls
+
+
+@pytest.mark.parametrize("headroom", [None, 2.0])
+def test_long_tails_take_the_shortcuts_and_stay_exact(monkeypatch, headroom) -> None:
+    """Tensors the size of real feature maps take the fast paths: the first batch merged from the values
+    above a sampled threshold, later batches searched only in blocks whose maximum passes the floor.
+    The percentile, for any channel scales, and the maxima still equal numpy's."""
+    first = _spy(monkeypatch, "_first")
+    rng = np.random.default_rng(5)
+    batches = []
+    for _ in range(10):
+        x = rng.standard_normal((8, 4, 32, 32)) * np.array([0.5, 1.0, 3.0, 0.2]).reshape(1, -1, 1, 1)
+        x[:, 1] = rng.standard_t(3, size=x[:, 1].shape)
+        batches.append(x.astype(np.float32))
+    tails = ChannelTails(99.9, images=80, headroom=headroom)
+    searched: list = []
+    original_above = ChannelTails._above
+
+    def above(self, a, floor=None, strict=True):
+        values, ch = original_above(self, a, floor, strict)
+        searched.append(values.numel() / a.numel())
+        return values, ch
+
+    monkeypatch.setattr(ChannelTails, "_above", above)
+    for b in batches:
+        tails.update(torch.from_numpy(b.copy()))
+    assert first == [True]  # the first batch: the threshold left every channel at least its tail
+    assert len(searched) >= 9 and max(searched[1:]) < 0.05  # later batches: a few per cent passed
+    for scale in (None, np.array([1.0, 1.0, 1.0, 1.0]), np.array([0.2, 3.0, 1.0, 0.05])):
+        want = _numpy_percentile(batches, 99.9, scale)
+        got = tails.exact_percentile(None if scale is None else torch.from_numpy(scale))
+        if headroom is None:
+            assert got == pytest.approx(want, rel=1e-12), scale
+        elif got is not None:
+            assert got == pytest.approx(want, rel=1e-12), scale
+    np.testing.assert_array_equal(tails.channel_max().numpy(),
+                                  np.abs(np.concatenate(batches)).max(axis=(0, 2, 3)))
+
+
+def test_a_first_batch_the_sample_misjudges_is_merged_whole(monkeypatch) -> None:
+    """Values large only where the first batch's sample looks (every 16th): the sampled threshold leaves
+    fewer than the tail above it, so the batch is merged whole -- and the answer is still exact."""
+    first = _spy(monkeypatch, "_first")
+    rng = np.random.default_rng(6)
+    batches = []
+    for i in range(6):
+        x = rng.uniform(0.0, 1.0, (8, 2, 32, 32))
+        if i == 0:
+            flat = x.transpose(1, 0, 2, 3).reshape(2, -1).copy()  # channel-major, as sampled
+            flat[:, ::16] += 10.0
+            x = flat.reshape(2, 8, 32, 32).transpose(1, 0, 2, 3)
+        batches.append(np.ascontiguousarray(x, dtype=np.float32))
+    tails = ChannelTails(99.0, images=48)
+    for b in batches:
+        tails.update(torch.from_numpy(b.copy()))
+    assert first == [False]
+    assert tails.percentile() == pytest.approx(_numpy_percentile(batches, 99.0), rel=1e-12)
+
+
 def test_per_image_percentiles_are_each_images_own() -> None:
     batches = _stream(2, batches=4)
     tails = ChannelTails(99.0, images=12, per_image=True)
