@@ -81,16 +81,23 @@ def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: i
     shift: dict[str, torch.Tensor] = {}
 
     def capture(name: str):
-        def hook(_module, args):
-            raw[name] = args[0]
+        def hook(module, args):
+            x = args[0]  # the INT8 model's activation before its input quantization
+            raw[name] = window_sums(module, x) if linear_mean(module) else x
         return hook
 
     def compare(name: str):
         def hook(module, _args, out):
             w = module.parametrizations.weight.original  # the float weight
-            ref = F.conv2d(raw.pop(name), w, module.bias, module.stride, module.padding, module.dilation,
-                           module.groups)
-            d = (out - ref).mean(dim=(0, 2, 3)) * (out.shape[0] / n_sample)
+            got = raw.pop(name)
+            if linear_mean(module):  # the float convolution's mean from the input's window sums
+                positions = out.shape[0] * out.shape[2] * out.shape[3]
+                ref = torch.einsum("ocij,cij->o", w.double(), got) / positions
+                d = (out.sum(dim=(0, 2, 3)).double() / positions - ref - module.bias.double()).float()
+            else:
+                ref = F.conv2d(got, w, module.bias, module.stride, module.padding, module.dilation, module.groups)
+                d = (out - ref).mean(dim=(0, 2, 3))
+            d = d * (out.shape[0] / n_sample)
             shift[name] = shift[name] + d if name in shift else d
         return hook
 
@@ -117,6 +124,42 @@ def bias_correct(model: nn.Module, calib_images: Sequence[np.ndarray], images: i
             "simulated_ranges": method if method == "mse" else f"percentile {percentile:g}",
             "images": n_sample, "range_images": sum(int(np.asarray(x).shape[0]) for x in calib_images),
             "convolutions": len(shift), "largest_shifts": {k: round(v, 5) for k, v in worst}}
+
+
+def linear_mean(conv: nn.Conv2d) -> bool:
+    """Whether :func:`window_sums` gives ``conv``'s output mean: one group, zero padding given as numbers."""
+    return (conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and conv.bias is not None)
+
+
+def window_sums(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``S[c, i, j]``: the sum, over every image and output position of ``conv``, of the input value its
+    kernel tap ``(i, j)`` reads in channel ``c`` (zero padding reads 0), in float64. A convolution is
+    linear, so its output's mean over images and positions is ``bias + sum(weight * S) / positions``:
+    the float convolution's mean without computing the convolution (the bias correction's reference)::
+
+        x (N, C, H, W) --sum over N--> Z (C, H, W) --rows tap i reads (R_i), columns tap j reads (K_j)-->
+        S[c, i, j] = sum_{h in R_i, w in K_j} Z[c, h, w]
+    """
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():  # NHWC: sum in its order
+        z = x.permute(0, 2, 3, 1).sum(dim=0).permute(2, 0, 1).double()
+    else:
+        z = x.sum(dim=0).double()  # (C, H, W)
+    _, height, width = z.shape
+    out_h = (height + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+    out_w = (width + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+
+    def taps(axis: int, size: int, out: int) -> torch.Tensor:
+        """``(kernel, size)``: 1 where kernel tap ``i`` reads input row (or column) ``h`` at some output."""
+        read = torch.zeros(conv.kernel_size[axis], size, dtype=torch.float64)
+        at = torch.arange(out) * conv.stride[axis] - conv.padding[axis]
+        for i in range(conv.kernel_size[axis]):
+            rows = at + i * conv.dilation[axis]
+            rows = rows[(rows >= 0) & (rows < size)]
+            read[i, rows] = 1.0
+        return read
+
+    return torch.einsum("ih,chw,jw->cij", taps(0, height, out_h), z, taps(1, width, out_w))
 
 
 @torch.no_grad()

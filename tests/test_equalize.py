@@ -155,3 +155,51 @@ def test_a_site_that_is_all_zero_keeps_its_scale_and_the_function():
     torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=3, stride=1, padding=1),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, stride=1, padding=6, dilation=6),
+    dict(kernel_size=1, stride=2, padding=0),
+    dict(kernel_size=(3, 1), stride=(1, 2), padding=(2, 0)),
+    dict(kernel_size=5, stride=3, padding=0),
+])
+def test_window_sums_give_the_convolutions_mean(geometry, layout):
+    """The bias correction's float reference, a convolution's output mean over images and positions,
+    from its input's window sums (bias + sum(weight * S) / positions) without computing it: equal to the
+    convolution's own mean, whatever the stride, dilation, padding, kernel shape and memory layout."""
+    from resunetpp.export.bias_correction import linear_mean, window_sums
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, **geometry).double()
+    x = torch.randn(3, 5, 19, 22, dtype=torch.float64) + 0.7
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = conv(x)
+    positions = out.shape[0] * out.shape[2] * out.shape[3]
+    got = conv.bias + torch.einsum("ocij,cij->o", conv.weight, window_sums(conv, x)) / positions
+    assert linear_mean(conv)
+    torch.testing.assert_close(got, out.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    assert not linear_mean(torch.nn.Conv2d(4, 4, 3, groups=2)) and not linear_mean(torch.nn.Conv2d(4, 4, 3, padding="same"))
+    assert not linear_mean(torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+
+
+def test_the_fast_fake_quantization_is_pytorchs_bit_for_bit():
+    """``quantsim.fake_quantize`` (the bias correction's simulation, no gradient) returns exactly the
+    values, and zero signs, of ``torch.fake_quantize_per_tensor_affine``: random values, values near the
+    rounding ties, saturated ones and small negatives (which round to zero), NCHW and NHWC."""
+    from resunetpp.export.quantsim import QMAX, QMIN, fake_quantize
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.01, 1 / 127, 0.0372, 12.05 / 127, 1e-8, 0.5):
+        s32 = float(np.float32(scale))
+        cases = [torch.randn(2, 6, 16, 16, generator=g) * scale * 80,
+                 (torch.randint(-140, 140, (2, 6, 16, 16), generator=g).float() + 0.5) * s32,
+                 -torch.rand(2, 6, 16, 16, generator=g) * s32 * 0.49]
+        cases.append(cases[0].contiguous(memory_format=torch.channels_last))
+        for x in cases:
+            want = torch.fake_quantize_per_tensor_affine(x, scale, 0, QMIN, QMAX)
+            got = fake_quantize(x, scale)
+            assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want)), scale
