@@ -9,6 +9,7 @@ import typer
 
 from resunetpp.cli.common import app, choice_enum, comma_list, fail, fail_os
 from resunetpp.errors import ResUNetError
+from resunetpp.memory import reuse_freed_memory
 from resunetpp.cli.common import ignore_further_interrupts, sigterm_as_interrupt
 from resunetpp.export.formats import PRECISIONS, declared_names
 from resunetpp.export.options import OPENVINO_INT8_SOURCES
@@ -224,6 +225,7 @@ def export_command(
                                      calibrator=calibrator.value if calibrator else None, fp16_mode=trt_fp16.value),
             reference=int8_reference, cache=cache,
         )
+        reuse_freed_memory()  # PyTorch's passes reuse freed tensors' pages instead of faulting in new ones
         with sigterm_as_interrupt(), RichReporter(Console(stderr=True)) as reporter:
             report = run_export(options, reporter)
         print_summary(report, Console())

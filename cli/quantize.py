@@ -9,6 +9,7 @@ import typer
 
 from resunetpp.cli.common import app, choice_enum, fail
 from resunetpp.errors import ResUNetError
+from resunetpp.memory import reuse_freed_memory
 from resunetpp.cli.export import (BiasCorrectionOption, EqualizeAlphaOption, EqualizeOption, ExportCalibMethod,
                                   _bias_correction, _equalize_alpha)
 from resunetpp.export.quantize import INT8_OPS
@@ -81,6 +82,7 @@ def quantize_command(
         if failed:
             raise typer.Exit(1)
         return
+    reuse_freed_memory()  # the search's PyTorch passes reuse freed tensors' pages
     try:
         if console.is_terminal:
             with console.status("quantize") as status:
