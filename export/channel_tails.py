@@ -69,6 +69,21 @@ FIRST_STRIDE = 16
 FIRST_MIN_SAMPLE = 64
 
 
+def _slots(ch: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For values grouped by channel (``ch``, increasing): how many each channel has, and each value's
+    place among its channel's."""
+    per_channel = torch.bincount(ch, minlength=channels)
+    start = torch.cumsum(per_channel, 0) - per_channel
+    return per_channel, torch.arange(ch.numel()) - start[ch]
+
+
+def _dense(values: torch.Tensor, ch: torch.Tensor, slot: torch.Tensor, per_channel: torch.Tensor) -> torch.Tensor:
+    """``(C, most values a channel has)``: each channel's values in a row, -1 after them."""
+    dense = torch.full((per_channel.numel(), int(per_channel.max())), -1.0)
+    dense[ch, slot] = values
+    return dense
+
+
 class TailTooShort(ResUNetError):
     """A channel dropped values the rescaled percentile may need (:attr:`ChannelTails.headroom`)."""
 
@@ -168,15 +183,11 @@ class ChannelTails:
     def _gather(self, values: torch.Tensor, ch: torch.Tensor) -> None:
         """Add ``values`` (channel ``ch`` each, grouped by channel in increasing order) to the kept ones,
         merging when a channel's buffer would overflow."""
-        c = self.buffer.shape[0]
-        per_channel = torch.bincount(ch, minlength=c)
-        start = torch.cumsum(per_channel, 0) - per_channel
+        per_channel, slot = _slots(ch, self.buffer.shape[0])
         if int((self.count + per_channel).max()) > self.buffer.shape[1]:  # full: keep each channel's K largest
-            dense = torch.full((c, int(per_channel.max())), -1.0)
-            dense[ch, torch.arange(ch.numel()) - start[ch]] = values
-            self._merge(dense)
+            self._merge(_dense(values, ch, slot, per_channel))
             return
-        self.buffer[ch, self.count[ch] + (torch.arange(ch.numel()) - start[ch])] = values
+        self.buffer[ch, self.count[ch] + slot] = values
         self.count += per_channel
 
     def _first(self, a: torch.Tensor) -> bool:
@@ -195,13 +206,10 @@ class ChannelTails:
         if not bool((threshold > 0).all()):  # mostly zeros (a ReLU): nothing to save
             return False
         values, ch = self._above(a, threshold, strict=False)
-        per_channel = torch.bincount(ch, minlength=c)
+        per_channel, slot = _slots(ch, c)
         if int(per_channel.min()) < self.keep:
             return False
-        start = torch.cumsum(per_channel, 0) - per_channel
-        dense = torch.full((c, int(per_channel.max())), -1.0)
-        dense[ch, torch.arange(ch.numel()) - start[ch]] = values
-        self._merge(dense)
+        self._merge(_dense(values, ch, slot, per_channel))
         return True
 
     def _merge(self, new: torch.Tensor) -> None:
