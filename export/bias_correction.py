@@ -9,7 +9,9 @@ against activations whose mean is not zero, activations clipped at the calibrate
 simulation of exactly the export's INT8 (:class:`resunetpp.export.quantsim.QuantSim`: each convolution's input
 per-tensor at the calibration percentile, its weight per output channel), every convolution's
 simulated output is compared with the float convolution of the *same* input (the INT8 model's
-own activations), and the per-channel mean difference is subtracted from its bias. Only each
+own activations), and the per-channel mean difference is subtracted from its bias. The float
+convolution's mean needs no convolution: it is linear, so the mean is its bias plus the weights times
+the input's window sums (:func:`window_sums`). Only each
 layer's own shift is corrected: matching every layer's output mean to the FP32 model's instead
 (the sequential, global variant) moved the FP32 function far more than it helped INT8 on the
 shipped model (benchmarks/INT8.md, section 8). The FP32 function moves by design (the corrected

@@ -20,7 +20,9 @@ graph gives, up to float32 rounding of the division::
                                                                            -> simulated + Q/DQ range
 
 Each channel's ``floor_c`` is a value it already has ``K`` values at or above (its ``K``-th largest
-so far), so only values that can still enter are gathered: after the first batch, a small share.
+so far), so only values that can still enter are gathered: after the first batch, a small share, found by
+searching only the 64-value blocks whose maximum passes the floor. The first batch keeps the values
+above a threshold sampled from every 16th value (all of them when the sample misjudges).
 For calibration sets below :data:`resunetpp.export.ranges.SMALL_SET_IMAGES` images the per-image
 percentiles are kept the same way (each image's ``ceil(tail * C*H*W)`` largest per channel).
 """
