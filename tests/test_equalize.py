@@ -203,3 +203,37 @@ def test_the_fast_fake_quantization_is_pytorchs_bit_for_bit():
             want = torch.fake_quantize_per_tensor_affine(x, scale, 0, QMIN, QMAX)
             got = fake_quantize(x, scale)
             assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want)), scale
+
+
+def test_the_exports_equalization_check_uses_the_reference_and_refuses_a_changed_function():
+    """The export checks the equalized model against the FP32 reference it already holds (one model run,
+    channels-last, one batch per input shape): the equalized model passes and the record says against
+    what; a model computing another function is refused with the --no-equalize hint."""
+    import contextlib
+    import types
+
+    from resunetpp.errors import ResUNetError
+    from resunetpp.export.equalize import default_sites, equalize
+    from resunetpp.export.inputs import VerificationSet
+    from resunetpp.export.int8_source import EQUALIZATION_CHECK_IMAGES, _check_equalized
+    from resunetpp.model import WithActivation
+
+    original = _model()
+    rng = np.random.default_rng(3)
+    inputs = [rng.normal(size=(3, 32, 32)).astype(np.float32) for _ in range(3)]
+    inputs += [rng.normal(size=(3, 48, 32)).astype(np.float32) for _ in range(3)]  # a second input shape
+    with torch.no_grad():
+        reference = [WithActivation(original).eval()(torch.from_numpy(x[None]))[0].numpy() for x in inputs]
+    vset = VerificationSet.__new__(VerificationSet)
+    vset.inputs, vset.reference, vset.reference_record = inputs, reference, {"reference": "PyTorch FP32 (test)"}
+    run = types.SimpleNamespace(vset=vset, equalization_record={"alpha": 0.5},
+                                r=types.SimpleNamespace(task=lambda label: contextlib.nullcontext()))
+    equalized = _model()
+    equalize(equalized, [], 0.5, default_sites(equalized),
+             ranges={s.name: torch.rand(s.channels) + 0.1 for s in default_sites(equalized)})
+    _check_equalized(run, equalized)
+    rec = run.equalization_record
+    assert rec["checked_on_images"] == EQUALIZATION_CHECK_IMAGES and rec["checked_against"] == "PyTorch FP32 (test)"
+    assert 0 < rec["fp32_max_abs_difference"] <= 1e-4 and rec["alpha"] == 0.5
+    with pytest.raises(ResUNetError, match="equalization changed the FP32 model.*--no-equalize"):
+        _check_equalized(run, _model(seed=9))
