@@ -306,18 +306,16 @@ def _check_equalized(run: ExportRun, model) -> None:
     import torch
 
     from resunetpp.export.equalize import nhwc
+    from resunetpp.export.inputs import batches
     from resunetpp.model import WithActivation
 
     v = run.vset
     n = min(EQUALIZATION_CHECK_IMAGES, len(v.inputs))
-    groups: dict = {}
-    for i in range(n):
-        groups.setdefault(v.inputs[i].shape, []).append(i)
     equalized = WithActivation(model).eval()
     with run.r.task(f"check the equalized model against the FP32 reference ({n} held-out images)"), \
             torch.no_grad(), nhwc(equalized) as tensor:
-        err = max(float(np.abs(equalized(tensor(np.stack([v.inputs[i] for i in g]))).numpy()
-                               - np.stack([v.reference[i] for i in g])).max()) for g in groups.values())
+        pairs = zip(batches(v.inputs[:n], n, fixed=False), batches(v.reference[:n], n, fixed=False))
+        err = max(float(np.abs(equalized(tensor(x)).numpy() - ref).max()) for x, ref in pairs)
     if not err <= FP32_MAX_ABS_ERROR:
         raise ResUNetError(f"equalization changed the FP32 model (largest probability difference {err:.3g} > "
                            f"{FP32_MAX_ABS_ERROR:g}); export with --no-equalize")
